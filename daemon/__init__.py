@@ -1,0 +1,1 @@
+"""ChargeFlow daemon: the adapters (MQTT, PostgreSQL, HTTP) and the composition root."""
