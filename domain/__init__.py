@@ -1,0 +1,1 @@
+"""ChargeFlow's pure domain: sessions, telemetry, billing and analytics; standard library only."""

@@ -1,0 +1,140 @@
+"""Billing: the rule of SPEC §2, its golden examples and the pricing file."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from importlib import resources
+
+import pytest
+
+from domain.billing import Rounding, bill, parse_pricing
+from domain.errors import InvalidPricing
+from domain.session_values import EndReason, FinalizedSession, SessionKind
+from tests.builders import T0
+
+
+def shipped_pricing():
+    text = resources.files("daemon").joinpath("pricing.toml").read_text()
+    return parse_pricing(text, "daemon/pricing.toml")
+
+
+def finalized(kind: SessionKind, energy_wh: str) -> FinalizedSession:
+    return FinalizedSession(
+        session_id=uuid.uuid4(),
+        bike_id="bike-1",
+        kind=kind,
+        party_id="p",
+        started_at=T0,
+        ended_at=T0 + timedelta(minutes=10),
+        energy_wh=Decimal(energy_wh),
+        distance_m=Decimal(0),
+        telemetry_count=1,
+        missing_samples=0,
+        end_reason=EndReason.ENDED,
+        finalized_at=T0 + timedelta(minutes=11),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "energy_wh", "amount"),
+    [
+        (SessionKind.RIDE, "1234.5", "0.37"),
+        (SessionKind.CHARGING, "500", "0.12"),
+        (SessionKind.CHARGING, "1500", "0.38"),
+        (SessionKind.RIDE, "0", "0.00"),
+    ],
+)
+def test_golden_examples_of_the_shipped_pricing_file(kind, energy_wh, amount):
+    record = bill(finalized(kind, energy_wh), shipped_pricing())
+    assert str(record.amount.amount) == amount
+    assert record.amount.currency == "EUR"
+
+
+def test_the_billing_message_carries_money_as_decimal_strings():
+    session = finalized(SessionKind.RIDE, "1234.5")
+    payload = bill(session, shipped_pricing()).to_payload()
+    assert payload == {
+        "session_id": str(session.session_id),
+        "bike_id": "bike-1",
+        "kind": "ride",
+        "billable_energy_wh": "1234.5",
+        "unit_price": "0.30",
+        "currency": "EUR",
+        "amount": "0.37",
+        "pricing_version": "2026-01",
+    }
+
+
+def test_the_session_fee_is_added_before_the_single_rounding():
+    pricing = parse_pricing(
+        'version="v2"\ncurrency="EUR"\nrounding="half_up"\n'
+        '[ride]\nunit_price="0.30"\nsession_fee="0.005"\n[charging]\nunit_price=0.25\n'
+    )
+    # 1000 Wh * 0.30 + 0.005 = 0.305 -> half_up 0.31 (rounding first would give 0.30 + 0.01)
+    assert bill(finalized(SessionKind.RIDE, "1000"), pricing).amount.amount == Decimal("0.31")
+
+
+def test_the_rounding_mode_is_the_pricing_files():
+    text = 'version="1"\ncurrency="EUR"\nrounding="{}"\n[ride]\nunit_price=1\n[charging]\nunit_price=0.25\n'
+    charging = finalized(SessionKind.CHARGING, "500")  # 0.125
+    assert bill(charging, parse_pricing(text.format("half_up"))).amount.amount == Decimal("0.13")
+    assert bill(charging, parse_pricing(text.format("down"))).amount.amount == Decimal("0.12")
+
+
+def test_a_zero_decimal_currency_rounds_to_whole_units():
+    pricing = parse_pricing(
+        'version="1"\ncurrency="JPY"\n[ride]\nunit_price=45\n[charging]\nunit_price=40\n'
+    )
+    assert bill(finalized(SessionKind.RIDE, "1500"), pricing).amount.amount == Decimal(68)
+    assert pricing.rounding is Rounding.HALF_EVEN
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("version=", "not valid TOML"),
+        ('currency="EUR"\n[ride]\nunit_price=1\n[charging]\nunit_price=1', "`version` must be set"),
+        (
+            'version="1"\ncurrency="euro"\n[ride]\nunit_price=1\n[charging]\nunit_price=1',
+            "ISO 4217",
+        ),
+        (
+            'version="1"\ncurrency="XTS"\n[ride]\nunit_price=1\n[charging]\nunit_price=1',
+            "minor_unit",
+        ),
+        ('version="1"\ncurrency="EUR"\n[ride]\nunit_price=1', "[charging] table"),
+        (
+            'version="1"\ncurrency="EUR"\n[ride]\nunit_price=-1\n[charging]\nunit_price=1',
+            "non-negative",
+        ),
+        (
+            'version="1"\ncurrency="EUR"\n[ride]\nunit_price="abc"\n[charging]\nunit_price=1',
+            "not a decimal",
+        ),
+        (
+            'version="1"\ncurrency="EUR"\n[ride]\nprice=1\n[charging]\nunit_price=1',
+            "unknown keys price",
+        ),
+        (
+            'version="1"\ncurrency="EUR"\nrounding="bankers"\n[ride]\nunit_price=1\n[charging]\nunit_price=1',
+            "rounding",
+        ),
+        (
+            'version="1"\ncurrency="EUR"\ntax=1\n[ride]\nunit_price=1\n[charging]\nunit_price=1',
+            "unknown keys tax",
+        ),
+    ],
+)
+def test_a_bad_pricing_file_says_what_to_fix(text, message):
+    with pytest.raises(InvalidPricing) as err:
+        parse_pricing(text, "pricing.toml")
+    assert message in str(err.value)
+
+
+def test_toml_floats_are_read_exactly():
+    pricing = parse_pricing(
+        'version="1"\ncurrency="EUR"\n[ride]\nunit_price=0.1\n[charging]\nunit_price=0.3\n'
+    )
+    assert pricing.rule_for(SessionKind.RIDE).unit_price.per_kwh == Decimal("0.1")

@@ -1,0 +1,463 @@
+"""The Session context's rules, as the fleet applies them to commands."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from domain.commands import Command
+from domain.errors import (
+    ActiveSessionExists,
+    DomainError,
+    SeqBeyondEnd,
+    SessionAlreadyFinalized,
+    SessionIdConflict,
+    SessionKindMismatch,
+    TimestampOutOfRange,
+    UnknownSession,
+)
+from domain.events import (
+    Outcome,
+    SessionEndReceived,
+    SessionFinalized,
+    SessionStarted,
+    TelemetrySampleAccepted,
+)
+from domain.fleet import Decision, Fleet
+from domain.session import ChargingSession, RideSession
+from domain.session_values import EndReason, SessionKind, SessionPolicy, SessionState
+from tests.builders import T0, bike_id, end, sample, start
+
+NOW = T0 + timedelta(hours=1)
+POLICY = SessionPolicy(finalize_grace=timedelta(seconds=5), abandon_after=timedelta(hours=24))
+
+
+def handle(fleet: Fleet, command: Command, now=NOW) -> Decision:
+    if command.bike_id not in fleet.bikes:
+        fleet.load_bike(command.bike_id, None)
+    return fleet.handle(command, now)
+
+
+def finalized(decision: Decision) -> list[SessionFinalized]:
+    return [e for e in decision.events if isinstance(e, SessionFinalized)]
+
+
+@pytest.fixture
+def fleet() -> Fleet:
+    return Fleet(POLICY)
+
+
+def test_a_started_ride_is_active_with_its_rider(fleet):
+    begun = start(bike_id(), party="rider-7")
+    decision = handle(fleet, begun)
+    assert decision.outcome is Outcome.ACCEPTED
+    session = fleet.bikes[begun.bike_id].current
+    assert isinstance(session, RideSession)
+    assert session.state is SessionState.ACTIVE
+    assert session.rider_id == "rider-7"
+    assert decision.events == (
+        SessionStarted(begun.session_id, begun.bike_id, SessionKind.RIDE, "rider-7", T0, NOW),
+    )
+
+
+def test_a_charging_session_is_at_a_station(fleet):
+    begun = start(bike_id(), SessionKind.CHARGING, party="station-3")
+    handle(fleet, begun)
+    session = fleet.bikes[begun.bike_id].current
+    assert isinstance(session, ChargingSession)
+    assert session.station_id == "station-3"
+
+
+def test_a_bike_has_at_most_one_active_session(fleet):
+    first = start(bike_id())
+    handle(fleet, first)
+    with pytest.raises(ActiveSessionExists) as err:
+        handle(fleet, start(first.bike_id, SessionKind.CHARGING))
+    assert err.value.reason == "active_session_exists"
+    assert fleet.bikes[first.bike_id].current.session_id == first.session_id
+
+
+def test_different_bikes_have_sessions_at_the_same_time(fleet):
+    handle(fleet, start(bike_id()))
+    handle(fleet, start(bike_id()))
+    assert fleet.active_count() == 2
+
+
+def test_a_redelivered_start_is_a_duplicate_not_a_rejection(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    decision = handle(fleet, begun)
+    assert decision == Decision(Outcome.DUPLICATE)
+
+
+def test_the_same_session_id_with_different_content_is_a_conflict(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    with pytest.raises(SessionIdConflict) as err:
+        handle(fleet, replace(begun, party_id="someone-else"))
+    assert err.value.reason == "session_id_conflict"
+
+
+def test_a_session_id_of_another_bike_is_a_conflict(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    with pytest.raises(SessionIdConflict):
+        handle(fleet, replace(begun, bike_id=bike_id()))
+
+
+def test_a_start_from_the_future_is_out_of_range(fleet):
+    with pytest.raises(TimestampOutOfRange) as err:
+        handle(fleet, start(bike_id(), at=NOW + timedelta(hours=1)))
+    assert err.value.reason == "timestamp_out_of_range"
+
+
+def test_a_start_within_the_clock_skew_is_accepted(fleet):
+    decision = handle(fleet, start(bike_id(), at=NOW + POLICY.clock_skew))
+    assert decision.outcome is Outcome.ACCEPTED
+
+
+def test_telemetry_is_accepted_for_the_active_session_and_changes_no_state(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    decision = handle(fleet, sample(begun, 1, "12.5"))
+    assert decision.outcome is Outcome.ACCEPTED
+    assert [type(e) for e in decision.events] == [TelemetrySampleAccepted]
+    session = fleet.sessions[begun.session_id]
+    assert session.state is SessionState.ACTIVE
+    assert session.end is None
+
+
+def test_telemetry_for_a_session_the_bike_does_not_have_is_unknown(fleet):
+    begun = start(bike_id())
+    with pytest.raises(UnknownSession) as err:
+        handle(fleet, sample(begun, 1))
+    assert err.value.reason == "unknown_session"
+
+
+def test_telemetry_naming_another_bikes_session_is_unknown(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    with pytest.raises(UnknownSession):
+        handle(fleet, sample(replace(begun, bike_id=bike_id()), 1))
+
+
+def test_a_redelivered_sample_is_a_duplicate(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    once = sample(begun, 1)
+    handle(fleet, once)
+    assert handle(fleet, once) == Decision(Outcome.DUPLICATE)
+    assert len(fleet.sessions[begun.session_id].samples) == 1
+
+
+def test_a_telemetry_id_reused_with_different_content_is_a_conflict(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    once = sample(begun, 1, "10")
+    handle(fleet, once)
+    with pytest.raises(SessionIdConflict):
+        handle(fleet, sample(begun, 1, "11", telemetry_id=once.sample.telemetry_id))
+
+
+def test_a_seq_taken_by_another_sample_is_a_conflict(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, sample(begun, 1))
+    with pytest.raises(SessionIdConflict, match="seq 1"):
+        handle(fleet, sample(begun, 1))
+
+
+def test_a_sample_emitted_before_the_session_started_is_out_of_range(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    with pytest.raises(TimestampOutOfRange, match="before the session started"):
+        handle(fleet, sample(begun, 1, at=T0 - timedelta(seconds=1)))
+
+
+def test_a_sample_emitted_beyond_now_plus_skew_is_out_of_range(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    with pytest.raises(TimestampOutOfRange, match="in the future"):
+        handle(fleet, sample(begun, 1, at=NOW + POLICY.clock_skew + timedelta(seconds=1)))
+
+
+def test_a_sample_emitted_after_the_end_is_out_of_range(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, end(begun, 2, at=T0 + timedelta(minutes=10)))
+    with pytest.raises(TimestampOutOfRange, match="after the session ended"):
+        handle(fleet, sample(begun, 1, at=T0 + timedelta(minutes=11)))
+
+
+def test_an_end_with_all_samples_in_finalizes_at_once_with_fixed_totals(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, sample(begun, 1, "100.5", distance="250"))
+    handle(fleet, sample(begun, 2, "20", distance="50.5"))
+    decision = handle(fleet, end(begun, 2))
+    assert [type(e) for e in decision.events] == [SessionEndReceived, SessionFinalized]
+    record = finalized(decision)[0].session
+    assert record.energy_wh == Decimal("120.5")
+    assert record.distance_m == Decimal("300.5")
+    assert record.telemetry_count == 2
+    assert record.missing_samples == 0
+    assert record.end_reason is EndReason.ENDED
+    assert record.duration == timedelta(minutes=30)
+    assert record.finalized_at == NOW
+    assert fleet.bikes[begun.bike_id].current is None
+
+
+def test_an_end_with_no_samples_and_last_seq_zero_finalizes_with_zero_energy(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    record = finalized(handle(fleet, end(begun, 0)))[0].session
+    assert record.energy_wh == 0
+    assert record.telemetry_count == 0
+
+
+def test_an_end_that_overtook_its_samples_waits_for_them(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, sample(begun, 1, "5"))
+    assert finalized(handle(fleet, end(begun, 3))) == []
+    assert finalized(handle(fleet, sample(begun, 3, "7"))) == []
+    record = finalized(handle(fleet, sample(begun, 2, "6")))[0].session
+    assert record.energy_wh == Decimal(18)
+    assert record.missing_samples == 0
+
+
+def test_the_grace_period_expiring_finalizes_with_the_gap_counted(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, sample(begun, 1, "5"))
+    handle(fleet, end(begun, 4))
+    assert fleet.expire(NOW + timedelta(seconds=4)) == []
+    (event,) = fleet.expire(NOW + timedelta(seconds=5))
+    assert event.session.missing_samples == 3
+    assert event.session.energy_wh == Decimal(5)
+    assert event.session.end_reason is EndReason.ENDED
+    assert fleet.bikes[begun.bike_id].current is None
+
+
+def test_a_late_sample_inside_the_grace_period_is_counted(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, end(begun, 2))
+    handle(fleet, sample(begun, 1, "5"), now=NOW + timedelta(seconds=2))
+    (event,) = fleet.expire(NOW + timedelta(seconds=5))
+    assert event.session.energy_wh == Decimal(5)
+    assert event.session.missing_samples == 1
+
+
+def test_a_sample_after_finalization_is_rejected_and_cannot_reopen_the_session(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, end(begun, 2))
+    fleet.expire(NOW + timedelta(seconds=5))
+    with pytest.raises(SessionAlreadyFinalized) as err:
+        handle(fleet, sample(begun, 2), now=NOW + timedelta(seconds=6))
+    assert err.value.reason == "session_finalized"
+    assert fleet.sessions[begun.session_id].finalized.telemetry_count == 0
+
+
+def test_a_sample_is_rejected_once_the_grace_period_ran_out_even_before_a_sweep(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, end(begun, 1))
+    with pytest.raises(SessionAlreadyFinalized):
+        handle(fleet, sample(begun, 1), now=NOW + timedelta(seconds=6))
+
+
+def test_a_redelivered_sample_after_finalization_is_still_a_duplicate(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    once = sample(begun, 1)
+    handle(fleet, once)
+    handle(fleet, end(begun, 1))
+    assert handle(fleet, once).outcome is Outcome.DUPLICATE
+
+
+def test_a_redelivered_start_and_end_after_finalization_are_duplicates(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    ended = end(begun, 0)
+    handle(fleet, ended)
+    assert handle(fleet, begun).outcome is Outcome.DUPLICATE
+    assert handle(fleet, ended).outcome is Outcome.DUPLICATE
+
+
+def test_a_different_end_after_finalization_is_rejected(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, end(begun, 0))
+    with pytest.raises(SessionAlreadyFinalized):
+        handle(fleet, end(begun, 0, at=T0 + timedelta(minutes=31)))
+
+
+def test_a_second_different_end_during_the_grace_period_is_a_conflict(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, end(begun, 3))
+    with pytest.raises(SessionIdConflict):
+        handle(fleet, end(begun, 4))
+
+
+def test_a_redelivered_end_during_the_grace_period_is_a_duplicate(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    ended = end(begun, 3)
+    handle(fleet, ended)
+    assert handle(fleet, ended) == Decision(Outcome.DUPLICATE)
+
+
+def test_a_new_start_during_the_grace_period_finalizes_the_old_session_first(fleet):
+    old = start(bike_id())
+    handle(fleet, old)
+    handle(fleet, sample(old, 1, "9"))
+    handle(fleet, end(old, 2))
+    new = start(old.bike_id, SessionKind.CHARGING, at=T0 + timedelta(minutes=40))
+    decision = handle(fleet, new, now=NOW + timedelta(seconds=1))
+    assert [type(e) for e in decision.events] == [SessionFinalized, SessionStarted]
+    record = decision.events[0].session
+    assert (record.session_id, record.missing_samples, record.energy_wh) == (
+        old.session_id,
+        1,
+        Decimal(9),
+    )
+    assert fleet.bikes[old.bike_id].current.session_id == new.session_id
+
+
+def test_an_end_of_the_wrong_kind_is_a_kind_mismatch(fleet):
+    begun = start(bike_id(), SessionKind.CHARGING)
+    handle(fleet, begun)
+    with pytest.raises(SessionKindMismatch) as err:
+        handle(fleet, end(begun, 0, kind=SessionKind.RIDE))
+    assert err.value.reason == "session_kind_mismatch"
+
+
+def test_an_end_for_an_unknown_session_is_rejected(fleet):
+    with pytest.raises(UnknownSession):
+        handle(fleet, end(start(bike_id()), 0))
+
+
+def test_an_end_before_the_start_is_out_of_range(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    with pytest.raises(TimestampOutOfRange):
+        handle(fleet, end(begun, 0, at=T0 - timedelta(seconds=1)))
+
+
+def test_an_end_before_a_stored_sample_was_emitted_is_out_of_range(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, sample(begun, 1, at=T0 + timedelta(minutes=20)))
+    with pytest.raises(TimestampOutOfRange):
+        handle(fleet, end(begun, 1, at=T0 + timedelta(minutes=10)))
+
+
+def test_a_sample_beyond_the_announced_last_seq_is_rejected(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, end(begun, 2))
+    with pytest.raises(SeqBeyondEnd) as err:
+        handle(fleet, sample(begun, 3))
+    assert err.value.reason == "seq_beyond_end"
+
+
+def test_an_end_below_a_stored_seq_is_rejected(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, sample(begun, 5))
+    with pytest.raises(SeqBeyondEnd):
+        handle(fleet, end(begun, 4))
+    assert fleet.sessions[begun.session_id].end is None
+
+
+def test_an_abandoned_session_times_out_with_its_last_sample_as_end(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, sample(begun, 1, "3", at=T0 + timedelta(minutes=5)))
+    handle(fleet, sample(begun, 3, "4", at=T0 + timedelta(minutes=6)))
+    assert fleet.expire(NOW + timedelta(hours=23)) == []
+    (event,) = fleet.expire(NOW + timedelta(hours=24))
+    record = event.session
+    assert record.end_reason is EndReason.TIMED_OUT
+    assert record.ended_at == T0 + timedelta(minutes=6)
+    assert record.energy_wh == Decimal(7)
+    assert record.missing_samples == 1
+
+
+def test_a_timed_out_bike_can_start_again_without_a_sweep(fleet):
+    old = start(bike_id())
+    handle(fleet, old)
+    later = NOW + timedelta(hours=25)
+    new = start(old.bike_id, at=later - timedelta(minutes=1))
+    decision = handle(fleet, new, now=later)
+    assert decision.outcome is Outcome.ACCEPTED
+    assert finalized(decision)[0].session.end_reason is EndReason.TIMED_OUT
+
+
+def test_a_rejected_command_changes_nothing(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, sample(begun, 1))
+    before = fleet.sessions[begun.session_id].samples
+    for bad in (sample(begun, 1), end(begun, 0), start(begun.bike_id)):
+        with pytest.raises(DomainError):
+            handle(fleet, bad)
+    session = fleet.sessions[begun.session_id]
+    assert session.samples == before
+    assert session.end is None
+
+
+def test_the_fleet_names_what_it_must_load_first(fleet):
+    begun = start(bike_id())
+    bikes, sessions = fleet.missing([begun, sample(begun, 1)])
+    assert bikes == {begun.bike_id}
+    assert sessions == {begun.session_id}
+    with pytest.raises(LookupError):
+        fleet.handle(begun, NOW)
+
+
+def test_forgetting_a_bike_drops_its_cached_sessions(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    fleet.forget([begun.bike_id])
+    assert fleet.missing([sample(begun, 1)]) == ({begun.bike_id}, {begun.session_id})
+
+
+def test_evicting_keeps_active_sessions_and_the_newest_finalized_ones(fleet):
+    ids = []
+    for _ in range(3):
+        begun = start(bike_id())
+        handle(fleet, begun)
+        handle(fleet, end(begun, 0))
+        ids.append(begun.session_id)
+    active = start(bike_id())
+    handle(fleet, active)
+    fleet.evict_finalized(keep=1)
+    assert set(fleet.sessions) == {ids[-1], active.session_id}
+
+
+def test_a_new_session_can_follow_a_finalized_one(fleet):
+    first = start(bike_id())
+    handle(fleet, first)
+    handle(fleet, end(first, 0))
+    second = start(first.bike_id, at=T0 + timedelta(minutes=31), session_id=uuid.uuid4())
+    assert handle(fleet, second).outcome is Outcome.ACCEPTED
+
+
+def test_an_expiry_noticed_while_rejecting_a_command_is_still_reported(fleet):
+    begun = start(bike_id())
+    handle(fleet, begun)
+    handle(fleet, end(begun, 1))
+    fleet.pop_events()
+    with pytest.raises(SessionAlreadyFinalized):
+        handle(fleet, sample(begun, 1), now=NOW + timedelta(seconds=6))
+    (event,) = fleet.pop_events()
+    assert isinstance(event, SessionFinalized)
+    assert event.session.missing_samples == 1
