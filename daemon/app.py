@@ -1,0 +1,146 @@
+"""The composition root: wires settings, store, pipeline, MQTT link, outbox and HTTP together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+
+from daemon.config import ConfigError, Settings
+from daemon.db.migrate import ensure_database, migrate
+from daemon.db.store import Store
+from daemon.http import HttpServer
+from daemon.metrics import Metrics
+from daemon.mqtt.connection import MqttLink
+from daemon.mqtt.publisher import OutboxPublisher
+from daemon.pipeline import Pipeline
+
+__all__ = ["Daemon", "open_store", "run_daemon"]
+
+log = structlog.get_logger(__name__)
+
+
+async def open_store(settings: Settings, *, create: bool = True) -> Store:
+    """Connect (creating the database if asked), migrate, and return the store."""
+    try:
+        if create:
+            await ensure_database(settings.database_url)
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=6)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ConfigError(
+            f"CHARGEFLOW_DATABASE_URL: cannot use {settings.database_display}: {exc}"
+        ) from None
+    assert pool is not None
+    async with pool.acquire() as conn:
+        await migrate(conn, settings.redelivery_window_days, settings.telemetry_retention_days)
+    return Store(pool, settings.topic_prefix, settings.load_pricing())
+
+
+@dataclass
+class Daemon:
+    """A running daemon's parts, for the CLI and for tests that run it in-process."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    store: Store | None = None
+    pipeline: Pipeline | None = None
+    link: MqttLink | None = None
+    http: HttpServer | None = None
+    database_ok: bool = False
+
+    def ready(self) -> dict[str, bool]:
+        return {
+            "database": self.database_ok and self.store is not None,
+            "mqtt": self.link is not None and self.link.connected.is_set(),
+            "accepting": self.pipeline is not None and self.pipeline.accepting,
+        }
+
+    async def _start_store(self) -> Store:
+        backoff = 1.0
+        while True:
+            try:
+                store = await open_store(self.settings)
+                self.database_ok = True
+                self.metrics.database_up.set(1)
+                return store
+            except ConfigError as exc:
+                log.error(
+                    "database unavailable at start-up; retrying", error=str(exc), retry_in_s=backoff
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def _watch_database(self, store: Store) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(store.pool.fetchval("SELECT 1"), timeout=5)
+                self.database_ok = True
+            except Exception as exc:
+                if self.database_ok:
+                    log.warning("database check failed", error=repr(exc))
+                self.database_ok = False
+            self.metrics.database_up.set(1 if self.database_ok else 0)
+            await asyncio.sleep(5)
+
+    async def run(self) -> None:
+        s = self.settings
+        self.http = HttpServer(self.metrics, None, self.ready, s.http_host, s.http_port)
+        async with asyncio.TaskGroup() as tg:
+            http_task = tg.create_task(self.http.serve())
+            store = await self._start_store()
+            self.store = self.http.store = store
+            publisher_box: list[OutboxPublisher] = []
+            pipeline = self.pipeline = Pipeline(
+                store,
+                s.policy,
+                self.metrics,
+                prefix=s.topic_prefix,
+                max_batch=s.max_batch,
+                max_payload_bytes=s.max_payload_bytes,
+                on_commit=lambda: publisher_box[0].notify() if publisher_box else None,
+            )
+            link = self.link = MqttLink(s, self.metrics, pipeline.deliver)
+            publisher = OutboxPublisher(store, link, self.metrics)
+            publisher_box.append(publisher)
+            link_task = tg.create_task(link.run())
+            pipeline_task = tg.create_task(pipeline.run())
+            others = [
+                tg.create_task(publisher.run()),
+                tg.create_task(self._watch_database(store)),
+                http_task,
+            ]
+            log.info(
+                "chargeflow running",
+                broker=s.broker.display,
+                database=s.database_display,
+                prefix=s.topic_prefix,
+            )
+            stop_task = tg.create_task(self.stop.wait())
+            await asyncio.wait(
+                [stop_task, link_task, pipeline_task], return_when=asyncio.FIRST_COMPLETED
+            )
+            log.info("shutting down: finishing the batch in hand")
+            pipeline.stop()
+            await pipeline_task
+            await pipeline.drain()
+            await link.disconnect()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link_task, timeout=5)
+            for task in [link_task, *others]:
+                task.cancel()
+        await store.pool.close()
+        log.info("stopped")
+
+
+async def run_daemon(settings: Settings) -> None:
+    """`chargeflow run`: until SIGTERM or SIGINT, which drain and disconnect cleanly."""
+    daemon = Daemon(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop.set)
+    await daemon.run()

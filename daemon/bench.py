@@ -1,0 +1,1 @@
+"""`chargeflow bench`: placeholder replaced below."""

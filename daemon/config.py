@@ -1,0 +1,186 @@
+"""One Settings object, built once at start-up from CHARGEFLOW_* variables (and a .env file)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from domain.billing import PricingRules, parse_pricing
+from domain.errors import InvalidPricing
+from domain.session_values import SessionPolicy
+
+__all__ = ["BrokerAddress", "ConfigError", "Settings", "load_settings"]
+
+DEFAULT_PRICING_FILE = Path(__file__).with_name("pricing.toml")
+_TOPIC_LEVEL = re.compile(r"[^#+]+")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the variable and what to fix."""
+
+
+class BrokerAddress(BaseModel):
+    """Where the MQTT broker is, parsed from CHARGEFLOW_MQTT_URL."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = Field(default=None, repr=False)
+    password: str | None = Field(default=None, repr=False)
+
+    @property
+    def display(self) -> str:
+        """The address without credentials, for logs and error messages."""
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = f"{self.username}:***@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}"
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password replaced, safe to log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+class Settings(BaseModel):
+    """Everything the daemon is told from outside; nothing else reads the environment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mqtt_url: str = Field(default="mqtt://127.0.0.1:1883", repr=False)
+    database_url: str = Field(default="postgresql://postgres@127.0.0.1:5432/chargeflow", repr=False)
+    http_port: int = Field(default=9108, ge=0, le=65535)
+    http_host: str = "0.0.0.0"  # noqa: S104 - a daemon in a container serves its metrics port
+    topic_prefix: str = "chargeflow/v1"
+    client_id: str = Field(default="chargeflow-daemon", min_length=1, max_length=128)
+    pricing_file: Path = DEFAULT_PRICING_FILE
+    finalize_grace_s: float = Field(default=5.0, ge=0)
+    abandon_after_s: float = Field(default=86_400.0, gt=0)
+    clock_skew_s: float = Field(default=300.0, ge=0)
+    max_batch: int = Field(default=1000, ge=1, le=65_535)
+    receive_maximum: int = Field(default=1000, ge=1, le=65_535)
+    max_payload_bytes: int = Field(default=16_384, ge=256)
+    session_expiry_s: int = Field(default=7 * 86_400, ge=0)
+    redelivery_window_days: int = Field(default=7, ge=1)
+    telemetry_retention_days: int = Field(default=400, ge=1)
+    mqtt_ca_file: Path | None = None
+    simulator_mqtt_url: str | None = Field(default=None, repr=False)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"mqtt", "mqtts"}:
+            raise ValueError(
+                f"must start with mqtt:// or mqtts://, got scheme {parts.scheme!r} "
+                "(example: mqtt://user:password@127.0.0.1:1883)"
+            )
+        if not parts.hostname:
+            raise ValueError("names no host (example: mqtt://127.0.0.1:1883)")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("has a port that is not a number from 1 to 65535") from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"postgresql", "postgres"}:
+            raise ValueError(
+                f"must start with postgresql://, got scheme {parts.scheme!r} "
+                "(example: postgresql://postgres@127.0.0.1:5432/chargeflow)"
+            )
+        if not parts.path.strip("/"):
+            raise ValueError("names no database (example: .../chargeflow)")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or not all(_TOPIC_LEVEL.fullmatch(level) for level in value.split("/")):
+            raise ValueError("must be topic levels without wildcards, e.g. chargeflow/v1")
+        return value
+
+    @property
+    def broker(self) -> BrokerAddress:
+        parts = urlsplit(self.mqtt_url)
+        tls = parts.scheme == "mqtts"
+        return BrokerAddress(
+            host=parts.hostname or "",
+            port=parts.port or (8883 if tls else 1883),
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    @property
+    def database_display(self) -> str:
+        return redact_url(self.database_url)
+
+    @property
+    def policy(self) -> SessionPolicy:
+        return SessionPolicy(
+            finalize_grace=timedelta(seconds=self.finalize_grace_s),
+            abandon_after=timedelta(seconds=self.abandon_after_s),
+            clock_skew=timedelta(seconds=self.clock_skew_s),
+        )
+
+    def load_pricing(self) -> PricingRules:
+        """Read and check the pricing file; errors name the file and what to fix."""
+        try:
+            text = self.pricing_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"CHARGEFLOW_PRICING_FILE: cannot read {self.pricing_file}: {exc.strerror}"
+            ) from None
+        try:
+            return parse_pricing(text, str(self.pricing_file))
+        except InvalidPricing as exc:
+            raise ConfigError(f"CHARGEFLOW_PRICING_FILE: {exc}") from None
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> Settings:
+    """Build Settings from CHARGEFLOW_* variables; a .env file fills what the environment lacks."""
+    source: dict[str, str | None] = {}
+    if env_file is not None and env_file.is_file():
+        source.update(dotenv_values(env_file))
+    source.update(os.environ if environ is None else environ)
+    prefix = "CHARGEFLOW_"
+    values = {
+        key[len(prefix) :].lower(): value
+        for key, value in source.items()
+        if key.startswith(prefix) and value not in (None, "")
+    }
+    known = set(Settings.model_fields)
+    unknown = sorted(f"{prefix}{key.upper()}" for key in values if key not in known)
+    if unknown:
+        raise ConfigError(f"unknown setting {', '.join(unknown)}; see README for the list")
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = f"{prefix}{str(error['loc'][0]).upper()}" if error["loc"] else prefix
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}")
+        raise ConfigError("; ".join(problems)) from None

@@ -1,0 +1,1 @@
+"""PostgreSQL: migrations, the store behind the fleet, and the outbox."""

@@ -1,0 +1,103 @@
+"""Versioned migrations: numbered SQL files, plus the TimescaleDB step when the extension exists."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+from daemon.db.store import Conn
+
+__all__ = ["ensure_database", "migrate"]
+
+log = structlog.get_logger(__name__)
+_LOCK = 0x43_46_4C_57  # "CFLW": one migrator at a time across daemon instances
+_DB_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
+TIMESCALE_STEP = "timescale"
+
+
+def _timescale_sql(redelivery_window_days: int, retention_days: int) -> list[str]:
+    """The whole TimescaleDB part: telemetry becomes a hypertable, compressed and retained.
+
+    Compression only touches chunks older than the redelivery window, because inserts into
+    compressed chunks are slow and upserts there unreliable; a redelivered sample must land in
+    an uncompressed chunk.
+    """
+    return [
+        "CREATE EXTENSION IF NOT EXISTS timescaledb",
+        "SELECT create_hypertable('telemetry', 'emitted_at',"
+        " chunk_time_interval => INTERVAL '1 day', migrate_data => true, if_not_exists => true)",
+        "ALTER TABLE telemetry SET (timescaledb.compress,"
+        " timescaledb.compress_segmentby = 'session_id', timescaledb.compress_orderby = 'seq')",
+        f"SELECT add_compression_policy('telemetry', INTERVAL '{int(redelivery_window_days)} days',"
+        " if_not_exists => true)",
+        f"SELECT add_retention_policy('telemetry', INTERVAL '{int(retention_days)} days',"
+        " if_not_exists => true)",
+    ]
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database named in the URL if it does not exist; True if it was created."""
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    try:
+        conn = await asyncpg.connect(url)
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return False
+    if not _DB_NAME.fullmatch(name):
+        raise ValueError(f"database name {name!r} must match [A-Za-z0-9_-]{{1,63}}")
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        # An identifier cannot be a parameter; the name is checked above and quoted here.
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    except asyncpg.DuplicateDatabaseError:
+        return False
+    finally:
+        await admin.close()
+    log.info("database created", database=name)
+    return True
+
+
+def _sql_files() -> list[tuple[str, str]]:
+    folder = resources.files("daemon.db").joinpath("migrations")
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+    return [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
+
+
+async def migrate(
+    conn: Conn, redelivery_window_days: int = 7, retention_days: int = 400
+) -> list[str]:
+    """Apply what is not applied yet, under an advisory lock; returns the steps applied."""
+    applied_now: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        for name, sql in _sql_files():
+            if name not in done:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+                applied_now.append(name)
+        has_timescale = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
+        )
+        if has_timescale and TIMESCALE_STEP not in done:
+            for statement in _timescale_sql(redelivery_window_days, retention_days):
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", TIMESCALE_STEP)
+            applied_now.append(TIMESCALE_STEP)
+    log.info(
+        "migrations applied" if applied_now else "schema up to date",
+        applied=applied_now,
+        timescaledb=bool(has_timescale),
+    )
+    return applied_now

@@ -1,0 +1,98 @@
+"""Prometheus metrics; built on a given CollectorRegistry so tests use a fresh one."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+REJECTION_REASONS = (
+    "malformed_json",
+    "schema_violation",
+    "payload_too_large",
+    "unknown_topic",
+    "active_session_exists",
+    "unknown_session",
+    "session_finalized",
+    "session_kind_mismatch",
+    "session_id_conflict",
+    "timestamp_out_of_range",
+    "seq_beyond_end",
+)
+
+
+class Metrics:
+    """Every figure the daemon exposes on /metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "chargeflow_messages_received",
+            "Inbound messages taken from the broker",
+            ["topic_kind"],
+            registry=r,
+        )
+        self.accepted = Counter(
+            "chargeflow_messages_accepted",
+            "Inbound messages that changed state",
+            ["topic_kind"],
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "chargeflow_messages_duplicate",
+            "Redelivered messages settled as no-ops",
+            ["topic_kind"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "chargeflow_messages_rejected",
+            "Inbound messages rejected, by reason code",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "chargeflow_messages_dropped",
+            "Messages the daemon gave up on, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "chargeflow_batch_size",
+            "Inbound messages per committed batch",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "chargeflow_batch_commit_seconds",
+            "Time to write and commit one batch",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.finalized = Counter(
+            "chargeflow_sessions_finalized",
+            "Sessions finalized",
+            ["kind", "end_reason"],
+            registry=r,
+        )
+        self.active_sessions = Gauge(
+            "chargeflow_active_sessions", "Active sessions held in memory", registry=r
+        )
+        self.outbox_pending = Gauge(
+            "chargeflow_outbox_pending", "Outbound events not yet published", registry=r
+        )
+        self.outbox_published = Counter(
+            "chargeflow_outbox_published", "Outbound events published", ["event"], registry=r
+        )
+        self.mqtt_connected = Gauge(
+            "chargeflow_mqtt_connected", "1 while connected to the broker", registry=r
+        )
+        self.database_up = Gauge(
+            "chargeflow_database_up", "1 while the last database call succeeded", registry=r
+        )
+        self.ready = Gauge("chargeflow_ready", "1 while /readyz answers 200", registry=r)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
+        for kind in ("lifecycle", "telemetry", "unknown"):
+            for counter in (self.received, self.accepted, self.duplicates):
+                counter.labels(kind)

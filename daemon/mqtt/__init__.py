@@ -1,0 +1,1 @@
+"""The MQTT edge: payload schemas, manual acknowledgements, the consumer and the publisher."""

@@ -1,0 +1,154 @@
+"""The daemon's MQTT connection: persistent session, subscriptions, reconnect with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from daemon.config import Settings
+from daemon.metrics import Metrics
+from daemon.mqtt.acks import ManualAcks
+
+__all__ = ["Delivery", "MqttLink"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An inbound message, the connection that will acknowledge it, and when it arrived."""
+
+    message: aiomqtt.Message
+    acks: ManualAcks
+    received_at: datetime
+
+    @property
+    def topic(self) -> str:
+        return self.message.topic.value
+
+    @property
+    def payload(self) -> bytes:
+        payload = self.message.payload
+        if isinstance(payload, bytes | bytearray):
+            return bytes(payload)
+        return str(payload).encode() if payload is not None else b""
+
+
+def inbound_filters(prefix: str) -> list[str]:
+    return [f"{prefix}/bikes/+/lifecycle", f"{prefix}/bikes/+/telemetry"]
+
+
+class MqttLink:
+    """Keeps one connection up; hands inbound messages to ``deliver``; publishes for the outbox.
+
+    MQTT v5 with a fixed client id, CleanStart=0 on every connect and a Session Expiry Interval,
+    so the broker keeps queueing while the daemon is away; Receive Maximum bounds how many
+    unacknowledged messages the broker sends, which bounds the daemon's memory.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        deliver: Callable[[Delivery], Awaitable[None]],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._deliver = deliver
+        self._clock = clock
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.stopping = False
+
+    def _new_client(self) -> aiomqtt.Client:
+        s = self._settings
+        broker = s.broker
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = s.session_expiry_s
+        properties.ReceiveMaximum = s.receive_maximum
+        tls_context = None
+        if broker.tls:
+            tls_context = ssl.create_default_context(
+                cafile=str(s.mqtt_ca_file) if s.mqtt_ca_file else None
+            )
+        client = aiomqtt.Client(
+            broker.host,
+            broker.port,
+            username=broker.username,
+            password=broker.password,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=properties,
+            keepalive=30,
+            timeout=10,
+            tls_context=tls_context,
+            max_inflight_messages=100,
+        )
+        client.pending_calls_threshold = 1000  # the outbox publisher keeps many PUBACKs pending
+        return client
+
+    async def run(self) -> None:
+        """Connect, subscribe, pass messages on; on any MQTT error, back off and reconnect."""
+        backoff = 0.5
+        while not self.stopping:
+            client = self._new_client()
+            acks = ManualAcks(client)
+            try:
+                async with client:
+                    self._client = client
+                    self.connected.set()
+                    self._metrics.mqtt_connected.set(1)
+                    log.info(
+                        "mqtt connected",
+                        broker=self._settings.broker.display,
+                        client_id=self._settings.client_id,
+                    )
+                    backoff = 0.5
+                    options = SubscribeOptions(qos=1, noLocal=True)
+                    await client.subscribe(
+                        [(f, options) for f in inbound_filters(self._settings.topic_prefix)]
+                    )
+                    async for message in client.messages:
+                        await self._deliver(Delivery(message, acks, self._clock()))
+            except aiomqtt.MqttError as exc:
+                if self.stopping:
+                    break
+                log.warning(
+                    "mqtt connection lost; reconnecting",
+                    error=str(exc),
+                    retry_in_s=backoff,
+                    broker=self._settings.broker.display,
+                )
+            finally:
+                acks.close()
+                self._client = None
+                self.connected.clear()
+                self._metrics.mqtt_connected.set(0)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def disconnect(self) -> None:
+        """Leave cleanly: the broker keeps the session and queues for us."""
+        self.stopping = True
+        client = self._client
+        if client is not None:
+            # paho's disconnect() makes aiomqtt's message iterator end with an MqttError.
+            client._client.disconnect()
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish with QoS 1 and wait for the broker's PUBACK; raises MqttError when down."""
+        client = self._client
+        if client is None:
+            raise aiomqtt.MqttError("not connected")
+        await client.publish(topic, payload, qos=1, timeout=10)

@@ -1,0 +1,106 @@
+"""Publishes the outbox: finalized sessions, billing records and rejections, QoS 1, in order.
+
+Runs beside ingestion and never blocks it: rows wait in PostgreSQL while the broker is away and
+go out when it returns. One publisher at a time across instances (a PostgreSQL advisory lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import aiomqtt
+import asyncpg
+import structlog
+
+from daemon.db.store import Conn, Store
+from daemon.metrics import Metrics
+from daemon.mqtt.connection import MqttLink
+
+__all__ = ["OutboxPublisher"]
+
+log = structlog.get_logger(__name__)
+_LOCK = 0x43_46_4F_42  # "CFOB"
+
+
+class OutboxPublisher:
+    def __init__(
+        self,
+        store: Store,
+        link: MqttLink,
+        metrics: Metrics,
+        *,
+        batch: int = 200,
+        in_flight: int = 50,
+        poll_s: float = 1.0,
+        keep_published: timedelta = timedelta(days=7),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.link = link
+        self.metrics = metrics
+        self.batch = batch
+        self.in_flight = in_flight
+        self.poll_s = poll_s
+        self.keep_published = keep_published
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._last_prune = float("-inf")
+
+    def notify(self) -> None:
+        """New rows were committed: publish them now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            await self.link.connected.wait()
+            try:
+                async with self.store.pool.acquire() as conn:
+                    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
+                        await asyncio.sleep(self.poll_s * 5)  # another instance publishes
+                        continue
+                    try:
+                        await self._publish_until_down(conn)
+                    finally:
+                        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
+                backoff = 0.5
+            except aiomqtt.MqttError as exc:
+                log.info("outbox publishing paused: broker unavailable", error=str(exc))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("outbox publishing paused: database unavailable", error=repr(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def _publish_until_down(self, conn: Conn) -> None:
+        while True:
+            self._wake.clear()
+            rows = await self.store.pending_outbox(conn, self.batch)
+            if not rows:
+                self.metrics.outbox_pending.set(0)
+                await self._prune()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+                continue
+            done: list[int] = []
+            try:
+                for start in range(0, len(rows), self.in_flight):
+                    chunk = rows[start : start + self.in_flight]
+                    # Sent in call order on one connection; PUBACKs awaited together.
+                    await asyncio.gather(*(self.link.publish(r.topic, r.payload) for r in chunk))
+                    done.extend(r.id for r in chunk)
+                    for r in chunk:
+                        self.metrics.outbox_published.labels(r.event).inc()
+            finally:
+                if done:
+                    await self.store.mark_published(conn, done, self.clock())
+            self.metrics.outbox_pending.set(await self.store.outbox_pending_count())
+
+    async def _prune(self) -> None:
+        if time.monotonic() - self._last_prune < 3600:
+            return
+        self._last_prune = time.monotonic()
+        await self.store.prune_outbox(self.clock() - self.keep_published)

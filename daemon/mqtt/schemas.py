@@ -1,0 +1,244 @@
+"""Inbound payloads, decoded by pydantic at the edge and translated into domain commands.
+
+This is the anti-corruption layer: nothing past ``decode`` sees JSON, and every way a message can
+be wrong becomes a ``Rejection`` with a reason code and a detail that says what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+)
+
+from domain.commands import BIKE_ID_PATTERN, Command, EndSession, RecordTelemetry, StartSession
+from domain.errors import InvalidValue
+from domain.session_values import SessionKind
+from domain.telemetry import Distance, EmissionTime, EnergyDelta, StateOfCharge, TelemetrySample
+
+__all__ = ["Inbound", "Rejection", "TopicKind", "decode", "parse_topic"]
+
+
+class TopicKind(StrEnum):
+    LIFECYCLE = "lifecycle"
+    TELEMETRY = "telemetry"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a message cannot be accepted, with whatever ids could be read from it."""
+
+    topic: str
+    bike_id: str | None
+    reason: str
+    detail: str
+    session_id: UUID | None = None
+    telemetry_id: UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A decoded message: the command it asks for, or why it was rejected."""
+
+    kind: TopicKind
+    bike_id: str | None
+    command: Command | None = None
+    rejection: Rejection | None = None
+
+
+def _rfc3339(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 timestamp string with an offset")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+Quantity = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", str_strip_whitespace=True)
+
+
+class RideStarted(_Payload):
+    event: Literal["ride_started"]
+    session_id: UUID
+    rider_id: Id
+    occurred_at: Timestamp
+
+
+class ChargingStarted(_Payload):
+    event: Literal["charging_started"]
+    session_id: UUID
+    station_id: Id
+    occurred_at: Timestamp
+
+
+class RideEnded(_Payload):
+    event: Literal["ride_ended"]
+    session_id: UUID
+    occurred_at: Timestamp
+    last_seq: Annotated[StrictInt, Field(ge=0)]
+
+
+class ChargingEnded(_Payload):
+    event: Literal["charging_ended"]
+    session_id: UUID
+    occurred_at: Timestamp
+    last_seq: Annotated[StrictInt, Field(ge=0)]
+
+
+Lifecycle = Annotated[
+    RideStarted | ChargingStarted | RideEnded | ChargingEnded, Field(discriminator="event")
+]
+_LIFECYCLE: TypeAdapter[RideStarted | ChargingStarted | RideEnded | ChargingEnded] = TypeAdapter(
+    Lifecycle
+)
+
+
+class Telemetry(_Payload):
+    telemetry_id: UUID
+    session_id: UUID
+    seq: Annotated[StrictInt, Field(ge=1)]
+    emitted_at: Timestamp
+    energy_wh: Quantity
+    distance_m: Quantity | None = None
+    soc_pct: Annotated[Decimal, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+
+
+def parse_topic(topic: str, prefix: str) -> tuple[TopicKind, str | None, str | None]:
+    """(kind, bike_id, problem) of an inbound topic ``{prefix}/bikes/{bike_id}/{kind}``."""
+    head = f"{prefix}/bikes/"
+    if not topic.startswith(head):
+        return TopicKind.UNKNOWN, None, f"topic is not under {head}"
+    rest = topic[len(head) :].split("/")
+    bike_id = rest[0] if rest and rest[0] else None
+    if len(rest) != 2 or rest[1] not in (TopicKind.LIFECYCLE, TopicKind.TELEMETRY):
+        return (
+            TopicKind.UNKNOWN,
+            bike_id,
+            (f"expected {head}{{bike_id}}/lifecycle or {head}{{bike_id}}/telemetry"),
+        )
+    assert bike_id is not None
+    if not BIKE_ID_PATTERN.fullmatch(bike_id):
+        return TopicKind.UNKNOWN, bike_id, "bike_id in the topic must match [A-Za-z0-9_-]{1,64}"
+    return TopicKind(rest[1]), bike_id, None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = (
+            ".".join(
+                str(p)
+                for p in error["loc"]
+                if not str(p).endswith("_started") and not str(p).endswith("_ended")
+            )
+            or "payload"
+        )
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _ids(document: Any) -> tuple[UUID | None, UUID | None]:
+    """Best-effort ids of a rejected payload, so the rejection can name them."""
+    found: list[UUID | None] = []
+    for key in ("session_id", "telemetry_id"):
+        raw = document.get(key) if isinstance(document, dict) else None
+        try:
+            found.append(UUID(raw) if isinstance(raw, str) else None)
+        except ValueError:
+            found.append(None)
+    return found[0], found[1]
+
+
+def decode(topic: str, payload: bytes, prefix: str, max_bytes: int) -> Inbound:
+    """Turn one MQTT message into a domain command, or a rejection that says why not."""
+    kind, bike_id, problem = parse_topic(topic, prefix)
+
+    def reject(
+        reason: str, detail: str, session_id: UUID | None = None, tid: UUID | None = None
+    ) -> Inbound:
+        return Inbound(
+            kind, bike_id, rejection=Rejection(topic, bike_id, reason, detail, session_id, tid)
+        )
+
+    if problem is not None:
+        return reject("unknown_topic", problem)
+    assert bike_id is not None
+    if len(payload) > max_bytes:
+        return reject(
+            "payload_too_large", f"payload is {len(payload)} bytes; the limit is {max_bytes}"
+        )
+    try:
+        document = json.loads(
+            payload.decode("utf-8"), parse_float=Decimal, parse_constant=_reject_constant
+        )
+    except UnicodeDecodeError as exc:
+        return reject("malformed_json", f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
+    except ValueError as exc:
+        return reject("malformed_json", f"payload is not JSON: {exc}")
+    session_id, telemetry_id = _ids(document)
+    if not isinstance(document, dict):
+        return reject(
+            "schema_violation", f"payload must be a JSON object, got {type(document).__name__}"
+        )
+    try:
+        if kind is TopicKind.TELEMETRY:
+            command: Command = _telemetry(bike_id, Telemetry.model_validate(document))
+        else:
+            command = _lifecycle(bike_id, _LIFECYCLE.validate_python(document))
+    except ValidationError as exc:
+        return reject("schema_violation", _explain(exc), session_id, telemetry_id)
+    except InvalidValue as exc:
+        return reject(exc.reason, exc.detail, session_id, telemetry_id)
+    return Inbound(kind, bike_id, command=command)
+
+
+def _lifecycle(
+    bike_id: str, event: RideStarted | ChargingStarted | RideEnded | ChargingEnded
+) -> Command:
+    if isinstance(event, RideStarted):
+        return StartSession(
+            bike_id, event.session_id, SessionKind.RIDE, event.rider_id, event.occurred_at
+        )
+    if isinstance(event, ChargingStarted):
+        return StartSession(
+            bike_id, event.session_id, SessionKind.CHARGING, event.station_id, event.occurred_at
+        )
+    kind = SessionKind.RIDE if isinstance(event, RideEnded) else SessionKind.CHARGING
+    return EndSession(bike_id, event.session_id, kind, event.occurred_at, event.last_seq)
+
+
+def _telemetry(bike_id: str, payload: Telemetry) -> RecordTelemetry:
+    return RecordTelemetry(
+        bike_id,
+        TelemetrySample(
+            telemetry_id=payload.telemetry_id,
+            session_id=payload.session_id,
+            seq=payload.seq,
+            emitted_at=EmissionTime(payload.emitted_at),
+            energy=EnergyDelta(payload.energy_wh),
+            distance=Distance(payload.distance_m) if payload.distance_m is not None else None,
+            soc=StateOfCharge(payload.soc_pct) if payload.soc_pct is not None else None,
+        ),
+    )

@@ -1,0 +1,74 @@
+"""Outbound messages of SPEC §2: topics and canonical JSON payloads."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from domain.billing import BillingRecord
+from domain.session_values import FinalizedSession
+
+__all__ = ["billing_message", "finalized_message", "rejection_message", "topic_for"]
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def _seconds(value: Decimal) -> int | float:
+    # duration_s is a JSON number; whole seconds stay integers.
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+def encode(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def topic_for(prefix: str, bike_id: str, suffix: str) -> str:
+    return f"{prefix}/bikes/{bike_id}/{suffix}"
+
+
+def finalized_message(prefix: str, session: FinalizedSession) -> tuple[str, bytes]:
+    duration = Decimal(str(session.duration.total_seconds()))
+    return topic_for(prefix, session.bike_id, "sessions/finalized"), encode(
+        {
+            "session_id": str(session.session_id),
+            "bike_id": session.bike_id,
+            "kind": str(session.kind),
+            session.kind.party_field: session.party_id,
+            "started_at": _iso(session.started_at),
+            "ended_at": _iso(session.ended_at),
+            "duration_s": _seconds(duration),
+            "energy_wh": str(session.energy_wh),
+            "distance_m": str(session.distance_m),
+            "telemetry_count": session.telemetry_count,
+            "missing_samples": session.missing_samples,
+            "end_reason": str(session.end_reason),
+            "finalized_at": _iso(session.finalized_at),
+        }
+    )
+
+
+def billing_message(prefix: str, record: BillingRecord) -> tuple[str, bytes]:
+    return topic_for(prefix, record.bike_id, "billing"), record.to_json()
+
+
+def rejection_message(
+    prefix: str,
+    bike_id: str,
+    topic: str,
+    reason: str,
+    detail: str,
+    received_at: datetime,
+    session_id: object | None = None,
+    telemetry_id: object | None = None,
+) -> tuple[str, bytes]:
+    document: dict[str, Any] = {"topic": topic, "reason": reason, "detail": detail}
+    if session_id is not None:
+        document["session_id"] = str(session_id)
+    if telemetry_id is not None:
+        document["telemetry_id"] = str(telemetry_id)
+    document["received_at"] = _iso(received_at)
+    return topic_for(prefix, bike_id, "rejections"), encode(document)

@@ -1,0 +1,335 @@
+"""Ordered, batched processing: decode, decide, commit, then acknowledge.
+
+One task owns the fleet. It takes what has arrived (up to ``max_batch``), decides every message
+in arrival order, commits the batch's rows and outbox entries in one transaction, and only then
+acknowledges the batch's messages, in order. A failed commit drops the in-memory cache (the
+database is the source of truth) and the batch is decided again from what is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+
+from daemon.db.store import RejectedMessage, Store
+from daemon.metrics import Metrics
+from daemon.mqtt.connection import Delivery
+from daemon.mqtt.schemas import Inbound, Rejection, TopicKind, decode
+from domain.commands import Command
+from domain.errors import DomainError
+from domain.events import Outcome, SessionFinalized
+from domain.fleet import Fleet
+from domain.session_values import SessionPolicy
+
+__all__ = ["Pipeline"]
+
+log = structlog.get_logger(__name__)
+
+# The database is away (down, restarting, overloaded): hold the batch and retry with backoff.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+@dataclass(slots=True)
+class _Settled:
+    """What one message came to, before the batch is committed."""
+
+    delivery: Delivery
+    kind: TopicKind
+    outcome: Outcome | None = None
+    rejection: Rejection | None = None
+    dropped: str | None = None
+
+
+class Pipeline:
+    """Turns deliveries into committed state and outbox rows; acknowledges after commit."""
+
+    def __init__(
+        self,
+        store: Store,
+        policy: SessionPolicy,
+        metrics: Metrics,
+        *,
+        prefix: str,
+        max_batch: int = 1000,
+        max_payload_bytes: int = 16_384,
+        sweep_every_s: float = 0.5,
+        db_scan_every_s: float = 30.0,
+        finalized_cache: int = 10_000,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.metrics = metrics
+        self.prefix = prefix
+        self.max_batch = max_batch
+        self.max_payload_bytes = max_payload_bytes
+        self.sweep_every_s = sweep_every_s
+        self.db_scan_every_s = db_scan_every_s
+        self.finalized_cache = finalized_cache
+        self.clock = clock
+        self.on_commit = on_commit
+        self.fleet = Fleet(policy)
+        self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.accepting = True
+        self._stopping = False
+        self.batch_sizes: list[int] = []
+        self._last_db_scan = float("-inf")
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """Called by the MQTT link for every message; after shutdown began, leave it unacked."""
+        if self.accepting:
+            self.metrics.received.labels(decode_kind(delivery.topic, self.prefix)).inc()
+            self.inbox.put_nowait(delivery)
+
+    async def run(self) -> None:
+        """Process batches until cancelled; sweep expired sessions when idle."""
+        last_sweep = time.monotonic()
+        while not self._stopping:
+            try:
+                first = await asyncio.wait_for(self.inbox.get(), timeout=self.sweep_every_s)
+            except TimeoutError:
+                first = None
+            if time.monotonic() - last_sweep >= self.sweep_every_s or first is None:
+                await self.sweep()
+                last_sweep = time.monotonic()
+            if first is not None:
+                await self.process(self._take(first))
+
+    def _take(self, first: Delivery) -> list[Delivery]:
+        batch = [first]
+        while len(batch) < self.max_batch and not self.inbox.empty():
+            batch.append(self.inbox.get_nowait())
+        return batch
+
+    def stop(self) -> None:
+        """Take no new messages; ``run`` returns after the batch in hand is committed."""
+        self.accepting = False
+        self._stopping = True
+
+    async def drain(self, timeout_s: float = 20.0) -> None:
+        """Commit and acknowledge what has arrived but is not processed yet (SIGTERM)."""
+        self.stop()
+        deadline = time.monotonic() + timeout_s
+        while not self.inbox.empty() and time.monotonic() < deadline:
+            await asyncio.wait_for(
+                self.process(self._take(self.inbox.get_nowait())),
+                timeout=max(0.1, deadline - time.monotonic()),
+            )
+
+    # -- one batch ---------------------------------------------------------------------
+
+    async def process(self, batch: Sequence[Delivery]) -> None:
+        """Decide and commit a batch, retrying from the store until it is committed."""
+        inbound = [decode(d.topic, d.payload, self.prefix, self.max_payload_bytes) for d in batch]
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                settled = await self._decide_and_commit(batch, inbound)
+                break
+            except _UNAVAILABLE as exc:
+                self.fleet = Fleet(self.policy)
+                self.metrics.database_up.set(0)
+                backoff = min(0.5 * 2 ** min(attempt - 1, 6), 30.0)
+                log.warning(
+                    "database unavailable; batch held unacknowledged",
+                    error=repr(exc),
+                    retry_in_s=backoff,
+                    batch=len(batch),
+                )
+                await asyncio.sleep(backoff)
+            except Exception as exc:
+                # Refused by a database invariant (another writer changed a session under us)
+                # or a fault of ours: reload from the store and decide again. A batch that keeps
+                # failing is taken apart, so one bad message cannot stall ingestion.
+                self.fleet = Fleet(self.policy)
+                reason = (
+                    "integrity_conflict"
+                    if isinstance(exc, asyncpg.IntegrityConstraintViolationError)
+                    else "commit_failed"
+                )
+                log.warning(
+                    "batch could not be committed; deciding again",
+                    reason=reason,
+                    error=repr(exc),
+                    attempt=attempt,
+                    batch=len(batch),
+                )
+                if attempt >= 3:
+                    if len(batch) > 1:
+                        for delivery in batch:
+                            await self.process([delivery])
+                        return
+                    log.error("message dropped", reason=reason, topic=batch[0].topic)
+                    settled = [_Settled(batch[0], inbound[0].kind, dropped=reason)]
+                    break
+        self.metrics.database_up.set(1)
+        self._acknowledge(settled)
+
+    async def _decide_and_commit(
+        self, batch: Sequence[Delivery], inbound: Sequence[Inbound]
+    ) -> list[_Settled]:
+        commands = [i.command for i in inbound if i.command is not None]
+        await self._load(commands)
+        settled: list[_Settled] = []
+        rejected: list[RejectedMessage] = []
+        self.fleet.expire(self.clock())
+        for delivery, item in zip(batch, inbound, strict=True):
+            result = _Settled(delivery, item.kind)
+            if item.rejection is not None:
+                result.rejection = item.rejection
+            else:
+                assert item.command is not None
+                result.outcome, result.rejection, result.dropped = self._decide(
+                    item.command, delivery, item.kind
+                )
+            if result.rejection is not None:
+                rejected.append(
+                    RejectedMessage(result.rejection, delivery.payload, delivery.received_at)
+                )
+            settled.append(result)
+        events = self.fleet.pop_events()
+        started = time.perf_counter()
+        await self.store.commit(events, rejected)
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        self.batch_sizes.append(len(batch))
+        self._count_finalized(events)
+        self.fleet.evict_finalized(self.finalized_cache)
+        self.metrics.active_sessions.set(self.fleet.active_count())
+        if events or rejected:
+            self.on_commit()
+        return settled
+
+    def _decide(
+        self, command: Command, delivery: Delivery, kind: TopicKind
+    ) -> tuple[Outcome | None, Rejection | None, str | None]:
+        try:
+            return self.fleet.handle(command, delivery.received_at).outcome, None, None
+        except DomainError as exc:
+            sample = getattr(command, "sample", None)
+            return (
+                None,
+                Rejection(
+                    delivery.topic,
+                    command.bike_id,
+                    exc.reason,
+                    exc.detail,
+                    command.session_id,
+                    sample.telemetry_id if sample is not None else None,
+                ),
+                None,
+            )
+        except Exception:
+            # A bug must not stop ingestion: the message is counted as dropped and logged.
+            log.exception(
+                "message could not be decided",
+                topic=delivery.topic,
+                bike_id=command.bike_id,
+                session_id=str(command.session_id),
+            )
+            return None, None, "internal_error"
+
+    async def _load(self, commands: Sequence[Command]) -> None:
+        bikes, sessions = self.fleet.missing(commands)
+        if not bikes and not sessions:
+            return
+        by_bike, named = await self.store.load(bikes, sessions)
+        for bike_id, active in by_bike.items():
+            self.fleet.load_bike(bike_id, active)
+        for session in named:
+            self.fleet.load_session(session)
+
+    def _acknowledge(self, settled: Sequence[_Settled]) -> None:
+        for item in settled:
+            item.delivery.acks.ack(item.delivery.message)
+            kind = str(item.kind)
+            if item.dropped is not None:
+                self.metrics.dropped.labels(item.dropped).inc()
+            elif item.rejection is not None:
+                self.metrics.rejected.labels(item.rejection.reason).inc()
+                log.info(
+                    "message rejected",
+                    topic=item.delivery.topic,
+                    bike_id=item.rejection.bike_id,
+                    reason=item.rejection.reason,
+                    detail=item.rejection.detail,
+                    session_id=str(item.rejection.session_id or "") or None,
+                )
+            elif item.outcome is Outcome.DUPLICATE:
+                self.metrics.duplicates.labels(kind).inc()
+            else:
+                self.metrics.accepted.labels(kind).inc()
+
+    def _count_finalized(self, events: Sequence[object]) -> None:
+        for event in events:
+            if isinstance(event, SessionFinalized):
+                s = event.session
+                self.metrics.finalized.labels(str(s.kind), str(s.end_reason)).inc()
+                log.info(
+                    "session finalized",
+                    bike_id=s.bike_id,
+                    session_id=str(s.session_id),
+                    kind=str(s.kind),
+                    energy_wh=str(s.energy_wh),
+                    missing_samples=s.missing_samples,
+                    end_reason=str(s.end_reason),
+                )
+
+    # -- expiry ------------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Finalize sessions whose grace ran out or that went dark, in memory and in the store."""
+        now = self.clock()
+        try:
+            if time.monotonic() - self._last_db_scan >= self.db_scan_every_s:
+                due = await self.store.due_bikes(
+                    now - self.policy.finalize_grace,
+                    now - self.policy.abandon_after,
+                    list(self.fleet.bikes),
+                )
+                self._last_db_scan = time.monotonic()
+                if due:
+                    by_bike, _ = await self.store.load(due, [])
+                    for bike_id, active in by_bike.items():
+                        self.fleet.load_bike(bike_id, active)
+            self.fleet.expire(now)
+            events = self.fleet.pop_events()
+            if events:
+                started = time.perf_counter()
+                await self.store.commit(events, [])
+                self.metrics.commit_seconds.observe(time.perf_counter() - started)
+                self._count_finalized(events)
+                self.metrics.active_sessions.set(self.fleet.active_count())
+                self.on_commit()
+            self.metrics.database_up.set(1)
+        except Exception as exc:
+            # Nothing was committed; the cache may be ahead of the store, so drop it.
+            self.fleet = Fleet(self.policy)
+            self._last_db_scan = float("-inf")
+            if isinstance(exc, _UNAVAILABLE):
+                self.metrics.database_up.set(0)
+            log.warning("expiry sweep failed; will retry", error=repr(exc))
+
+
+def decode_kind(topic: str, prefix: str) -> str:
+    """The topic kind label for metrics, without decoding the payload."""
+    for kind in (TopicKind.LIFECYCLE, TopicKind.TELEMETRY):
+        if topic.startswith(f"{prefix}/bikes/") and topic.endswith(f"/{kind}"):
+            return str(kind)
+    return str(TopicKind.UNKNOWN)

@@ -1,0 +1,147 @@
+"""`chargeflow simulate`: a fleet of bikes riding and charging over MQTT, with progress."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+
+__all__ = ["FleetPlan", "messages", "publish"]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPlan:
+    bikes: int = 10
+    sessions_per_bike: int = 2
+    samples_per_session: int = 20
+    prefix: str = "chargeflow/v1"
+    seed: int | None = None
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+def messages(plan: FleetPlan, start: datetime) -> Iterator[tuple[str, dict[str, object]]]:
+    """(topic, payload) of every message: bikes interleaved, each bike's messages in order."""
+    rng = random.Random(plan.seed)
+    run = uuid.UUID(int=rng.getrandbits(128)).hex[:6]
+    streams = []
+    for b in range(plan.bikes):
+        bike = f"sim-{run}-{b:05d}"
+        streams.append(_bike(plan, rng, bike, start))
+    while streams:
+        for stream in list(streams):
+            try:
+                yield next(stream)
+            except StopIteration:
+                streams.remove(stream)
+
+
+def _bike(
+    plan: FleetPlan, rng: random.Random, bike: str, start: datetime
+) -> Iterator[tuple[str, dict[str, object]]]:
+    base = f"{plan.prefix}/bikes/{bike}"
+    at = start
+    for n in range(plan.sessions_per_bike):
+        ride = n % 2 == 0
+        sid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        kind = "ride" if ride else "charging"
+        party = (
+            {"rider_id": f"rider-{rng.randint(1, 999)}"}
+            if ride
+            else {"station_id": f"station-{rng.randint(1, 99)}"}
+        )
+        yield (
+            f"{base}/lifecycle",
+            {"event": f"{kind}_started", "session_id": sid, "occurred_at": _iso(at), **party},
+        )
+        for seq in range(1, plan.samples_per_session + 1):
+            at += timedelta(milliseconds=100)
+            sample: dict[str, object] = {
+                "telemetry_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "session_id": sid,
+                "seq": seq,
+                "emitted_at": _iso(at),
+                "energy_wh": str(Decimal(rng.randint(50, 5000)) / 100),
+                "soc_pct": rng.randint(5, 100),
+            }
+            if ride:
+                sample["distance_m"] = str(Decimal(rng.randint(0, 2000)) / 10)
+            yield f"{base}/telemetry", sample
+        at += timedelta(milliseconds=100)
+        yield (
+            f"{base}/lifecycle",
+            {
+                "event": f"{kind}_ended",
+                "session_id": sid,
+                "occurred_at": _iso(at),
+                "last_seq": plan.samples_per_session,
+            },
+        )
+        at += timedelta(milliseconds=100)
+
+
+def mqtt_client(url: str, client_id: str | None = None) -> aiomqtt.Client:
+    parts = urlsplit(url)
+    return aiomqtt.Client(
+        parts.hostname or "127.0.0.1",
+        parts.port or 1883,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        max_inflight_messages=200,
+        max_queued_outgoing_messages=0,
+    )
+
+
+async def publish(url: str, plan: FleetPlan, rate: float = 0.0, progress: bool = True) -> int:
+    """Publish the plan's messages with QoS 1 (rate 0: as fast as the broker takes them)."""
+    start = datetime.now(UTC) - timedelta(
+        seconds=plan.sessions_per_bike * (plan.samples_per_session + 2) * 0.1 + 60
+    )
+    total = plan.bikes * plan.sessions_per_bike * (plan.samples_per_session + 2)
+    sent = 0
+    began = time.perf_counter()
+    async with mqtt_client(url) as client:
+        client.pending_calls_threshold = 10_000
+        pending: list[asyncio.Task[None]] = []
+        for topic, payload in messages(plan, start):
+            pending.append(
+                asyncio.create_task(
+                    client.publish(topic, json.dumps(payload).encode(), qos=1, timeout=60)
+                )
+            )
+            sent += 1
+            if len(pending) >= 200:
+                await asyncio.gather(*pending)
+                pending.clear()
+            if rate > 0:
+                await asyncio.sleep(max(0.0, sent / rate - (time.perf_counter() - began)))
+            if progress and sent % 1000 == 0:
+                elapsed = time.perf_counter() - began
+                print(
+                    f"\r{sent}/{total} messages  {sent / elapsed:,.0f} msg/s",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        await asyncio.gather(*pending)
+    if progress:
+        elapsed = time.perf_counter() - began
+        print(
+            f"\r{sent}/{total} messages in {elapsed:.1f} s ({sent / elapsed:,.0f} msg/s)",
+            file=sys.stderr,
+        )
+    return sent
