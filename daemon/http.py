@@ -68,8 +68,11 @@ def analytics_document(
 def _timestamp(raw: str | None, name: str) -> datetime | None:
     if raw is None:
         return None
-    value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    if value.tzinfo is None:
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
         raise ValueError(f"{name} must be an RFC 3339 timestamp with an offset, got {raw!r}")
     return value
 

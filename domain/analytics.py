@@ -48,8 +48,10 @@ class KindFigures:
 
     @property
     def average_amount(self) -> dict[str, Decimal]:
-        return {cur: (total / self.count).quantize(Decimal("0.0001")) for cur, total in
-                self.revenue.items()}  # fmt: skip
+        return {
+            cur: (total / self.count).quantize(Decimal("0.0001"))
+            for cur, total in self.revenue.items()
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,11 +32,41 @@ __all__ = [
 
 # ISO 4217 minor units of the currencies a fleet is likely to bill in; others need `minor_unit`.
 MINOR_UNITS = {
-    "EUR": 2, "USD": 2, "GBP": 2, "CHF": 2, "SEK": 2, "NOK": 2, "DKK": 2, "PLN": 2, "CZK": 2,
-    "HUF": 2, "RON": 2, "CAD": 2, "AUD": 2, "NZD": 2, "SGD": 2, "HKD": 2, "CNY": 2, "INR": 2,
-    "BRL": 2, "MXN": 2, "ZAR": 2, "TRY": 2, "ILS": 2, "AED": 2, "JPY": 0, "KRW": 0, "ISK": 0,
-    "CLP": 0, "VND": 0, "BHD": 3, "KWD": 3, "OMR": 3, "JOD": 3, "TND": 3,
-}  # fmt: skip
+    "EUR": 2,
+    "USD": 2,
+    "GBP": 2,
+    "CHF": 2,
+    "SEK": 2,
+    "NOK": 2,
+    "DKK": 2,
+    "PLN": 2,
+    "CZK": 2,
+    "HUF": 2,
+    "RON": 2,
+    "CAD": 2,
+    "AUD": 2,
+    "NZD": 2,
+    "SGD": 2,
+    "HKD": 2,
+    "CNY": 2,
+    "INR": 2,
+    "BRL": 2,
+    "MXN": 2,
+    "ZAR": 2,
+    "TRY": 2,
+    "ILS": 2,
+    "AED": 2,
+    "JPY": 0,
+    "KRW": 0,
+    "ISK": 0,
+    "CLP": 0,
+    "VND": 0,
+    "BHD": 3,
+    "KWD": 3,
+    "OMR": 3,
+    "JOD": 3,
+    "TND": 3,
+}
 _PER_KWH = Decimal(1000)
 
 

@@ -1,0 +1,126 @@
+"""A ride and a charging session through real Mosquitto and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from tests.e2e.helpers import http_get, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_a_ride_produces_its_finalized_and_billing_messages(daemon, bike, outbound, pool):
+    session_id = await bike.start("ride", party="rider-42")
+    await bike.sample(session_id, 1, 1000.25, distance_m="1200.5", soc_pct=80)
+    await bike.sample(session_id, 2, "234.25", distance_m=300)
+    await bike.end(session_id, 2)
+
+    (finalized,) = await outbound.wait_for(bike.bike_id, "sessions/finalized")
+    (billing,) = await outbound.wait_for(bike.bike_id, "billing")
+    assert finalized["session_id"] == session_id
+    assert finalized["kind"] == "ride"
+    assert finalized["rider_id"] == "rider-42"
+    assert Decimal(finalized["energy_wh"]) == Decimal("1234.5")
+    assert Decimal(finalized["distance_m"]) == Decimal("1500.5")
+    assert finalized["telemetry_count"] == 2
+    assert finalized["missing_samples"] == 0
+    assert finalized["end_reason"] == "ended"
+    assert finalized["duration_s"] == 600
+    assert billing == {
+        "session_id": session_id,
+        "bike_id": bike.bike_id,
+        "kind": "ride",
+        "billable_energy_wh": finalized["energy_wh"],
+        "unit_price": "0.30",
+        "currency": "EUR",
+        "amount": "0.37",
+        "pricing_version": "2026-01",
+    }
+    row = await pool.fetchrow("SELECT * FROM sessions WHERE session_id = $1", uuid.UUID(session_id))
+    assert row["state"] == "finalized"
+    assert row["energy_wh"] == Decimal("1234.5")
+    assert row["telemetry_count"] == 2
+    stored = await pool.fetchval(
+        "SELECT sum(energy_wh) FROM telemetry WHERE session_id = $1", uuid.UUID(session_id)
+    )
+    assert stored == Decimal("1234.5")
+
+
+@pytest.mark.parametrize(("energy", "amount"), [("1500", "0.38"), ("500", "0.12")])
+async def test_a_charging_session_is_billed_with_half_even_rounding(
+    daemon, bike, outbound, energy, amount
+):
+    session_id = await bike.start("charging", party="station-7")
+    await bike.sample(session_id, 1, energy)
+    await bike.end(session_id, 1, kind="charging")
+    (finalized,) = await outbound.wait_for(bike.bike_id, "sessions/finalized")
+    (billing,) = await outbound.wait_for(bike.bike_id, "billing")
+    assert finalized["station_id"] == "station-7"
+    assert billing["kind"] == "charging"
+    assert billing["unit_price"] == "0.25"
+    assert billing["amount"] == amount
+
+
+async def test_redelivered_messages_are_duplicates_not_rejections(daemon, bike, outbound, pool):
+    session_id = await bike.start("ride")
+    telemetry_id = await bike.sample(session_id, 1, "5")
+    await bike.start("ride", session_id=session_id)
+    await bike.sample(session_id, 1, "5", telemetry_id=telemetry_id)
+    await bike.end(session_id, 1)
+    await bike.end(session_id, 1)
+    (finalized,) = await outbound.wait_for(bike.bike_id, "sessions/finalized")
+    await wait_until(
+        lambda: (
+            daemon.metrics.duplicates.labels("lifecycle")._value.get() >= 2
+            and daemon.metrics.duplicates.labels("telemetry")._value.get() >= 1
+        ),
+        what="duplicates counted",
+    )
+    assert Decimal(finalized["energy_wh"]) == 5
+    assert outbound.of(bike.bike_id, "rejections") == []
+    count = await pool.fetchval(
+        "SELECT count(*) FROM telemetry WHERE session_id = $1", uuid.UUID(session_id)
+    )
+    assert count == 1
+
+
+async def test_a_late_sample_inside_the_grace_period_is_counted(daemon, bike, outbound):
+    session_id = await bike.start("ride")
+    await bike.sample(session_id, 1, "7")
+    await bike.end(session_id, 2)
+    await bike.sample(session_id, 2, "8")
+    (finalized,) = await outbound.wait_for(bike.bike_id, "sessions/finalized")
+    assert Decimal(finalized["energy_wh"]) == 15
+    assert finalized["missing_samples"] == 0
+
+
+async def test_a_sample_after_finalization_is_rejected(daemon, bike, outbound):
+    session_id = await bike.start("ride")
+    await bike.sample(session_id, 1, "7")
+    await bike.end(session_id, 2)  # sample 2 never comes in time: the 1 s grace expires
+    (finalized,) = await outbound.wait_for(bike.bike_id, "sessions/finalized", timeout=10)
+    assert finalized["missing_samples"] == 1
+    await bike.sample(session_id, 2, "8")
+    (rejection,) = await outbound.wait_for(bike.bike_id, "rejections")
+    assert rejection["reason"] == "session_finalized"
+    assert rejection["session_id"] == session_id
+
+
+async def test_the_session_endpoint_traces_a_session_to_its_bill(daemon, bike, outbound):
+    session_id = await bike.start("ride")
+    await bike.sample(session_id, 1, "1234.5")
+    await bike.end(session_id, 1)
+    await outbound.wait_for(bike.bike_id, "billing")
+    status, view = await http_get(daemon, f"/sessions/{session_id}")
+    assert status == 200
+    assert view["stored_telemetry_count"] == 1
+    assert view["billing"]["amount"] == "0.37"
+    status, report = await http_get(daemon, f"/analytics?bike_id={bike.bike_id}")
+    assert report["rides"]["session_ids"] == [session_id]
+    assert report["revenue"] == {"EUR": "0.37"}
+    status, error = await http_get(daemon, "/analytics?from=yesterday")
+    assert status == 400
+    assert "from" in error["error"]
