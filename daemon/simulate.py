@@ -15,6 +15,8 @@ from decimal import Decimal
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 __all__ = ["FleetPlan", "messages", "publish"]
 
@@ -92,8 +94,15 @@ def _bike(
         at += timedelta(milliseconds=100)
 
 
-def mqtt_client(url: str, client_id: str | None = None) -> aiomqtt.Client:
+def mqtt_client(
+    url: str, client_id: str | None = None, session_expiry_s: int | None = None
+) -> aiomqtt.Client:
+    """An MQTT v5 client for a URL; with session_expiry_s, a persistent session (CleanStart=0)."""
     parts = urlsplit(url)
+    properties = None
+    if session_expiry_s is not None:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = session_expiry_s
     return aiomqtt.Client(
         parts.hostname or "127.0.0.1",
         parts.port or 1883,
@@ -103,6 +112,8 @@ def mqtt_client(url: str, client_id: str | None = None) -> aiomqtt.Client:
         protocol=aiomqtt.ProtocolVersion.V5,
         max_inflight_messages=200,
         max_queued_outgoing_messages=0,
+        clean_start=session_expiry_s is None,
+        properties=properties,
     )
 
 

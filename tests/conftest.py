@@ -9,10 +9,12 @@ tests that need it are skipped with the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -141,25 +143,31 @@ class Broker:
         self.proc = start_broker(self.port, self.data_dir)
 
 
-def _launch_broker(tmp: Path) -> Broker:
+@contextlib.contextmanager
+def _launched_broker() -> Iterator[Broker]:
     if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
         missing_service("mosquitto (install Debian's mosquitto package)")
-    broker = Broker(free_port(), tmp, None)
+    # Not under pytest's tmp_path: its 0700 parents would keep a root-started mosquitto, which
+    # drops to the mosquitto user, from saving its persistence database.
+    data_dir = Path(tempfile.mkdtemp(prefix="chargeflow-mosquitto-"))
+    broker = Broker(free_port(), data_dir, None)
     broker.start()
-    return broker
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+def broker() -> Iterator[Broker]:
     """One broker for the run; tests use random bike ids so they never collide."""
-    broker = _launch_broker(tmp_path_factory.mktemp("mosquitto"))
-    yield broker
-    broker.stop()
+    with _launched_broker() as broker:
+        yield broker
 
 
 @pytest.fixture
-def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+def own_broker() -> Iterator[Broker]:
     """A broker of this test's own, which it may stop and start."""
-    broker = _launch_broker(tmp_path_factory.mktemp("mosquitto-own"))
-    yield broker
-    broker.stop()
+    with _launched_broker() as broker:
+        yield broker
