@@ -1,1 +1,110 @@
-"""`chargeflow bench`: placeholder replaced below."""
+"""`chargeflow bench`: a backlog of telemetry ingested end to end, with numbers printed.
+
+1. A fresh database (the configured one, suffixed ``_bench``) and a bench client id.
+2. The daemon connects once so the broker holds a persistent session for it, then stops.
+3. A backlog is published while it is away: ``bikes`` sessions, ``messages`` samples in all.
+4. The daemon starts again; the clock runs until every session is finalized.
+
+Needs a broker that queues a large backlog for an offline client (the repo's mosquitto.conf).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import statistics
+import time
+import uuid
+from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from daemon.app import Daemon
+from daemon.config import Settings
+from daemon.logs import configure_logging
+from daemon.simulate import FleetPlan, publish
+
+__all__ = ["run_bench"]
+
+
+async def _fresh_database(url: str) -> str:
+    parts = urlsplit(url)
+    name = f"{parts.path.strip('/')}_bench"
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def _until_ready(daemon: Daemon, task: asyncio.Task[None]) -> None:
+    while not all(daemon.ready().values()):
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.05)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes: int) -> None:
+    configure_logging(settings.log_format, "warning")  # the numbers, not every finalization
+    per_session = max(1, messages // bikes)
+    total = bikes * (per_session + 2)
+    database_url = await _fresh_database(settings.database_url)
+    bench = settings.model_copy(
+        update={
+            "database_url": database_url,
+            "client_id": f"chargeflow-bench-{uuid.uuid4().hex[:6]}",
+            "http_port": 0,
+            "log_level": "warning",
+        }
+    )
+
+    daemon = Daemon(bench)
+    task = asyncio.create_task(daemon.run())
+    await _until_ready(daemon, task)
+    daemon.stop.set()
+    await task
+    print(f"backlog: {bikes} sessions x {per_session} samples + lifecycle = {total} messages")
+    plan = FleetPlan(bikes, 1, per_session, settings.topic_prefix, seed=int(time.time()))
+    await publish(publisher_url, plan)
+
+    daemon = Daemon(bench)
+    started = time.perf_counter()
+    task = asyncio.create_task(daemon.run())
+    await _until_ready(daemon, task)
+    assert daemon.store is not None
+    pool = daemon.store.pool
+    while await pool.fetchval("SELECT count(*) FROM sessions WHERE state = 'finalized'") < bikes:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    stored = await pool.fetchval("SELECT count(*) FROM telemetry")
+    assert daemon.pipeline is not None
+    sizes = daemon.pipeline.batch_sizes
+    commit = daemon.metrics.commit_seconds
+    daemon.stop.set()
+    await task
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"ingested: {total} messages ({stored} samples stored) in {elapsed:.2f} s "
+        f"= {total / elapsed:,.0f} msg/s end to end (from daemon start to last finalization)"
+    )
+    print(
+        f"batches: {len(sizes)}, size mean {statistics.mean(sizes):.0f}, "
+        f"p50 {_percentile(sizes, 0.5):.0f}, p95 {_percentile(sizes, 0.95):.0f}, "
+        f"max {max(sizes)}"
+    )
+    commit_sum = next(
+        s.value for m in commit.collect() for s in m.samples if s.name.endswith("_sum")
+    )
+    print(
+        f"commit time: {commit_sum:.2f} s in all, {1000 * commit_sum / len(sizes):.1f} ms "
+        f"per batch on average; peak RSS {rss_mb:.0f} MiB"
+    )

@@ -90,7 +90,7 @@ class Pipeline:
         self.batch_sizes: list[int] = []
         self._last_db_scan = float("-inf")
 
-    async def deliver(self, delivery: Delivery) -> None:
+    def deliver(self, delivery: Delivery) -> None:
         """Called by the MQTT link for every message; after shutdown began, leave it unacked."""
         if self.accepting:
             self.metrics.received.labels(decode_kind(delivery.topic, self.prefix)).inc()

@@ -246,11 +246,20 @@ class Store:
                     "telemetry", records=samples, columns=_TELEMETRY_COLUMNS
                 )
             if touches:
-                await conn.executemany(
-                    "UPDATE sessions SET last_heard_at = GREATEST(last_heard_at, $2),"
-                    " ended_at = COALESCE($3, ended_at), last_seq = COALESCE($4, last_seq),"
-                    " end_received_at = COALESCE($5, end_received_at) WHERE session_id = $1",
-                    [tuple(t) for t in touches.values()],
+                # One statement for the whole batch. last_heard_at only feeds the abandonment
+                # timeout (hours), so a row is rewritten for it at most every 30 s.
+                columns = list(zip(*touches.values(), strict=True))
+                await conn.execute(
+                    "UPDATE sessions s SET last_heard_at = GREATEST(s.last_heard_at, t.heard),"
+                    " ended_at = COALESCE(t.ended_at, s.ended_at),"
+                    " last_seq = COALESCE(t.last_seq, s.last_seq),"
+                    " end_received_at = COALESCE(t.end_received_at, s.end_received_at)"
+                    " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[],"
+                    " $4::integer[], $5::timestamptz[])"
+                    " AS t(session_id, heard, ended_at, last_seq, end_received_at)"
+                    " WHERE s.session_id = t.session_id AND (t.last_seq IS NOT NULL"
+                    " OR s.last_heard_at < t.heard - INTERVAL '30 seconds')",
+                    *[list(c) for c in columns],
                 )
             if finals:
                 await conn.executemany(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -59,7 +59,7 @@ class MqttLink:
         self,
         settings: Settings,
         metrics: Metrics,
-        deliver: Callable[[Delivery], Awaitable[None]],
+        deliver: Callable[[Delivery], None],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._settings = settings
@@ -70,7 +70,7 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.stopping = False
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _new_client(self, holder: list[ManualAcks]) -> aiomqtt.Client:
         s = self._settings
         broker = s.broker
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -81,6 +81,18 @@ class MqttLink:
             tls_context = ssl.create_default_context(
                 cafile=str(s.mqtt_ca_file) if s.mqtt_ca_file else None
             )
+        deliver, clock = self._deliver, self._clock
+
+        class Handoff(asyncio.Queue[aiomqtt.Message]):
+            """aiomqtt's incoming queue, replaced: each message goes straight to the pipeline.
+
+            aiomqtt's own iterator spends a task and an asyncio.wait per message; handing off
+            in the receive callback keeps the hot path to one call.
+            """
+
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                deliver(Delivery(item, holder[0], clock()))
+
         client = aiomqtt.Client(
             broker.host,
             broker.port,
@@ -94,6 +106,7 @@ class MqttLink:
             timeout=10,
             tls_context=tls_context,
             max_inflight_messages=100,
+            queue_type=Handoff,
         )
         client.pending_calls_threshold = 1000  # the outbox publisher keeps many PUBACKs pending
         return client
@@ -102,8 +115,10 @@ class MqttLink:
         """Connect, subscribe, pass messages on; on any MQTT error, back off and reconnect."""
         backoff = 0.5
         while not self.stopping:
-            client = self._new_client()
+            holder: list[ManualAcks] = []
+            client = self._new_client(holder)
             acks = ManualAcks(client)
+            holder.append(acks)
             try:
                 async with client:
                     self._client = client
@@ -119,8 +134,10 @@ class MqttLink:
                     await client.subscribe(
                         [(f, options) for f in inbound_filters(self._settings.topic_prefix)]
                     )
-                    async for message in client.messages:
-                        await self._deliver(Delivery(message, acks, self._clock()))
+                    # Messages are handed off as they arrive (Handoff); this only waits for the
+                    # connection to end, which aiomqtt reports by raising MqttError here.
+                    async for _ in client.messages:
+                        pass
             except aiomqtt.MqttError as exc:
                 if self.stopping:
                     break
