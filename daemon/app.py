@@ -85,7 +85,10 @@ class Daemon:
                     log.warning("database check failed", error=repr(exc))
                 self.database_ok = False
             self.metrics.database_up.set(1 if self.database_ok else 0)
-            await asyncio.sleep(5)
+            if self.database_ok:
+                with contextlib.suppress(Exception):
+                    self.metrics.outbox_pending.set(await store.outbox_pending_count())
+            await asyncio.sleep(2)
 
     async def run(self) -> None:
         s = self.settings

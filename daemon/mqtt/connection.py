@@ -141,11 +141,13 @@ class MqttLink:
             except aiomqtt.MqttError as exc:
                 if self.stopping:
                     break
+                what = (
+                    "mqtt connection lost; reconnecting"
+                    if acks.sent or self.connected.is_set()
+                    else "cannot connect to the MQTT broker; retrying"
+                )
                 log.warning(
-                    "mqtt connection lost; reconnecting",
-                    error=str(exc),
-                    retry_in_s=backoff,
-                    broker=self._settings.broker.display,
+                    what, error=str(exc), retry_in_s=backoff, broker=self._settings.broker.display
                 )
             finally:
                 acks.close()

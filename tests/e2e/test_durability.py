@@ -44,6 +44,11 @@ def _spawn_daemon(
     )
 
 
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
 def _ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
@@ -209,3 +214,44 @@ async def test_finalized_events_wait_in_the_outbox_while_the_broker_is_down(
     assert received["finalized"]["session_id"] == session_id
     assert received["finalized"]["missing_samples"] == 1
     assert received["billing"]["amount"] == "0.45"  # 1.5 kWh x 0.30 EUR
+
+
+async def test_sigterm_commits_acknowledges_and_disconnects_cleanly(
+    database_url, broker, pool, tmp_path
+):
+    port = free_port()
+    log_path = tmp_path / "daemon.log"
+    client_id = f"cf-term-{uuid.uuid4().hex[:8]}"
+    daemon = _spawn_daemon(database_url, broker.daemon_url, client_id, port, log_path)
+    try:
+        await _wait_ready(daemon, port)
+        async with mqtt_client(broker.fleet_url) as client:
+            bike = Bike(client)
+            session_id = await bike.start()
+            for seq in range(1, 201):
+                await bike.sample(session_id, seq, "1")
+            await bike.end(session_id, 200)
+        daemon.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.wait, 30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    events = [line["event"] for line in lines]
+    assert events.index("shutting down: finishing the batch in hand") < events.index("stopped")
+    # Whatever was committed before the exit was acknowledged; what was not stays queued
+    # in the broker for this client id. A restart finishes the session either way.
+    daemon = _spawn_daemon(database_url, broker.daemon_url, client_id, port, log_path)
+    try:
+        await _wait_ready(daemon, port)
+        await wait_until(
+            lambda: pool.fetchval(
+                "SELECT state = 'finalized' AND telemetry_count = 200 FROM sessions"
+                " WHERE session_id = $1",
+                uuid.UUID(session_id),
+            ),
+            what="session finalized",
+        )
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)

@@ -186,6 +186,10 @@ async def outbox_rows(conn: Any, topic: str) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT * FROM outbox WHERE topic = $1 ORDER BY id", topic)
 
 
+def is_of(topic: str, bikes: list[str]) -> bool:
+    return any(topic.startswith(f"{PREFIX}/bikes/{bike}/") for bike in bikes)
+
+
 async def pending_ids(store: Store, conn: Any, ids: set[int]) -> list[int]:
     return [r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if r.id in ids]
 
@@ -379,17 +383,53 @@ async def test_a_rejected_message_cannot_be_deleted(conn):
     assert sqlstate_of(refused) == "23000"
 
 
-async def test_a_finalized_session_without_totals_violates_the_check_constraint(conn):
+FIXED_TOTALS = {
+    "ended_at": NOW,
+    "energy_wh": Decimal(10),
+    "distance_m": Decimal(0),
+    "telemetry_count": 1,
+    "missing_samples": 0,
+    "end_reason": "ended",
+    "finalized_at": NOW,
+}
+
+
+@pytest.mark.parametrize("missing", sorted(FIXED_TOTALS))
+async def test_a_finalized_session_without_totals_violates_the_check_constraint(conn, missing):
+    totals = {**FIXED_TOTALS, missing: None}
+    columns = ", ".join(totals)
+    values = ", ".join(f"${i}" for i in range(4, 4 + len(totals)))
+
     with pytest.raises(asyncpg.CheckViolationError) as refused:
         await conn.execute(
-            "INSERT INTO sessions (session_id, bike_id, kind, party_id, state, started_at,"
-            " received_at, last_heard_at) VALUES ($1, $2, 'ride', 'rider-1', 'finalized',"
-            " $3, $3, $3)",
+            "INSERT INTO sessions (session_id, bike_id, started_at, kind, party_id, state,"
+            f" received_at, last_heard_at, {columns}) VALUES ($1, $2, $3, 'ride', 'rider-1',"
+            f" 'finalized', $3, $3, {values})",
             uuid.uuid4(),
             bike_id(),
             T0,
+            *totals.values(),
         )
     assert refused.value.constraint_name == "finalized_sessions_have_fixed_totals"
+
+
+async def test_a_finalized_session_with_its_totals_is_accepted(conn):
+    columns = ", ".join(FIXED_TOTALS)
+    values = ", ".join(f"${i}" for i in range(4, 4 + len(FIXED_TOTALS)))
+    session_id = uuid.uuid4()
+
+    await conn.execute(
+        "INSERT INTO sessions (session_id, bike_id, started_at, kind, party_id, state,"
+        f" received_at, last_heard_at, {columns}) VALUES ($1, $2, $3, 'ride', 'rider-1',"
+        f" 'finalized', $3, $3, {values})",
+        session_id,
+        bike_id(),
+        T0,
+        *FIXED_TOTALS.values(),
+    )
+
+    state = await conn.fetchval("SELECT state FROM sessions WHERE session_id = $1", session_id)
+    assert state == "finalized"
 
 
 # -- committing and loading ------------------------------------------------------------------
@@ -410,6 +450,23 @@ async def test_an_active_session_with_its_end_pending_loads_back_equal(store):
     loaded = by_bike[bike]
     assert loaded is not None
     assert loaded.end is not None
+    assert snapshot(loaded) == snapshot(fleet.sessions[begun.session_id])
+
+
+async def test_an_active_session_loads_back_last_heard_at_its_latest_sample(store):
+    bike = bike_id()
+    fleet = Fleet()
+    begun = start(bike)
+    handle(fleet, begun)
+    handle(fleet, sample(begun, 1), now=NOW + timedelta(seconds=1))
+    handle(fleet, sample(begun, 2), now=NOW + timedelta(seconds=2))
+    await store.commit(fleet.pop_events(), [])
+
+    by_bike, _ = await store.load([bike], [])
+
+    loaded = by_bike[bike]
+    assert loaded is not None
+    assert loaded.last_heard_at == NOW + timedelta(seconds=2)
     assert snapshot(loaded) == snapshot(fleet.sessions[begun.session_id])
 
 
@@ -615,14 +672,15 @@ async def test_pending_outbox_returns_rows_in_id_order(store, conn):
     bikes = [bike_id(), bike_id()]
     for bike in bikes:
         await commit_finalized_ride(store, bike)
-    mine = [r["id"] for bike in bikes for r in await conn.fetch(
-        "SELECT id FROM outbox WHERE topic LIKE $1", f"{PREFIX}/bikes/{bike}/%"
-    )]  # fmt: skip
-    # Rewrite the oldest row so it sits last in the table: only ORDER BY puts it first again.
+    mine = [r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, bikes)]
+    # Rewrite the oldest row so that it sits last in the table, and read the table in its own
+    # order: only ORDER BY puts that row first again, whatever plan PostgreSQL would pick.
     await conn.execute("UPDATE outbox SET payload = payload WHERE id = $1", min(mine))
+    async with conn.transaction():
+        await conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
+        pending = [r.id for r in await store.pending_outbox(conn, PENDING_LIMIT)]
 
-    pending = [r.id for r in await store.pending_outbox(conn, PENDING_LIMIT)]
-
+    assert len(mine) == 4
     assert pending == sorted(pending)
     assert [i for i in pending if i in mine] == sorted(mine)
 
@@ -630,7 +688,7 @@ async def test_pending_outbox_returns_rows_in_id_order(store, conn):
 async def test_marking_rows_published_takes_them_out_of_the_pending_set(store, conn):
     bike = bike_id()
     await commit_finalized_ride(store, bike)
-    mine = {r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if bike in r.topic}
+    mine = {r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, [bike])}
     assert len(mine) == 2
 
     await store.mark_published(conn, sorted(mine), NOW)

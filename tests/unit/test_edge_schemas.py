@@ -113,9 +113,7 @@ def test_an_ended_event_becomes_an_end_session_command_with_its_last_seq(event, 
     inbound = decode_json(lifecycle_topic(bike), document)
 
     assert inbound.rejection is None
-    assert inbound.command == EndSession(
-        bike, uuid.UUID(document["session_id"]), kind, AT_UTC, 17
-    )
+    assert inbound.command == EndSession(bike, uuid.UUID(document["session_id"]), kind, AT_UTC, 17)
 
 
 def test_an_ended_event_with_last_seq_zero_is_accepted():
