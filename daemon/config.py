@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -47,12 +47,17 @@ class BrokerAddress(BaseModel):
 
 
 def redact_url(url: str) -> str:
-    """A URL with its password replaced, safe to log."""
+    """A URL with its password replaced (in the user part or the query), safe to log."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if parts.query:
+        query = [
+            (key, "***" if key.lower() in {"password", "sslpassword"} else value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return parts.geturl()
 
 
 class Settings(BaseModel):
@@ -93,9 +98,11 @@ class Settings(BaseModel):
         if not parts.hostname:
             raise ValueError("names no host (example: mqtt://127.0.0.1:1883)")
         try:
-            _ = parts.port
+            port = parts.port
         except ValueError:
-            raise ValueError("has a port that is not a number from 1 to 65535") from None
+            port = 0
+        if port == 0:
+            raise ValueError("has a port that is not a number from 1 to 65535")
         return value
 
     @field_validator("database_url")

@@ -13,6 +13,11 @@ from domain.session_values import FinalizedSession
 __all__ = ["billing_message", "finalized_message", "rejection_message", "topic_for"]
 
 
+def plain(value: Decimal) -> str:
+    """A decimal as plain digits: 1000, never 1E+3."""
+    return format(value, "f")
+
+
 def _iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
@@ -41,8 +46,8 @@ def finalized_message(prefix: str, session: FinalizedSession) -> tuple[str, byte
             "started_at": _iso(session.started_at),
             "ended_at": _iso(session.ended_at),
             "duration_s": _seconds(duration),
-            "energy_wh": str(session.energy_wh),
-            "distance_m": str(session.distance_m),
+            "energy_wh": plain(session.energy_wh),
+            "distance_m": plain(session.distance_m),
             "telemetry_count": session.telemetry_count,
             "missing_samples": session.missing_samples,
             "end_reason": str(session.end_reason),

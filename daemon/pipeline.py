@@ -181,6 +181,14 @@ class Pipeline:
         self.metrics.database_up.set(1)
         self._acknowledge(settled)
 
+    def _decode(self, delivery: Delivery) -> Inbound:
+        try:
+            return decode(delivery.topic, delivery.payload, self.prefix, self.max_payload_bytes)
+        except Exception:
+            # decode answers every bad payload with a rejection; reaching here is our bug.
+            log.exception("message could not be decoded", topic=delivery.topic)
+            return Inbound(TopicKind.UNKNOWN, None)
+
     async def _decide_and_commit(
         self, batch: Sequence[Delivery], inbound: Sequence[Inbound]
     ) -> list[_Settled]:
@@ -193,8 +201,9 @@ class Pipeline:
             result = _Settled(delivery, item.kind)
             if item.rejection is not None:
                 result.rejection = item.rejection
+            elif item.command is None:
+                result.dropped = "internal_error"
             else:
-                assert item.command is not None
                 result.outcome, result.rejection, result.dropped = self._decide(
                     item.command, delivery, item.kind
                 )

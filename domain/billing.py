@@ -189,10 +189,10 @@ class BillingRecord:
             "session_id": str(self.session_id),
             "bike_id": self.bike_id,
             "kind": str(self.kind),
-            "billable_energy_wh": str(self.billable_energy.wh),
-            "unit_price": str(self.unit_price.per_kwh),
+            "billable_energy_wh": format(self.billable_energy.wh, "f"),
+            "unit_price": format(self.unit_price.per_kwh, "f"),
             "currency": self.amount.currency,
-            "amount": str(self.amount.amount),
+            "amount": format(self.amount.amount, "f"),
             "pricing_version": self.pricing_version,
         }
 

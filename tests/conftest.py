@@ -1,6 +1,6 @@
 """Real services for integration and end-to-end tests.
 
-PostgreSQL: CHARGEFLOW_TEST_DATABASE_URL, else 127.0.0.1:5432, else a testcontainers
+PostgreSQL: TEST_DATABASE_URL, else 127.0.0.1:5432, else a testcontainers
 TimescaleDB when a Docker engine answers. Mosquitto: the repo's mosquitto.conf started on a free
 port (the binary must be installed). With CI=true a missing service fails the run; elsewhere the
 tests that need it are skipped with the reason.
@@ -52,7 +52,7 @@ def _with_database(url: str, name: str) -> str:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """An admin URL of a real PostgreSQL server."""
-    url = os.environ.get("CHARGEFLOW_TEST_DATABASE_URL")
+    url = os.environ.get("TEST_DATABASE_URL")
     if url:
         yield url
         return

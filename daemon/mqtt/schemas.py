@@ -67,7 +67,8 @@ def _rfc3339(value: Any) -> Any:
 
 
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
-Quantity = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
+# Bounded so that no payload can make a decimal of absurd size (1e999999999 is valid JSON).
+Quantity = Annotated[Decimal, Field(ge=0, le=1_000_000_000, max_digits=32, allow_inf_nan=False)]
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 
 
@@ -118,7 +119,9 @@ class Telemetry(_Payload):
     emitted_at: Timestamp
     energy_wh: Quantity
     distance_m: Quantity | None = None
-    soc_pct: Annotated[Decimal, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+    soc_pct: Annotated[Decimal, Field(ge=0, le=100, max_digits=32, allow_inf_nan=False)] | None = (
+        None
+    )
 
 
 def parse_topic(topic: str, prefix: str) -> tuple[TopicKind, str | None, str | None]:
@@ -134,8 +137,7 @@ def parse_topic(topic: str, prefix: str) -> tuple[TopicKind, str | None, str | N
             bike_id,
             (f"expected {head}{{bike_id}}/lifecycle or {head}{{bike_id}}/telemetry"),
         )
-    assert bike_id is not None
-    if not BIKE_ID_PATTERN.fullmatch(bike_id):
+    if bike_id is None or not BIKE_ID_PATTERN.fullmatch(bike_id):
         return TopicKind.UNKNOWN, bike_id, "bike_id in the topic must match [A-Za-z0-9_-]{1,64}"
     return TopicKind(rest[1]), bike_id, None
 
@@ -197,6 +199,8 @@ def decode(topic: str, payload: bytes, prefix: str, max_bytes: int) -> Inbound:
         return reject("malformed_json", f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
     except ValueError as exc:
         return reject("malformed_json", f"payload is not JSON: {exc}")
+    except RecursionError:
+        return reject("malformed_json", "payload is nested too deeply to be read")
     session_id, telemetry_id = _ids(document)
     if not isinstance(document, dict):
         return reject(

@@ -29,7 +29,7 @@ def _spawn_daemon(
     database_url: str, mqtt_url: str, client_id: str, port: int, log_path
 ) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("CHARGEFLOW_")},
         "CHARGEFLOW_MQTT_URL": mqtt_url,
         "CHARGEFLOW_DATABASE_URL": database_url,
         "CHARGEFLOW_CLIENT_ID": client_id,

@@ -309,11 +309,6 @@ def test_text_that_is_not_json_is_malformed_json():
     assert detail.startswith("payload is not JSON")
 
 
-@pytest.mark.xfail(
-    reason="schemas.decode: json.loads raises RecursionError for ~1000 nested brackets, which "
-    "is neither UnicodeDecodeError nor ValueError, so it escapes decode (pipeline.process)",
-    strict=True,
-)
 def test_deeply_nested_json_within_the_size_limit_is_rejected_not_raised():
     payload = b"[" * 2_000 + b"]" * 2_000
 
@@ -398,12 +393,6 @@ def test_a_bike_id_of_64_characters_is_accepted():
     assert command.bike_id == bike
 
 
-@pytest.mark.xfail(
-    reason="schemas.parse_topic: an empty bike id level (…/bikes//telemetry, which the "
-    "subscription filter bikes/+/telemetry matches) hits `assert bike_id is not None` and "
-    "raises AssertionError instead of returning unknown_topic",
-    strict=True,
-)
 def test_an_empty_bike_id_is_an_unknown_topic():
     inbound = decode_json(f"{PREFIX}/bikes//telemetry", telemetry_document())
 

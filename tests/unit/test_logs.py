@@ -19,7 +19,6 @@ from daemon.metrics import Metrics
 from daemon.mqtt.connection import Delivery, MqttLink
 
 PASSWORD = "s3cret-pw"
-RECONNECT = "mqtt connection lost; reconnecting"
 
 
 async def _ignore(_: Delivery) -> None:
@@ -27,7 +26,8 @@ async def _ignore(_: Delivery) -> None:
 
 
 def _reconnect_warnings(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in events if e.get("event") == RECONNECT]
+    # Matched by shape, not wording: the message differs for "never connected" and "lost".
+    return [e for e in events if e.get("log_level") == "warning" and "retry_in_s" in e]
 
 
 @pytest.fixture
@@ -57,9 +57,8 @@ async def reconnect_log(broker_port: int) -> list[dict[str, Any]]:
 async def test_a_refused_connection_is_logged_as_a_reconnect_warning(reconnect_log):
     warning = _reconnect_warnings(reconnect_log)[0]
 
-    assert warning["log_level"] == "warning"
     assert warning["retry_in_s"] == 0.5
-    assert warning["error"]
+    assert "refused" in warning["error"].lower()
 
 
 async def test_reconnect_attempts_back_off(reconnect_log):

@@ -144,11 +144,6 @@ def test_a_config_error_never_shows_the_password(variable, value):
     assert PASSWORD not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    reason="config.Settings._mqtt_url accepts port 0 although its message says 1 to 65535, and "
-    "Settings.broker then turns it into 1883 (`parts.port or 1883`): connects elsewhere silently",
-    strict=True,
-)
 def test_an_mqtt_port_of_zero_is_refused():
     with pytest.raises(ConfigError, match="CHARGEFLOW_MQTT_URL"):
         settings_from({"CHARGEFLOW_MQTT_URL": "mqtt://127.0.0.1:0"})
@@ -219,11 +214,6 @@ def test_the_database_display_is_redacted():
     assert settings.database_display == "postgresql://app:***@db:5432/chargeflow"
 
 
-@pytest.mark.xfail(
-    reason="config.redact_url only masks the userinfo password; libpq/asyncpg also take "
-    "?password=… in the query, which database_display (logged by daemon/app.py) then shows",
-    strict=True,
-)
 def test_redact_url_hides_a_password_given_in_the_query():
     url = f"postgresql://app@db:5432/chargeflow?password={PASSWORD}"
 
