@@ -8,8 +8,6 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-import pytest
-
 from daemon.config import DEFAULT_PRICING_FILE
 from daemon.outbound import billing_message, finalized_message, rejection_message
 from domain.billing import bill, parse_pricing
