@@ -75,6 +75,7 @@ async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes
     await publish(publisher_url, plan)
 
     daemon = Daemon(bench)
+    cpu_before = time.process_time()
     started = time.perf_counter()
     task = asyncio.create_task(daemon.run())
     await _until_ready(daemon, task)
@@ -85,6 +86,7 @@ async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes
             task.result()
         await asyncio.sleep(0.05)
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_before
     stored = await pool.fetchval("SELECT count(*) FROM telemetry")
     assert daemon.pipeline is not None
     sizes = daemon.pipeline.batch_sizes
@@ -103,6 +105,10 @@ async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes
     )
     commit_sum = next(
         s.value for m in commit.collect() for s in m.samples if s.name.endswith("_sum")
+    )
+    print(
+        f"daemon CPU: {cpu:.2f} s ({100 * cpu / elapsed:.0f}% of one core), "
+        f"{1e6 * cpu / total:.0f} us per message"
     )
     print(
         f"commit time: {commit_sum:.2f} s in all, {1000 * commit_sum / len(sizes):.1f} ms "

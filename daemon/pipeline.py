@@ -9,7 +9,9 @@ database is the source of truth) and the batch is decided again from what is sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,7 +70,7 @@ class Pipeline:
         max_payload_bytes: int = 16_384,
         sweep_every_s: float = 0.5,
         db_scan_every_s: float = 30.0,
-        finalized_cache: int = 10_000,
+        finalized_cache: int = 1_000,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_commit: Callable[[], None] = lambda: None,
     ) -> None:
@@ -84,7 +86,8 @@ class Pipeline:
         self.clock = clock
         self.on_commit = on_commit
         self.fleet = Fleet(policy)
-        self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.inbox: deque[Delivery] = deque()
+        self._arrived = asyncio.Event()
         self.accepting = True
         self._stopping = False
         self.batch_sizes: list[int] = []
@@ -94,27 +97,27 @@ class Pipeline:
         """Called by the MQTT link for every message; after shutdown began, leave it unacked."""
         if self.accepting:
             self.metrics.received.labels(decode_kind(delivery.topic, self.prefix)).inc()
-            self.inbox.put_nowait(delivery)
+            self.inbox.append(delivery)
+            self._arrived.set()
 
     async def run(self) -> None:
-        """Process batches until cancelled; sweep expired sessions when idle."""
+        """Process batches until stopped; sweep expired sessions every ``sweep_every_s``."""
         last_sweep = time.monotonic()
         while not self._stopping:
-            try:
-                first = await asyncio.wait_for(self.inbox.get(), timeout=self.sweep_every_s)
-            except TimeoutError:
-                first = None
-            if time.monotonic() - last_sweep >= self.sweep_every_s or first is None:
+            if not self.inbox:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), timeout=self.sweep_every_s)
+            if time.monotonic() - last_sweep >= self.sweep_every_s:
                 await self.sweep()
                 last_sweep = time.monotonic()
-            if first is not None:
-                await self.process(self._take(first))
+            if self.inbox:
+                await self.process(self._take())
 
-    def _take(self, first: Delivery) -> list[Delivery]:
-        batch = [first]
-        while len(batch) < self.max_batch and not self.inbox.empty():
-            batch.append(self.inbox.get_nowait())
-        return batch
+    def _take(self) -> list[Delivery]:
+        """What has arrived, in arrival order, up to max_batch."""
+        count = min(len(self.inbox), self.max_batch)
+        return [self.inbox.popleft() for _ in range(count)]
 
     def stop(self) -> None:
         """Take no new messages; ``run`` returns after the batch in hand is committed."""
@@ -125,10 +128,9 @@ class Pipeline:
         """Commit and acknowledge what has arrived but is not processed yet (SIGTERM)."""
         self.stop()
         deadline = time.monotonic() + timeout_s
-        while not self.inbox.empty() and time.monotonic() < deadline:
+        while self.inbox and time.monotonic() < deadline:
             await asyncio.wait_for(
-                self.process(self._take(self.inbox.get_nowait())),
-                timeout=max(0.1, deadline - time.monotonic()),
+                self.process(self._take()), timeout=max(0.1, deadline - time.monotonic())
             )
 
     # -- one batch ---------------------------------------------------------------------
@@ -145,6 +147,14 @@ class Pipeline:
             except _UNAVAILABLE as exc:
                 self.fleet = Fleet(self.policy)
                 self.metrics.database_up.set(0)
+                if self._stopping:
+                    # Shutting down with the database away: leave the batch unacknowledged;
+                    # the broker hands it to us again after the restart.
+                    log.warning(
+                        "database unavailable at shutdown; batch left to redelivery",
+                        batch=len(batch),
+                    )
+                    return
                 backoff = min(0.5 * 2 ** min(attempt - 1, 6), 30.0)
                 log.warning(
                     "database unavailable; batch held unacknowledged",
@@ -196,7 +206,6 @@ class Pipeline:
         await self._load(commands)
         settled: list[_Settled] = []
         rejected: list[RejectedMessage] = []
-        self.fleet.expire(self.clock())
         for delivery, item in zip(batch, inbound, strict=True):
             result = _Settled(delivery, item.kind)
             if item.rejection is not None:
@@ -219,8 +228,8 @@ class Pipeline:
         self.metrics.batch_size.observe(len(batch))
         self.batch_sizes.append(len(batch))
         self._count_finalized(events)
-        self.fleet.evict_finalized(self.finalized_cache)
-        self.metrics.active_sessions.set(self.fleet.active_count())
+        if len(self.fleet.sessions) > 2 * self.finalized_cache + len(self.fleet.bikes):
+            self.fleet.evict_finalized(self.finalized_cache)
         if events or rejected:
             self.on_commit()
         return settled
@@ -303,8 +312,12 @@ class Pipeline:
     # -- expiry ------------------------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Finalize sessions whose grace ran out or that went dark, in memory and in the store."""
-        now = self.clock()
+        """Finalize sessions whose grace ran out or that went dark, in memory and in the store.
+
+        "Now" is never later than the oldest message still waiting: a sample that arrived
+        inside the grace period is not refused because it waited in the inbox.
+        """
+        now = min(self.clock(), self.inbox[0].received_at) if self.inbox else self.clock()
         try:
             if time.monotonic() - self._last_db_scan >= self.db_scan_every_s:
                 due = await self.store.due_bikes(
@@ -324,8 +337,8 @@ class Pipeline:
                 await self.store.commit(events, [])
                 self.metrics.commit_seconds.observe(time.perf_counter() - started)
                 self._count_finalized(events)
-                self.metrics.active_sessions.set(self.fleet.active_count())
                 self.on_commit()
+            self.metrics.active_sessions.set(self.fleet.active_count())
             self.metrics.database_up.set(1)
         except Exception as exc:
             # Nothing was committed; the cache may be ahead of the store, so drop it.

@@ -12,6 +12,7 @@ import aiomqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import Settings
@@ -41,6 +42,13 @@ class Delivery:
         if isinstance(payload, bytes | bytearray):
             return bytes(payload)
         return str(payload).encode() if payload is not None else b""
+
+
+def _refused(code: object) -> bool:
+    """A SUBACK code that refuses the subscription (MQTT v5 reason code, or v3 0x80)."""
+    if isinstance(code, ReasonCode):
+        return bool(code.is_failure)
+    return isinstance(code, int) and code >= 0x80
 
 
 def inbound_filters(prefix: str) -> list[str]:
@@ -131,9 +139,16 @@ class MqttLink:
                     )
                     backoff = 0.5
                     options = SubscribeOptions(qos=1, noLocal=True)
-                    await client.subscribe(
-                        [(f, options) for f in inbound_filters(self._settings.topic_prefix)]
-                    )
+                    filters = inbound_filters(self._settings.topic_prefix)
+                    granted = await client.subscribe([(f, options) for f in filters])
+                    refused = [
+                        f"{f} ({code})"
+                        for f, code in zip(filters, granted, strict=False)
+                        if _refused(code)
+                    ]
+                    if refused:
+                        # Typically an ACL that does not let this user read the bike topics.
+                        raise aiomqtt.MqttError(f"subscription refused: {', '.join(refused)}")
                     # Messages are handed off as they arrive (Handoff); this only waits for the
                     # connection to end, which aiomqtt reports by raising MqttError here.
                     async for _ in client.messages:

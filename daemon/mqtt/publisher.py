@@ -74,6 +74,11 @@ class OutboxPublisher:
                 log.warning("outbox publishing paused: database unavailable", error=repr(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+            except Exception as exc:
+                # Outbound trouble must never take ingestion down with it.
+                log.exception("outbox publishing failed; retrying", error=repr(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
 
     async def _publish_until_down(self, conn: Conn) -> None:
         while True:
