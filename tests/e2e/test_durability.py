@@ -109,7 +109,7 @@ async def test_a_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
                     daemon.wait()
                     killed = True
             if not killed:  # a slow machine: the daemon lags the publisher; kill it now
-                await wait_until(lambda: stored(), what="some samples stored")
+                await wait_until(stored, what="some samples stored")
                 daemon.send_signal(signal.SIGKILL)
                 daemon.wait()
         # The broker queued the rest for the daemon's persistent session.
