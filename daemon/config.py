@@ -83,6 +83,7 @@ class Settings(BaseModel):
     telemetry_retention_days: int = Field(default=400, ge=1)
     mqtt_ca_file: Path | None = None
     simulator_mqtt_url: str | None = Field(default=None, repr=False)
+    share_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -51,8 +51,10 @@ def _refused(code: object) -> bool:
     return isinstance(code, int) and code >= 0x80
 
 
-def inbound_filters(prefix: str) -> list[str]:
-    return [f"{prefix}/bikes/+/lifecycle", f"{prefix}/bikes/+/telemetry"]
+def inbound_filters(prefix: str, share_group: str | None = None) -> list[str]:
+    """The daemon's subscriptions; with a share group, MQTT v5 shared subscriptions."""
+    share = f"$share/{share_group}/" if share_group else ""
+    return [f"{share}{prefix}/bikes/+/lifecycle", f"{share}{prefix}/bikes/+/telemetry"]
 
 
 class MqttLink:
@@ -139,7 +141,9 @@ class MqttLink:
                     )
                     backoff = 0.5
                     options = SubscribeOptions(qos=1, noLocal=True)
-                    filters = inbound_filters(self._settings.topic_prefix)
+                    filters = inbound_filters(
+                        self._settings.topic_prefix, self._settings.share_group
+                    )
                     granted = await client.subscribe([(f, options) for f in filters])
                     refused = [
                         f"{f} ({code})"

@@ -124,3 +124,17 @@ async def test_the_session_endpoint_traces_a_session_to_its_bill(daemon, bike, o
     status, error = await http_get(daemon, "/analytics?from=yesterday")
     assert status == 400
     assert "from" in error["error"]
+
+
+async def test_a_daemon_in_a_share_group_ingests_through_a_shared_subscription(
+    database_url, broker, bike, outbound
+):
+    from tests.e2e.helpers import running_daemon, settings_for
+
+    settings = settings_for(database_url, broker.daemon_url, share_group="chargeflow")
+    async with running_daemon(settings):
+        session_id = await bike.start("charging", party="station-1")
+        await bike.sample(session_id, 1, "500")
+        await bike.end(session_id, 1, kind="charging")
+        (billing,) = await outbound.wait_for(bike.bike_id, "billing")
+    assert billing["amount"] == "0.12"

@@ -261,3 +261,18 @@ def test_the_pricing_file_is_read_from_the_variable(tmp_path):
     pricing = settings_from({"CHARGEFLOW_PRICING_FILE": str(custom)}).load_pricing()
 
     assert pricing.version == "test-1"
+
+
+def test_a_share_group_turns_the_subscriptions_into_shared_ones():
+    from daemon.mqtt.connection import inbound_filters
+
+    settings = load_settings({"CHARGEFLOW_SHARE_GROUP": "fleet-a"}, env_file=None)
+    assert inbound_filters(settings.topic_prefix, settings.share_group) == [
+        "$share/fleet-a/chargeflow/v1/bikes/+/lifecycle",
+        "$share/fleet-a/chargeflow/v1/bikes/+/telemetry",
+    ]
+
+
+def test_a_share_group_with_a_wildcard_is_refused():
+    with pytest.raises(ConfigError, match="CHARGEFLOW_SHARE_GROUP"):
+        load_settings({"CHARGEFLOW_SHARE_GROUP": "a/+"}, env_file=None)
