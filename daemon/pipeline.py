@@ -90,7 +90,8 @@ class Pipeline:
         self._arrived = asyncio.Event()
         self.accepting = True
         self._stopping = False
-        self.batch_sizes: list[int] = []
+        # The most recent batch sizes, for `chargeflow bench` (bounded: the daemon runs for months).
+        self.batch_sizes: deque[int] = deque(maxlen=100_000)
         self._last_db_scan = float("-inf")
 
     def deliver(self, delivery: Delivery) -> None:
@@ -137,7 +138,7 @@ class Pipeline:
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Decide and commit a batch, retrying from the store until it is committed."""
-        inbound = [decode(d.topic, d.payload, self.prefix, self.max_payload_bytes) for d in batch]
+        inbound = [self._decode(d) for d in batch]
         attempt = 0
         while True:
             attempt += 1
@@ -228,7 +229,10 @@ class Pipeline:
         self.metrics.batch_size.observe(len(batch))
         self.batch_sizes.append(len(batch))
         self._count_finalized(events)
-        if len(self.fleet.sessions) > 2 * self.finalized_cache + len(self.fleet.bikes):
+        if any(item.dropped == "internal_error" for item in settled):
+            # A command failed half-way through the domain: trust the store, not the cache.
+            self.fleet = Fleet(self.policy)
+        elif len(self.fleet.sessions) > 2 * self.finalized_cache + len(self.fleet.bikes):
             self.fleet.evict_finalized(self.finalized_cache)
         if events or rejected:
             self.on_commit()
