@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 
 async def open_store(settings: Settings, *, create: bool = True) -> Store:
     """Connect (creating the database if asked), migrate, and return the store."""
+    pricing = settings.load_pricing()  # a bad pricing file is not a database problem
     try:
         if create:
             await ensure_database(settings.database_url)
@@ -37,7 +38,7 @@ async def open_store(settings: Settings, *, create: bool = True) -> Store:
     assert pool is not None
     async with pool.acquire() as conn:
         await migrate(conn, settings.redelivery_window_days, settings.telemetry_retention_days)
-    return Store(pool, settings.topic_prefix, settings.load_pricing())
+    return Store(pool, settings.topic_prefix, pricing)
 
 
 @dataclass
@@ -60,9 +61,11 @@ class Daemon:
             "accepting": self.pipeline is not None and self.pipeline.accepting,
         }
 
-    async def _start_store(self) -> Store:
+    async def _start_store(self) -> Store | None:
+        """Open the store, retrying while the database is away; None if stopped meanwhile."""
+        self.settings.load_pricing()  # fail at once: retrying cannot fix a bad pricing file
         backoff = 1.0
-        while True:
+        while not self.stop.is_set():
             try:
                 store = await open_store(self.settings)
                 self.database_ok = True
@@ -72,8 +75,10 @@ class Daemon:
                 log.error(
                     "database unavailable at start-up; retrying", error=str(exc), retry_in_s=backoff
                 )
-                await asyncio.sleep(backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=backoff)
                 backoff = min(backoff * 2, 30.0)
+        return None
 
     async def _watch_database(self, store: Store) -> None:
         while True:
@@ -96,8 +101,10 @@ class Daemon:
         async with asyncio.TaskGroup() as tg:
             http_task = tg.create_task(self.http.serve())
             store = await self._start_store()
+            if store is None:
+                http_task.cancel()
+                return
             self.store = self.http.store = store
-            publisher_box: list[OutboxPublisher] = []
             pipeline = self.pipeline = Pipeline(
                 store,
                 s.policy,
@@ -105,11 +112,10 @@ class Daemon:
                 prefix=s.topic_prefix,
                 max_batch=s.max_batch,
                 max_payload_bytes=s.max_payload_bytes,
-                on_commit=lambda: publisher_box[0].notify() if publisher_box else None,
             )
             link = self.link = MqttLink(s, self.metrics, pipeline.deliver)
             publisher = OutboxPublisher(store, link, self.metrics)
-            publisher_box.append(publisher)
+            pipeline.on_commit = publisher.notify
             link_task = tg.create_task(link.run())
             pipeline_task = tg.create_task(pipeline.run())
             others = [
