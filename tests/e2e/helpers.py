@@ -153,10 +153,9 @@ class Bike:
 class Outbound:
     """Collects what the daemon publishes on the bikes' outbound topics."""
 
-    def __init__(self, url: str, client_id: str | None = None, persistent: bool = False) -> None:
+    def __init__(self, url: str, client_id: str | None = None) -> None:
         self.url = url
         self.client_id = client_id
-        self.persistent = persistent
         self.messages: list[tuple[str, dict[str, Any]]] = []
         self._task: asyncio.Task[None] | None = None
         self._client: aiomqtt.Client | None = None
