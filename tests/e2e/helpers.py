@@ -162,8 +162,6 @@ class Outbound:
 
     async def __aenter__(self) -> Outbound:
         self._client = mqtt_client(self.url, self.client_id)
-        if self.persistent:
-            self._client._clean_start = False
         await self._client.__aenter__()
         for suffix in ("sessions/finalized", "billing", "rejections"):
             await self._client.subscribe(f"{PREFIX}/bikes/+/{suffix}", qos=1)
