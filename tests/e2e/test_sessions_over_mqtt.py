@@ -138,3 +138,21 @@ async def test_a_daemon_in_a_share_group_ingests_through_a_shared_subscription(
         await bike.end(session_id, 1, kind="charging")
         (billing,) = await outbound.wait_for(bike.bike_id, "billing")
     assert billing["amount"] == "0.12"
+
+
+async def test_a_session_that_goes_dark_is_finalized_as_timed_out(
+    database_url, broker, bike, outbound
+):
+    from tests.e2e.helpers import running_daemon, settings_for
+
+    settings = settings_for(database_url, broker.daemon_url, abandon_after_s=1.0)
+    async with running_daemon(settings):
+        session_id = await bike.start("ride")
+        await bike.sample(session_id, 1, "40")
+        await bike.sample(session_id, 3, "2")  # sample 2 is lost, and the bike goes dark
+        (finalized,) = await outbound.wait_for(bike.bike_id, "sessions/finalized")
+        (billing,) = await outbound.wait_for(bike.bike_id, "billing")
+    assert finalized["end_reason"] == "timed_out"
+    assert finalized["energy_wh"] == "42"
+    assert finalized["missing_samples"] == 1
+    assert billing["amount"] == "0.01"  # 0.042 kWh x 0.30 = 0.0126
