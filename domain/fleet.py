@@ -151,15 +151,6 @@ class Fleet:
         self._events.extend(events)
         return events
 
-    def forget(self, bike_ids: Iterable[str]) -> None:
-        """Drop what is cached for these bikes, so the next command reloads it from the store."""
-        bike_ids = list(bike_ids)
-        for bike_id in bike_ids:
-            self.bikes.pop(bike_id, None)
-        drop = set(bike_ids)
-        for session_id in [s.session_id for s in self.sessions.values() if s.bike_id in drop]:
-            del self.sessions[session_id]
-
     def evict_finalized(self, keep: int) -> None:
         """Bound memory: keep only the ``keep`` most recently loaded Finalized sessions."""
         finalized = [sid for sid, s in self.sessions.items() if s.finalized is not None]

@@ -423,13 +423,6 @@ def test_the_fleet_names_what_it_must_load_first(fleet):
         fleet.handle(begun, NOW)
 
 
-def test_forgetting_a_bike_drops_its_cached_sessions(fleet):
-    begun = start(bike_id())
-    handle(fleet, begun)
-    fleet.forget([begun.bike_id])
-    assert fleet.missing([sample(begun, 1)]) == ({begun.bike_id}, {begun.session_id})
-
-
 def test_evicting_keeps_active_sessions_and_the_newest_finalized_ones(fleet):
     ids = []
     for _ in range(3):
