@@ -18,15 +18,19 @@ from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.publisher import OutboxPublisher
 from daemon.pipeline import Pipeline
+from domain.billing import PricingRules
 
 __all__ = ["Daemon", "open_store", "run_daemon"]
 
 log = structlog.get_logger(__name__)
 
 
-async def open_store(settings: Settings, *, create: bool = True) -> Store:
+async def open_store(
+    settings: Settings, *, create: bool = True, pricing: PricingRules | None = None
+) -> Store:
     """Connect (creating the database if asked), migrate, and return the store."""
-    pricing = settings.load_pricing()  # a bad pricing file is not a database problem
+    if pricing is None:
+        pricing = settings.load_pricing()  # a bad pricing file is not a database problem
     try:
         if create:
             await ensure_database(settings.database_url)
@@ -63,11 +67,11 @@ class Daemon:
 
     async def _start_store(self) -> Store | None:
         """Open the store, retrying while the database is away; None if stopped meanwhile."""
-        self.settings.load_pricing()  # fail at once: retrying cannot fix a bad pricing file
+        pricing = self.settings.load_pricing()  # fail at once: retrying cannot fix it
         backoff = 1.0
         while not self.stop.is_set():
             try:
-                store = await open_store(self.settings)
+                store = await open_store(self.settings, pricing=pricing)
                 self.database_ok = True
                 self.metrics.database_up.set(1)
                 return store

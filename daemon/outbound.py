@@ -10,7 +10,14 @@ from typing import Any
 from domain.billing import BillingRecord
 from domain.session_values import FinalizedSession
 
-__all__ = ["billing_message", "finalized_message", "rejection_message", "topic_for"]
+__all__ = [
+    "billing_message",
+    "finalized_message",
+    "iso",
+    "plain",
+    "rejection_message",
+    "topic_for",
+]
 
 
 def plain(value: Decimal) -> str:
@@ -18,7 +25,8 @@ def plain(value: Decimal) -> str:
     return format(value, "f")
 
 
-def _iso(value: datetime) -> str:
+def iso(value: datetime) -> str:
+    """RFC 3339 with Z for UTC."""
     return value.isoformat().replace("+00:00", "Z")
 
 
@@ -43,15 +51,15 @@ def finalized_message(prefix: str, session: FinalizedSession) -> tuple[str, byte
             "bike_id": session.bike_id,
             "kind": str(session.kind),
             session.kind.party_field: session.party_id,
-            "started_at": _iso(session.started_at),
-            "ended_at": _iso(session.ended_at),
+            "started_at": iso(session.started_at),
+            "ended_at": iso(session.ended_at),
             "duration_s": _seconds(duration),
             "energy_wh": plain(session.energy_wh),
             "distance_m": plain(session.distance_m),
             "telemetry_count": session.telemetry_count,
             "missing_samples": session.missing_samples,
             "end_reason": str(session.end_reason),
-            "finalized_at": _iso(session.finalized_at),
+            "finalized_at": iso(session.finalized_at),
         }
     )
 
@@ -75,5 +83,5 @@ def rejection_message(
         document["session_id"] = str(session_id)
     if telemetry_id is not None:
         document["telemetry_id"] = str(telemetry_id)
-    document["received_at"] = _iso(received_at)
+    document["received_at"] = iso(received_at)
     return topic_for(prefix, bike_id, "rejections"), encode(document)

@@ -25,7 +25,7 @@ from daemon.mqtt.connection import Delivery
 from daemon.mqtt.schemas import Inbound, Rejection, TopicKind, decode
 from domain.commands import Command
 from domain.errors import DomainError
-from domain.events import Outcome, SessionFinalized
+from domain.events import Event, Outcome, SessionFinalized
 from domain.fleet import Fleet
 from domain.session_values import SessionPolicy
 
@@ -222,21 +222,24 @@ class Pipeline:
                     RejectedMessage(result.rejection, delivery.payload, delivery.received_at)
                 )
             settled.append(result)
-        events = self.fleet.pop_events()
-        started = time.perf_counter()
-        await self.store.commit(events, rejected)
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        await self._commit(self.fleet.pop_events(), rejected)
         self.metrics.batch_size.observe(len(batch))
         self.batch_sizes.append(len(batch))
-        self._count_finalized(events)
         if any(item.dropped == "internal_error" for item in settled):
             # A command failed half-way through the domain: trust the store, not the cache.
             self.fleet = Fleet(self.policy)
         elif len(self.fleet.sessions) > 2 * self.finalized_cache + len(self.fleet.bikes):
             self.fleet.evict_finalized(self.finalized_cache)
+        return settled
+
+    async def _commit(self, events: Sequence[Event], rejected: Sequence[RejectedMessage]) -> None:
+        """Write in one transaction; count what was finalized; wake the outbox publisher."""
+        started = time.perf_counter()
+        await self.store.commit(events, rejected)
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._count_finalized(events)
         if events or rejected:
             self.on_commit()
-        return settled
 
     def _decide(
         self, command: Command, delivery: Delivery, kind: TopicKind
@@ -337,11 +340,7 @@ class Pipeline:
             self.fleet.expire(now)
             events = self.fleet.pop_events()
             if events:
-                started = time.perf_counter()
-                await self.store.commit(events, [])
-                self.metrics.commit_seconds.observe(time.perf_counter() - started)
-                self._count_finalized(events)
-                self.on_commit()
+                await self._commit(events, [])
             self.metrics.active_sessions.set(self.fleet.active_count())
             self.metrics.database_up.set(1)
         except Exception as exc:

@@ -18,6 +18,8 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from daemon.outbound import iso
+
 __all__ = ["FleetPlan", "messages", "publish"]
 
 
@@ -28,10 +30,6 @@ class FleetPlan:
     samples_per_session: int = 20
     prefix: str = "chargeflow/v1"
     seed: int | None = None
-
-
-def _iso(at: datetime) -> str:
-    return at.isoformat().replace("+00:00", "Z")
 
 
 def messages(plan: FleetPlan, start: datetime) -> Iterator[tuple[str, dict[str, object]]]:
@@ -66,7 +64,7 @@ def _bike(
         )
         yield (
             f"{base}/lifecycle",
-            {"event": f"{kind}_started", "session_id": sid, "occurred_at": _iso(at), **party},
+            {"event": f"{kind}_started", "session_id": sid, "occurred_at": iso(at), **party},
         )
         for seq in range(1, plan.samples_per_session + 1):
             at += timedelta(milliseconds=100)
@@ -74,7 +72,7 @@ def _bike(
                 "telemetry_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
                 "session_id": sid,
                 "seq": seq,
-                "emitted_at": _iso(at),
+                "emitted_at": iso(at),
                 "energy_wh": str(Decimal(rng.randint(50, 5000)) / 100),
                 "soc_pct": rng.randint(5, 100),
             }
@@ -87,7 +85,7 @@ def _bike(
             {
                 "event": f"{kind}_ended",
                 "session_id": sid,
-                "occurred_at": _iso(at),
+                "occurred_at": iso(at),
                 "last_seq": plan.samples_per_session,
             },
         )

@@ -8,6 +8,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from domain.errors import InvalidValue, TimestampOutOfRange
+from domain.session_values import require_aware
 
 __all__ = ["Distance", "EmissionTime", "EnergyDelta", "StateOfCharge", "TelemetrySample"]
 
@@ -61,10 +62,7 @@ class EmissionTime:
     at: datetime
 
     def __post_init__(self) -> None:
-        if self.at.tzinfo is None or self.at.utcoffset() is None:
-            raise InvalidValue(
-                f"emitted_at must carry a UTC offset, got naive {self.at.isoformat()}"
-            )
+        require_aware(self.at, "emitted_at")
 
     def check_within(
         self, start: datetime, end: datetime | None, now: datetime, skew: timedelta
