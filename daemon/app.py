@@ -13,6 +13,8 @@ import structlog
 from daemon.config import ConfigError, Settings
 from daemon.db.migrate import ensure_database, migrate
 from daemon.db.store import Store
+from daemon.db.unit_of_work import UnitOfWork
+from daemon.db.views import ReadModel
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
@@ -20,17 +22,18 @@ from daemon.mqtt.publisher import OutboxPublisher
 from daemon.pipeline import Pipeline
 from domain.billing import PricingRules
 
-__all__ = ["Daemon", "open_store", "run_daemon"]
+__all__ = ["Daemon", "open_store", "read_model", "run_daemon"]
 
 log = structlog.get_logger(__name__)
 
 
-async def open_store(
-    settings: Settings, *, create: bool = True, pricing: PricingRules | None = None
-) -> Store:
+def read_model(settings: Settings, store: Store, pricing: PricingRules | None = None) -> ReadModel:
+    """The read side over the store's pool."""
+    return ReadModel(store.pool, settings.topic_prefix, pricing or settings.load_pricing())
+
+
+async def open_store(settings: Settings, *, create: bool = True) -> Store:
     """Connect (creating the database if asked), migrate, and return the store."""
-    if pricing is None:
-        pricing = settings.load_pricing()  # a bad pricing file is not a database problem
     try:
         if create:
             await ensure_database(settings.database_url)
@@ -42,7 +45,7 @@ async def open_store(
     assert pool is not None
     async with pool.acquire() as conn:
         await migrate(conn, settings.redelivery_window_days, settings.telemetry_retention_days)
-    return Store(pool, settings.topic_prefix, pricing)
+    return Store(pool)
 
 
 @dataclass
@@ -67,11 +70,10 @@ class Daemon:
 
     async def _start_store(self) -> Store | None:
         """Open the store, retrying while the database is away; None if stopped meanwhile."""
-        pricing = self.settings.load_pricing()  # fail at once: retrying cannot fix it
         backoff = 1.0
         while not self.stop.is_set():
             try:
-                store = await open_store(self.settings, pricing=pricing)
+                store = await open_store(self.settings)
                 self.database_ok = True
                 self.metrics.database_up.set(1)
                 return store
@@ -97,10 +99,12 @@ class Daemon:
             if self.database_ok:
                 with contextlib.suppress(Exception):
                     self.metrics.outbox_pending.set(await store.outbox_pending_count())
+                    self.metrics.waiting_messages.set(await store.waiting_count())
             await asyncio.sleep(2)
 
     async def run(self) -> None:
         s = self.settings
+        pricing = s.load_pricing()  # fail at once: retrying cannot fix it
         self.http = HttpServer(self.metrics, None, self.ready, s.http_host, s.http_port)
         async with asyncio.TaskGroup() as tg:
             http_task = tg.create_task(self.http.serve())
@@ -108,10 +112,17 @@ class Daemon:
             if store is None:
                 http_task.cancel()
                 return
-            self.store = self.http.store = store
-            pipeline = self.pipeline = Pipeline(
+            self.store = store
+            self.http.reads = read_model(s, store, pricing)
+            unit_of_work = UnitOfWork(
                 store,
                 s.policy,
+                pricing,
+                prefix=s.topic_prefix,
+                max_payload_bytes=s.max_payload_bytes,
+            )
+            pipeline = self.pipeline = Pipeline(
+                unit_of_work,
                 self.metrics,
                 prefix=s.topic_prefix,
                 max_batch=s.max_batch,

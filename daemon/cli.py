@@ -59,19 +59,21 @@ async def _migrate(settings: Settings) -> None:
 
 
 async def _analytics(settings: Settings, args: argparse.Namespace) -> None:
-    from daemon.app import open_store
+    from daemon.app import open_store, read_model
     from daemon.http import _analytics_query
 
     store = await open_store(settings, create=False)
     try:
-        document = await _analytics_query(store, args.since, args.until, args.bike_id)
+        document = await _analytics_query(
+            read_model(settings, store), args.since, args.until, args.bike_id
+        )
     finally:
         await store.pool.close()
     print(json.dumps(document, indent=2))
 
 
 async def _session(settings: Settings, raw: str) -> int:
-    from daemon.app import open_store
+    from daemon.app import open_store, read_model
 
     try:
         session_id = UUID(raw)
@@ -79,7 +81,7 @@ async def _session(settings: Settings, raw: str) -> int:
         raise ConfigError(f"SESSION_ID must be a UUID, got {raw!r}") from None
     store = await open_store(settings, create=False)
     try:
-        view = await store.session_view(session_id)
+        view = await read_model(settings, store).session_view(session_id)
     finally:
         await store.pool.close()
     if view is None:

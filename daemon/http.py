@@ -17,7 +17,7 @@ from uuid import UUID
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from daemon.db.store import Store
+from daemon.db.views import ReadModel
 from daemon.metrics import Metrics
 from domain.analytics import AnalyticsReport, KindFigures, project
 from domain.billing import bill
@@ -78,30 +78,30 @@ def _timestamp(raw: str | None, name: str) -> datetime | None:
 
 
 async def _analytics_query(
-    store: Store, since: str | None, until: str | None, bike_id: str | None
+    reads: ReadModel, since: str | None, until: str | None, bike_id: str | None
 ) -> dict[str, Any]:
     """Analytics over Finalized sessions, billed with the running pricing rules."""
     if bike_id is not None and not BIKE_ID_PATTERN.fullmatch(bike_id):
         raise ValueError("bike_id must match [A-Za-z0-9_-]{1,64}")
-    sessions = await store.finalized_sessions(
+    sessions = await reads.finalized_sessions(
         _timestamp(since, "from"), _timestamp(until, "to"), bike_id
     )
-    report = project(sessions, [bill(s, store.pricing) for s in sessions])
+    report = project(sessions, [bill(s, reads.pricing) for s in sessions])
     filters = {"from": since, "to": until, "bike_id": bike_id}
-    return analytics_document(report, store.pricing.version, filters)
+    return analytics_document(report, reads.pricing.version, filters)
 
 
 class HttpServer:
     def __init__(
         self,
         metrics: Metrics,
-        store: Store | None,
+        reads: ReadModel | None,
         ready: Callable[[], dict[str, bool]],
         host: str,
         port: int,
     ) -> None:
         self.metrics = metrics
-        self.store = store
+        self.reads = reads
         self.ready = ready
         self.host = host
         self.port = port
@@ -189,7 +189,7 @@ class HttpServer:
         return _json(200 if ok else 503, {"ready": ok, "checks": checks})
 
     async def _analytics(self, query: dict[str, list[str]]) -> Response:
-        if self.store is None:
+        if self.reads is None:
             return _json(503, {"error": "no database"})
         args = {k: v[-1] for k, v in query.items()}
         unknown = sorted(set(args) - {"from", "to", "bike_id"})
@@ -198,18 +198,18 @@ class HttpServer:
         return _json(
             200,
             await _analytics_query(
-                self.store, args.get("from"), args.get("to"), args.get("bike_id")
+                self.reads, args.get("from"), args.get("to"), args.get("bike_id")
             ),
         )
 
     async def _session(self, raw: str) -> Response:
-        if self.store is None:
+        if self.reads is None:
             return _json(503, {"error": "no database"})
         try:
             session_id = UUID(raw)
         except ValueError:
             raise ValueError(f"session id must be a UUID, got {raw!r}") from None
-        view = await self.store.session_view(session_id)
+        view = await self.reads.session_view(session_id)
         if view is None:
             return _json(404, {"error": f"no session {session_id}"})
         return _json(200, view)

@@ -57,6 +57,23 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.deferred = Counter(
+            "chargeflow_messages_deferred",
+            "Inbound messages that arrived before what they depend on and wait for it",
+            ["topic_kind"],
+            registry=r,
+        )
+        self.waiting_settled = Counter(
+            "chargeflow_waiting_settled",
+            "Waiting messages decided: applied, or rejected with the reason code",
+            ["outcome"],
+            registry=r,
+        )
+        self.waiting_messages = Gauge(
+            "chargeflow_waiting_messages",
+            "Messages waiting (durably) for their session's start or their bike's end",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "chargeflow_batch_size",
             "Inbound messages per committed batch",
@@ -76,7 +93,9 @@ class Metrics:
             registry=r,
         )
         self.active_sessions = Gauge(
-            "chargeflow_active_sessions", "Active sessions held in memory", registry=r
+            "chargeflow_active_sessions",
+            "Active sessions this instance holds in memory",
+            registry=r,
         )
         self.outbox_pending = Gauge(
             "chargeflow_outbox_pending", "Outbound events not yet published", registry=r
@@ -93,6 +112,8 @@ class Metrics:
         self.ready = Gauge("chargeflow_ready", "1 while /readyz answers 200", registry=r)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
+        for outcome in ("applied", "unknown_session", "active_session_exists"):
+            self.waiting_settled.labels(outcome)
         for kind in ("lifecycle", "telemetry", "unknown"):
-            for counter in (self.received, self.accepted, self.duplicates):
+            for counter in (self.received, self.accepted, self.duplicates, self.deferred):
                 counter.labels(kind)

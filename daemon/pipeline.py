@@ -1,9 +1,11 @@
 """Ordered, batched processing: decode, decide, commit, then acknowledge.
 
-One task owns the fleet. It takes what has arrived (up to ``max_batch``), decides every message
-in arrival order, commits the batch's rows and outbox entries in one transaction, and only then
-acknowledges the batch's messages, in order. A failed commit drops the in-memory cache (the
-database is the source of truth) and the batch is decided again from what is stored.
+One task takes what has arrived (up to ``max_batch``) and hands it to the unit of work, which
+decides every message in arrival order and commits the batch in one transaction; only then are
+the batch's messages acknowledged, in order. The policy for failures lives here: the database
+away means hold the batch and retry with backoff; a batch refused for another reason is decided
+again from the store, then taken apart by bisection so that one message cannot cost its
+neighbours, and a single message the database will not store is kept as a rejection.
 """
 
 from __future__ import annotations
@@ -13,21 +15,16 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 import structlog
 
-from daemon.db.store import RejectedMessage, Store
+from daemon.db.unit_of_work import Arrival, Settled, UnitOfWork
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import Delivery
 from daemon.mqtt.schemas import Inbound, Rejection, TopicKind, decode
-from domain.commands import Command
-from domain.errors import DomainError
-from domain.events import Event, Outcome, SessionFinalized
-from domain.fleet import Fleet
-from domain.session_values import SessionPolicy
+from domain.events import DeferredMessageSettled, Event, MessageDeferred, Outcome, SessionFinalized
 
 __all__ = ["Pipeline"]
 
@@ -43,17 +40,7 @@ _UNAVAILABLE = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
-
-
-@dataclass(slots=True)
-class _Settled:
-    """What one message came to, before the batch is committed."""
-
-    delivery: Delivery
-    kind: TopicKind
-    outcome: Outcome | None = None
-    rejection: Rejection | None = None
-    dropped: str | None = None
+_ATTEMPTS_BEFORE_SPLIT = 2
 
 
 class Pipeline:
@@ -61,38 +48,30 @@ class Pipeline:
 
     def __init__(
         self,
-        store: Store,
-        policy: SessionPolicy,
+        unit_of_work: UnitOfWork,
         metrics: Metrics,
         *,
         prefix: str,
         max_batch: int = 1000,
         max_payload_bytes: int = 16_384,
         sweep_every_s: float = 0.5,
-        db_scan_every_s: float = 30.0,
-        finalized_cache: int = 1_000,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_commit: Callable[[], None] = lambda: None,
     ) -> None:
-        self.store = store
-        self.policy = policy
+        self.uow = unit_of_work
         self.metrics = metrics
         self.prefix = prefix
         self.max_batch = max_batch
         self.max_payload_bytes = max_payload_bytes
         self.sweep_every_s = sweep_every_s
-        self.db_scan_every_s = db_scan_every_s
-        self.finalized_cache = finalized_cache
         self.clock = clock
         self.on_commit = on_commit
-        self.fleet = Fleet(policy)
         self.inbox: deque[Delivery] = deque()
         self._arrived = asyncio.Event()
         self.accepting = True
         self._stopping = False
         # The most recent batch sizes, for `chargeflow bench` (bounded: the daemon runs for months).
         self.batch_sizes: deque[int] = deque(maxlen=100_000)
-        self._last_db_scan = float("-inf")
 
     def deliver(self, delivery: Delivery) -> None:
         """Called by the MQTT link for every message; after shutdown began, leave it unacked."""
@@ -137,60 +116,81 @@ class Pipeline:
     # -- one batch ---------------------------------------------------------------------
 
     async def process(self, batch: Sequence[Delivery]) -> None:
-        """Decide and commit a batch, retrying from the store until it is committed."""
-        inbound = [self._decode(d) for d in batch]
+        """Decide and commit a batch (retrying, bisecting), then acknowledge it in order."""
+        arrivals = [Arrival(d.topic, d.payload, d.received_at, self._decode(d)) for d in batch]
+        settled = await self._commit(arrivals)
+        if settled is None:
+            return  # shutting down with the database away: the broker redelivers
+        self.metrics.database_up.set(1)
+        self._acknowledge(batch, arrivals, settled)
+
+    async def _commit(self, arrivals: Sequence[Arrival]) -> list[Settled] | None:
         attempt = 0
         while True:
             attempt += 1
+            started = time.perf_counter()
             try:
-                settled = await self._decide_and_commit(batch, inbound)
-                break
+                settled, events = await self.uow.commit_batch(arrivals)
             except _UNAVAILABLE as exc:
-                self.fleet = Fleet(self.policy)
+                self.uow.reset()
                 self.metrics.database_up.set(0)
                 if self._stopping:
-                    # Shutting down with the database away: leave the batch unacknowledged;
-                    # the broker hands it to us again after the restart.
                     log.warning(
                         "database unavailable at shutdown; batch left to redelivery",
-                        batch=len(batch),
+                        batch=len(arrivals),
                     )
-                    return
+                    return None
                 backoff = min(0.5 * 2 ** min(attempt - 1, 6), 30.0)
                 log.warning(
                     "database unavailable; batch held unacknowledged",
                     error=repr(exc),
                     retry_in_s=backoff,
-                    batch=len(batch),
+                    batch=len(arrivals),
                 )
                 await asyncio.sleep(backoff)
+                continue
             except Exception as exc:
-                # Refused by a database invariant (another writer changed a session under us)
-                # or a fault of ours: reload from the store and decide again. A batch that keeps
-                # failing is taken apart, so one bad message cannot stall ingestion.
-                self.fleet = Fleet(self.policy)
-                reason = (
-                    "integrity_conflict"
-                    if isinstance(exc, asyncpg.IntegrityConstraintViolationError)
-                    else "commit_failed"
-                )
+                # Refused for a reason the edge did not foresee (or a fault of ours): decide
+                # again from the store once, then find the culprit by bisection.
+                self.uow.reset()
                 log.warning(
-                    "batch could not be committed; deciding again",
-                    reason=reason,
+                    "batch could not be committed",
                     error=repr(exc),
                     attempt=attempt,
-                    batch=len(batch),
+                    batch=len(arrivals),
                 )
-                if attempt >= 3:
-                    if len(batch) > 1:
-                        for delivery in batch:
-                            await self.process([delivery])
-                        return
-                    log.error("message dropped", reason=reason, topic=batch[0].topic)
-                    settled = [_Settled(batch[0], inbound[0].kind, dropped=reason)]
-                    break
-        self.metrics.database_up.set(1)
-        self._acknowledge(settled)
+                if attempt < _ATTEMPTS_BEFORE_SPLIT:
+                    continue
+                return await self._bisect(arrivals, exc)
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(arrivals))
+            self.batch_sizes.append(len(arrivals))
+            self._count(events)
+            if events or any(s.rejection for s in settled):
+                self.on_commit()
+            return settled
+
+    async def _bisect(self, arrivals: Sequence[Arrival], error: Exception) -> list[Settled] | None:
+        if len(arrivals) > 1:
+            half = len(arrivals) // 2
+            first = await self._commit(arrivals[:half])
+            second = await self._commit(arrivals[half:])
+            return None if first is None or second is None else first + second
+        arrival = arrivals[0]
+        why = f"the database refused to store this message ({type(error).__name__})"
+        try:
+            await self.uow.commit_rejections(arrivals, why)
+        except Exception as exc:
+            log.error(
+                "message dropped", reason="commit_failed", topic=arrival.topic, error=repr(exc)
+            )
+            return [Settled(dropped="commit_failed")]
+        log.warning("message kept as a rejection", topic=arrival.topic, error=repr(error))
+        rejection = arrival.inbound.rejection
+        if rejection is None:
+            rejection = Rejection(arrival.topic, arrival.inbound.bike_id, "schema_violation", why)
+        self.on_commit()
+        return [Settled(rejection=rejection)]
 
     def _decode(self, delivery: Delivery) -> Inbound:
         try:
@@ -200,112 +200,38 @@ class Pipeline:
             log.exception("message could not be decoded", topic=delivery.topic)
             return Inbound(TopicKind.UNKNOWN, None)
 
-    async def _decide_and_commit(
-        self, batch: Sequence[Delivery], inbound: Sequence[Inbound]
-    ) -> list[_Settled]:
-        commands = [i.command for i in inbound if i.command is not None]
-        await self._load(commands)
-        settled: list[_Settled] = []
-        rejected: list[RejectedMessage] = []
-        for delivery, item in zip(batch, inbound, strict=True):
-            result = _Settled(delivery, item.kind)
-            if item.rejection is not None:
-                result.rejection = item.rejection
-            elif item.command is None:
-                result.dropped = "internal_error"
-            else:
-                result.outcome, result.rejection, result.dropped = self._decide(
-                    item.command, delivery, item.kind
-                )
-            if result.rejection is not None:
-                rejected.append(
-                    RejectedMessage(result.rejection, delivery.payload, delivery.received_at)
-                )
-            settled.append(result)
-        await self._commit(self.fleet.pop_events(), rejected)
-        self.metrics.batch_size.observe(len(batch))
-        self.batch_sizes.append(len(batch))
-        if any(item.dropped == "internal_error" for item in settled):
-            # A command failed half-way through the domain: trust the store, not the cache.
-            self.fleet = Fleet(self.policy)
-        elif len(self.fleet.sessions) > 2 * self.finalized_cache + len(self.fleet.bikes):
-            self.fleet.evict_finalized(self.finalized_cache)
-        return settled
-
-    async def _commit(self, events: Sequence[Event], rejected: Sequence[RejectedMessage]) -> None:
-        """Write in one transaction; count what was finalized; wake the outbox publisher."""
-        started = time.perf_counter()
-        await self.store.commit(events, rejected)
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        self._count_finalized(events)
-        if events or rejected:
-            self.on_commit()
-
-    def _decide(
-        self, command: Command, delivery: Delivery, kind: TopicKind
-    ) -> tuple[Outcome | None, Rejection | None, str | None]:
-        try:
-            return self.fleet.handle(command, delivery.received_at).outcome, None, None
-        except DomainError as exc:
-            sample = getattr(command, "sample", None)
-            return (
-                None,
-                Rejection(
-                    delivery.topic,
-                    command.bike_id,
-                    exc.reason,
-                    exc.detail,
-                    command.session_id,
-                    sample.telemetry_id if sample is not None else None,
-                ),
-                None,
-            )
-        except Exception:
-            # A bug must not stop ingestion: the message is counted as dropped and logged.
-            log.exception(
-                "message could not be decided",
-                topic=delivery.topic,
-                bike_id=command.bike_id,
-                session_id=str(command.session_id),
-            )
-            return None, None, "internal_error"
-
-    async def _load(self, commands: Sequence[Command]) -> None:
-        bikes, sessions = self.fleet.missing(commands)
-        if not bikes and not sessions:
-            return
-        by_bike, named = await self.store.load(bikes, sessions)
-        for bike_id, active in by_bike.items():
-            self.fleet.load_bike(bike_id, active)
-        for session in named:
-            self.fleet.load_session(session)
-
-    def _acknowledge(self, settled: Sequence[_Settled]) -> None:
-        for item in settled:
-            item.delivery.acks.ack(item.delivery.message)
-            kind = str(item.kind)
+    def _acknowledge(
+        self, batch: Sequence[Delivery], arrivals: Sequence[Arrival], settled: Sequence[Settled]
+    ) -> None:
+        m = self.metrics
+        for delivery, arrival, item in zip(batch, arrivals, settled, strict=True):
+            delivery.acks.ack(delivery.message)
+            kind = str(arrival.inbound.kind)
             if item.dropped is not None:
-                self.metrics.dropped.labels(item.dropped).inc()
+                m.dropped.labels(item.dropped).inc()
             elif item.rejection is not None:
-                self.metrics.rejected.labels(item.rejection.reason).inc()
+                m.rejected.labels(item.rejection.reason).inc()
                 log.info(
                     "message rejected",
-                    topic=item.delivery.topic,
+                    topic=delivery.topic,
                     bike_id=item.rejection.bike_id,
                     reason=item.rejection.reason,
                     detail=item.rejection.detail,
                     session_id=str(item.rejection.session_id or "") or None,
                 )
             elif item.outcome is Outcome.DUPLICATE:
-                self.metrics.duplicates.labels(kind).inc()
+                m.duplicates.labels(kind).inc()
+            elif item.outcome is Outcome.DEFERRED:
+                m.deferred.labels(kind).inc()
             else:
-                self.metrics.accepted.labels(kind).inc()
+                m.accepted.labels(kind).inc()
 
-    def _count_finalized(self, events: Sequence[object]) -> None:
+    def _count(self, events: Sequence[Event]) -> None:
+        m = self.metrics
         for event in events:
             if isinstance(event, SessionFinalized):
                 s = event.session
-                self.metrics.finalized.labels(str(s.kind), str(s.end_reason)).inc()
+                m.finalized.labels(str(s.kind), str(s.end_reason)).inc()
                 log.info(
                     "session finalized",
                     bike_id=s.bike_id,
@@ -315,38 +241,50 @@ class Pipeline:
                     missing_samples=s.missing_samples,
                     end_reason=str(s.end_reason),
                 )
+            elif isinstance(event, MessageDeferred):
+                log.info(
+                    "message waits for what it depends on",
+                    bike_id=event.bike_id,
+                    session_id=str(event.waiting.command.session_id),
+                )
+            elif isinstance(event, DeferredMessageSettled):
+                m.waiting_settled.labels(event.reason or "applied").inc()
+                if event.reason is not None:
+                    m.rejected.labels(event.reason).inc()
+                    log.info(
+                        "waiting message rejected: grace period over",
+                        bike_id=event.bike_id,
+                        reason=event.reason,
+                        detail=event.detail,
+                        session_id=str(event.waiting.command.session_id),
+                    )
 
     # -- expiry ------------------------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Finalize sessions whose grace ran out or that went dark, in memory and in the store.
+        """Finalize sessions whose grace ran out or that went dark, and settle overdue waiting
+        messages, for whichever bikes the store says are due (any instance may have written
+        them).
 
-        "Now" is never later than the oldest message still waiting: a sample that arrived
-        inside the grace period is not refused because it waited in the inbox.
+        "Now" is never later than the oldest message still waiting in the inbox: a sample that
+        arrived inside the grace period is not refused because it waited here.
         """
         now = min(self.clock(), self.inbox[0].received_at) if self.inbox else self.clock()
+        policy = self.uow.policy
         try:
-            if time.monotonic() - self._last_db_scan >= self.db_scan_every_s:
-                due = await self.store.due_bikes(
-                    now - self.policy.finalize_grace,
-                    now - self.policy.abandon_after,
-                    list(self.fleet.bikes),
-                )
-                self._last_db_scan = time.monotonic()
-                if due:
-                    by_bike, _ = await self.store.load(due, [])
-                    for bike_id, active in by_bike.items():
-                        self.fleet.load_bike(bike_id, active)
-            self.fleet.expire(now)
-            events = self.fleet.pop_events()
-            if events:
-                await self._commit(events, [])
-            self.metrics.active_sessions.set(self.fleet.active_count())
+            due = await self.uow.store.due_bikes(
+                now - policy.finalize_grace, now - policy.abandon_after
+            )
+            if due:
+                events = await self.uow.expire(due, now)
+                self._count(events)
+                if events:
+                    self.on_commit()
+            self.metrics.active_sessions.set(self.uow.fleet.active_count())
             self.metrics.database_up.set(1)
         except Exception as exc:
             # Nothing was committed; the cache may be ahead of the store, so drop it.
-            self.fleet = Fleet(self.policy)
-            self._last_db_scan = float("-inf")
+            self.uow.reset()
             if isinstance(exc, _UNAVAILABLE):
                 self.metrics.database_up.set(0)
             log.warning("expiry sweep failed; will retry", error=repr(exc))

@@ -7,24 +7,41 @@ from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
 
+from domain.commands import Command
 from domain.session_values import FinalizedSession, SessionKind
 from domain.telemetry import TelemetrySample
 
 __all__ = [
+    "DeferredMessageSettled",
     "Event",
+    "MessageDeferred",
     "Outcome",
     "SessionEndReceived",
     "SessionFinalized",
     "SessionStarted",
     "TelemetrySampleAccepted",
+    "Waiting",
 ]
 
 
 class Outcome(StrEnum):
-    """How a valid message settled: it changed something, or it had already been applied."""
+    """How a valid message settled: it changed something, was applied already, or must wait."""
 
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
+    DEFERRED = "deferred"
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A message that arrived before what it depends on, held until the grace period ends.
+
+    ``ref`` is the adapter's key of the raw message (the domain never reads it).
+    """
+
+    command: Command
+    received_at: datetime
+    ref: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,4 +75,29 @@ class SessionFinalized:
     session: FinalizedSession
 
 
-Event = SessionStarted | SessionEndReceived | TelemetrySampleAccepted | SessionFinalized
+@dataclass(frozen=True, slots=True)
+class MessageDeferred:
+    """A message must wait for its session's start, or for its bike's Active session to end."""
+
+    bike_id: str
+    waiting: Waiting
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredMessageSettled:
+    """A waiting message was decided: applied (``reason`` None) or rejected with ``reason``."""
+
+    bike_id: str
+    waiting: Waiting
+    reason: str | None = None
+    detail: str | None = None
+
+
+Event = (
+    SessionStarted
+    | SessionEndReceived
+    | TelemetrySampleAccepted
+    | SessionFinalized
+    | MessageDeferred
+    | DeferredMessageSettled
+)

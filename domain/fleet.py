@@ -1,13 +1,17 @@
-"""The fleet: every bike's Active session and the sessions its messages name.
+"""The fleet: every bike's Active session, its waiting messages, and the sessions messages name.
 
-``Bike`` holds the one-active-session rule; ``Fleet`` routes commands to bikes and sessions. The
-caller loads what the fleet does not know yet (``Fleet.missing``) before it hands commands over:
-memory is a cache of the store, never the other way round.
+``Bike`` is the aggregate root of the one-active-session rule: it holds its Active session (a
+summary, never samples), the messages that arrived before what they depend on, and a version
+that the store bumps each time a writer takes the bike. ``Fleet`` routes commands to bikes and
+sessions. It is a cache of the store: the caller locks the bikes a batch touches, reloads those
+whose version moved (``Fleet.refresh``), loads what the fleet names (``sessions_to_load``,
+``samples_to_load``), and only then hands commands over.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
@@ -15,13 +19,22 @@ from uuid import UUID
 from domain.commands import Command, EndSession, RecordTelemetry, StartSession
 from domain.errors import (
     ActiveSessionExists,
+    DomainError,
     SessionIdConflict,
     TimestampOutOfRange,
     UnknownSession,
 )
-from domain.events import Event, Outcome, SessionFinalized, SessionStarted
+from domain.events import (
+    DeferredMessageSettled,
+    Event,
+    MessageDeferred,
+    Outcome,
+    SessionStarted,
+    Waiting,
+)
 from domain.session import Session, session_for
 from domain.session_values import SessionPolicy
+from domain.telemetry import TelemetrySample
 
 __all__ = ["Bike", "Decision", "Fleet"]
 
@@ -36,19 +49,26 @@ class Decision:
 
 @dataclass(slots=True)
 class Bike:
-    """A bike and its Active session, if any: a bike has at most one."""
+    """A bike, its Active session if any (at most one), and its waiting messages."""
 
     bike_id: str
+    version: int = 0
     current: Session | None = None
+    waiting: list[Waiting] = field(default_factory=list)
 
-    def start(
-        self, command: StartSession, now: datetime, policy: SessionPolicy
-    ) -> tuple[Session, list[Event]]:
+    @staticmethod
+    def check_start(command: StartSession, now: datetime, policy: SessionPolicy) -> None:
+        """What a start must satisfy whatever order it arrives in."""
         if command.occurred_at > now + policy.clock_skew:
             raise TimestampOutOfRange(
                 f"occurred_at {command.occurred_at.isoformat()} is in the future "
                 f"(now {now.isoformat()})"
             )
+
+    def start(
+        self, command: StartSession, now: datetime, policy: SessionPolicy
+    ) -> tuple[Session, list[Event]]:
+        self.check_start(command, now, policy)
         events: list[Event] = []
         if self.current is not None:
             if self.current.end is None:
@@ -76,18 +96,10 @@ class Bike:
         )
         return session, events
 
-    def expire(self, now: datetime, policy: SessionPolicy) -> SessionFinalized | None:
-        if self.current is None:
-            return None
-        event = self.current.expire(now, policy)
-        if self.current.finalized is not None:
-            self.current = None
-        return event
-
-    def settle(self) -> None:
-        """Let go of the current session once it is finalized."""
-        if self.current is not None and self.current.finalized is not None:
-            self.current = None
+    @property
+    def busy(self) -> bool:
+        """A start must wait: the Active session has not ended yet."""
+        return self.current is not None and self.current.end is None
 
 
 @dataclass(slots=True)
@@ -95,73 +107,147 @@ class Fleet:
     """Routes commands to the bikes and sessions it knows; pure, and a cache of the store."""
 
     policy: SessionPolicy = field(default_factory=SessionPolicy)
+    finalized_cache: int = 1_000
     bikes: dict[str, Bike] = field(default_factory=dict)
-    sessions: dict[UUID, Session] = field(default_factory=dict)
+    # Finalized sessions are immutable, so a cached one never goes stale.
+    finalized: OrderedDict[UUID, Session] = field(default_factory=OrderedDict)
+    # Batch-scoped: sessions of other bikes that messages name, stored samples at taken seqs.
+    _foreign: dict[UUID, Session] = field(default_factory=dict)
+    _stored: dict[tuple[UUID, int], TelemetrySample] = field(default_factory=dict)
+    _changed: dict[UUID, Session] = field(default_factory=dict)
     _events: list[Event] = field(default_factory=list)
 
-    def load_bike(self, bike_id: str, active: Session | None) -> None:
-        """Know a bike, with its Active session as the store has it (or none)."""
-        self.bikes[bike_id] = Bike(bike_id, active)
-        if active is not None:
-            self.sessions[active.session_id] = active
+    # -- what the caller loads -----------------------------------------------------------
+
+    def refresh(self, versions: Mapping[str, int]) -> list[str]:
+        """Take the versions the store gave the locked bikes; return those to reload.
+
+        A bike is current when the store's version is the one after ours: nobody else took it
+        since we last wrote it. Otherwise another writer changed it, and it must be reloaded.
+        """
+        stale = []
+        for bike_id, version in versions.items():
+            bike = self.bikes.get(bike_id)
+            if bike is not None and bike.version + 1 == version:
+                bike.version = version
+            else:
+                stale.append(bike_id)
+        return stale
+
+    def load_bike(
+        self,
+        bike_id: str,
+        active: Session | None,
+        waiting: Iterable[Waiting] = (),
+        version: int = 0,
+    ) -> None:
+        """Know a bike as the store has it: its Active session (or none) and waiting messages."""
+        if active is not None and (active.bike_id != bike_id or active.finalized is not None):
+            raise ValueError(f"{active!r} is not an Active session of bike {bike_id}")
+        self.bikes[bike_id] = Bike(bike_id, version, active, list(waiting))
 
     def load_session(self, session: Session) -> None:
-        """Know a session that a message names (typically a Finalized one)."""
-        self.sessions.setdefault(session.session_id, session)
+        """Know a session a message names that is not its bike's Active one."""
+        if session.finalized is not None:
+            self._remember_finalized(session)
+        else:
+            self._foreign[session.session_id] = session
 
-    def missing(self, commands: Iterable[Command]) -> tuple[set[str], set[UUID]]:
-        """Bike ids and session ids these commands need that the fleet does not know yet."""
-        bikes: set[str] = set()
-        sessions: set[UUID] = set()
+    def load_samples(self, samples: Iterable[TelemetrySample]) -> None:
+        """Know the stored samples at taken seqs (``samples_to_load``)."""
+        for sample in samples:
+            self._stored[(sample.session_id, sample.seq)] = sample
+
+    def sessions_to_load(self, commands: Iterable[Command]) -> set[UUID]:
+        """Session ids these commands name that are neither a bike's current nor cached."""
+        wanted: set[UUID] = set()
         for command in commands:
-            if command.bike_id not in self.bikes:
-                bikes.add(command.bike_id)
-            if command.session_id not in self.sessions:
-                sessions.add(command.session_id)
-        return bikes, sessions
+            bike = self.bikes.get(command.bike_id)
+            if bike is None:
+                raise LookupError(f"bike {command.bike_id} is not loaded; refresh it first")
+            if self._find(bike, command.session_id) is None:
+                wanted.add(command.session_id)
+        return wanted
 
-    def handle(self, command: Command, now: datetime) -> Decision:
-        """Apply one command; raises a ``DomainError`` when a rule would break."""
+    def samples_to_load(self, commands: Iterable[Command]) -> set[tuple[UUID, int]]:
+        """(session id, seq) of samples whose seq is taken, to tell a duplicate from a clash."""
+        wanted: set[tuple[UUID, int]] = set()
+        for command in commands:
+            if not isinstance(command, RecordTelemetry):
+                continue
+            key = (command.session_id, command.sample.seq)
+            session = self._find(self.bikes[command.bike_id], command.session_id)
+            if session is not None and key[1] in session.seqs and key not in self._stored:
+                wanted.add(key)
+        return wanted
+
+    # -- deciding ------------------------------------------------------------------------
+
+    def handle(self, command: Command, now: datetime, ref: bytes = b"") -> Decision:
+        """Apply one command; raises a ``DomainError`` when a rule would break.
+
+        ``ref`` names the raw message, should it have to wait (``Outcome.DEFERRED``).
+        """
         bike = self.bikes.get(command.bike_id)
         if bike is None:
-            raise LookupError(f"bike {command.bike_id} is not loaded; call Fleet.missing first")
-        expired = bike.expire(now, self.policy)
-        if expired is not None:
-            # Recorded before routing: it happened even if the command is then rejected.
-            self._events.append(expired)
-        decision = self._route(bike, command, now)
-        bike.settle()
+            raise LookupError(f"bike {command.bike_id} is not loaded; refresh it first")
+        mark = len(self._events)
+        # Expiries happen before routing: they happened even if the command is then rejected.
+        self._expire_bike(bike, now)
+        decision = self._route(bike, command, now, ref)
         self._events.extend(decision.events)
-        if expired is not None:
-            return Decision(decision.outcome, (expired, *decision.events))
-        return decision
+        if decision.outcome is Outcome.ACCEPTED:
+            self._apply_waiting(bike, now)
+        return Decision(decision.outcome, tuple(self._events[mark:]))
+
+    def expire(self, now: datetime, bike_ids: Iterable[str] | None = None) -> list[Event]:
+        """Finalize due sessions and settle overdue waiting messages (of these bikes, or all)."""
+        mark = len(self._events)
+        ids = list(self.bikes) if bike_ids is None else list(bike_ids)
+        for bike_id in ids:
+            bike = self.bikes.get(bike_id)
+            if bike is not None:
+                self._expire_bike(bike, now)
+        return self._events[mark:]
 
     def pop_events(self) -> list[Event]:
-        """Every event since the last call, in order, including expiries during rejections."""
+        """Every event since the last call, in order; the batch ends here."""
         events, self._events = self._events, []
+        self._foreign.clear()
+        self._stored.clear()
+        self._changed.clear()
         return events
 
-    def expire(self, now: datetime) -> list[SessionFinalized]:
-        """Finalize sessions whose grace period ran out or that went dark."""
-        events = []
-        for bike in self.bikes.values():
-            event = bike.expire(now, self.policy)
-            if event is not None:
-                events.append(event)
-        self._events.extend(events)
-        return events
-
-    def evict_finalized(self, keep: int) -> None:
-        """Bound memory: keep only the ``keep`` most recently loaded Finalized sessions."""
-        finalized = [sid for sid, s in self.sessions.items() if s.finalized is not None]
-        for session_id in finalized[: max(0, len(finalized) - keep)]:
-            del self.sessions[session_id]
+    def changed_sessions(self) -> list[Session]:
+        """Sessions whose summary changed since the last ``pop_events``, to be written."""
+        return list(self._changed.values())
 
     def active_count(self) -> int:
         return sum(1 for bike in self.bikes.values() if bike.current is not None)
 
-    def _route(self, bike: Bike, command: Command, now: datetime) -> Decision:
-        session = self.sessions.get(command.session_id)
+    def waiting_count(self) -> int:
+        return sum(len(bike.waiting) for bike in self.bikes.values())
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _find(self, bike: Bike, session_id: UUID) -> Session | None:
+        if bike.current is not None and bike.current.session_id == session_id:
+            return bike.current
+        return self.finalized.get(session_id) or self._foreign.get(session_id)
+
+    def _remember_finalized(self, session: Session) -> None:
+        self.finalized[session.session_id] = session
+        self.finalized.move_to_end(session.session_id)
+        while len(self.finalized) > self.finalized_cache:
+            self.finalized.popitem(last=False)
+
+    def _settle_current(self, bike: Bike) -> None:
+        if bike.current is not None and bike.current.finalized is not None:
+            self._remember_finalized(bike.current)
+            bike.current = None
+
+    def _route(self, bike: Bike, command: Command, now: datetime, ref: bytes) -> Decision:
+        session = self._find(bike, command.session_id)
         if isinstance(command, StartSession):
             if session is not None:
                 if session.same_start(command):
@@ -170,14 +256,96 @@ class Fleet:
                     f"session_id {command.session_id} is already used by another "
                     f"{session.kind} session of bike {session.bike_id}"
                 )
+            if bike.busy:
+                Bike.check_start(command, now, self.policy)
+                return self._defer(bike, command, now, ref)
+            previous = bike.current
             session, events = bike.start(command, now, self.policy)
-            self.sessions[session.session_id] = session
+            if previous is not None:  # finalized first: its grace period was cut short
+                self._changed[previous.session_id] = previous
+                self._remember_finalized(previous)
+            self._changed[session.session_id] = session
             return Decision(Outcome.ACCEPTED, tuple(events))
-        if session is None or session.bike_id != bike.bike_id:
+        if session is None:
+            return self._defer(bike, command, now, ref)
+        if session.bike_id != bike.bike_id:
             raise UnknownSession(f"bike {bike.bike_id} has no session {command.session_id}")
         if isinstance(command, EndSession):
             outcome, events = session.record_end(command, now, self.policy)
         else:
             assert isinstance(command, RecordTelemetry)
-            outcome, events = session.record_sample(command.sample, now, self.policy)
+            sample = command.sample
+            outcome, events = session.record_sample(
+                sample, now, self.policy, self._stored.get((sample.session_id, sample.seq))
+            )
+            if outcome is Outcome.ACCEPTED:
+                self._stored[(sample.session_id, sample.seq)] = sample
+        if outcome is Outcome.ACCEPTED:
+            self._changed[session.session_id] = session
+            self._settle_current(bike)
         return Decision(outcome, tuple(events))
+
+    def _defer(self, bike: Bike, command: Command, now: datetime, ref: bytes) -> Decision:
+        if any(w.command == command for w in bike.waiting):
+            return Decision(Outcome.DUPLICATE)
+        waiting = Waiting(command, now, ref)
+        bike.waiting.append(waiting)
+        return Decision(Outcome.DEFERRED, (MessageDeferred(bike.bike_id, waiting),))
+
+    def _decidable(self, bike: Bike, command: Command) -> bool:
+        if self._find(bike, command.session_id) is not None:
+            return True
+        return isinstance(command, StartSession) and not bike.busy
+
+    def _apply_waiting(self, bike: Bike, now: datetime) -> None:
+        """Decide, in arrival order, the waiting messages that what just happened unblocked."""
+        progress = True
+        while progress and bike.waiting:
+            progress = False
+            for waiting in bike.waiting:
+                if self._decidable(bike, waiting.command):
+                    bike.waiting.remove(waiting)
+                    self._settle(bike, waiting, now)
+                    progress = True
+                    break
+
+    def _settle(self, bike: Bike, waiting: Waiting, now: datetime) -> None:
+        try:
+            decision = self._route(bike, waiting.command, now, waiting.ref)
+        except DomainError as exc:
+            self._events.append(
+                DeferredMessageSettled(bike.bike_id, waiting, exc.reason, exc.detail)
+            )
+            return
+        self._events.extend(decision.events)
+        self._events.append(DeferredMessageSettled(bike.bike_id, waiting))
+
+    def _expire_bike(self, bike: Bike, now: datetime) -> None:
+        if bike.current is not None:
+            event = bike.current.expire(now, self.policy)
+            if event is not None:
+                self._events.append(event)
+                self._changed[bike.current.session_id] = bike.current
+                self._settle_current(bike)
+        if not bike.waiting:
+            return
+        self._apply_waiting(bike, now)
+        for waiting in [
+            w for w in bike.waiting if now >= w.received_at + self.policy.finalize_grace
+        ]:
+            bike.waiting.remove(waiting)
+            error: DomainError
+            if isinstance(waiting.command, StartSession):
+                assert bike.current is not None
+                error = ActiveSessionExists(
+                    f"bike {bike.bike_id} still had active session {bike.current.session_id} "
+                    f"without an end when the grace period of this start ran out"
+                )
+            else:
+                error = UnknownSession(
+                    f"bike {bike.bike_id} has no session {waiting.command.session_id} "
+                    "(nothing started it within the grace period)"
+                )
+            self._events.append(
+                DeferredMessageSettled(bike.bike_id, waiting, error.reason, error.detail)
+            )

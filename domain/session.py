@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime
-from decimal import Decimal
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import ClassVar
 from uuid import UUID
 
@@ -23,6 +22,7 @@ from domain.events import (
     SessionFinalized,
     TelemetrySampleAccepted,
 )
+from domain.seqs import SeqRanges
 from domain.session_values import (
     EndReason,
     FinalizedSession,
@@ -36,13 +36,26 @@ from domain.telemetry import TelemetrySample
 
 __all__ = ["ChargingSession", "RideSession", "Session", "session_for"]
 
+_ZERO = Decimal(0)
+_NO_SEQS = SeqRanges()
+
+
+# Sums are exact: inputs are bounded at the edge (SPEC §2), and this context holds any total of
+# them (up to 2**31 samples of up to 10**9 with 20 decimals) without rounding.
+_EXACT = Context(prec=60, traps=[Inexact, InvalidOperation])
+
 
 class Session:
     """A bike's ride or charging session: Active until finalized once, then immutable.
 
-    Energy and distance totals are the sums of the accepted samples and are fixed when the
-    session is finalized: as soon as samples 1..last_seq are in after the end arrived, when the
-    grace period after the end expires, or when the session is abandoned.
+    A session holds its summary, never its samples: the energy and distance sums, which seqs are
+    stored, the latest emission time and the end. Telling a redelivered sample from a clashing
+    one needs the stored sample only when its seq is taken; the caller loads exactly those
+    (``Fleet.samples_to_load``) and passes them in.
+
+    Energy and distance totals are fixed when the session is finalized: as soon as samples
+    1..last_seq are in after the end arrived, when the grace period after the end expires, or
+    when the session is abandoned.
     """
 
     kind: ClassVar[SessionKind]
@@ -56,7 +69,10 @@ class Session:
         started_at: datetime,
         last_heard_at: datetime,
         end: SessionEnd | None = None,
-        samples: Iterable[TelemetrySample] = (),
+        energy_wh: Decimal = _ZERO,
+        distance_m: Decimal = _ZERO,
+        seqs: SeqRanges = _NO_SEQS,
+        latest_emitted_at: datetime | None = None,
         finalized: FinalizedSession | None = None,
     ) -> None:
         require_aware(started_at, "started_at")
@@ -67,12 +83,11 @@ class Session:
         self.started_at = started_at
         self.last_heard_at = last_heard_at
         self.end = end
+        self.energy_wh = energy_wh
+        self.distance_m = distance_m
+        self.seqs = seqs
+        self.latest_emitted_at = latest_emitted_at
         self.finalized = finalized
-        self._by_seq: dict[int, TelemetrySample] = {}
-        self._by_id: dict[UUID, TelemetrySample] = {}
-        for sample in samples:
-            self._by_seq[sample.seq] = sample
-            self._by_id[sample.telemetry_id] = sample
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.session_id} bike={self.bike_id} {self.state}>"
@@ -82,13 +97,13 @@ class Session:
         return SessionState.ACTIVE if self.finalized is None else SessionState.FINALIZED
 
     @property
-    def samples(self) -> tuple[TelemetrySample, ...]:
-        return tuple(self._by_seq[seq] for seq in sorted(self._by_seq))
+    def telemetry_count(self) -> int:
+        return len(self.seqs)
 
     @property
     def is_complete(self) -> bool:
         """True when the end has arrived and samples 1..last_seq are all stored."""
-        return self.end is not None and len(self._by_seq) == self.end.last_seq
+        return self.end is not None and len(self.seqs) == self.end.last_seq
 
     def same_start(self, command: StartSession) -> bool:
         return (
@@ -127,12 +142,12 @@ class Session:
                 f"occurred_at {command.occurred_at.isoformat()} is in the future "
                 f"(now {now.isoformat()})"
             )
-        if self._by_seq and max(self._by_seq) > command.last_seq:
+        if self.seqs.highest > command.last_seq:
             raise SeqBeyondEnd(
-                f"last_seq {command.last_seq} is below sample seq {max(self._by_seq)} "
+                f"last_seq {command.last_seq} is below sample seq {self.seqs.highest} "
                 "that is already stored"
             )
-        latest = max((s.emitted_at.at for s in self._by_seq.values()), default=None)
+        latest = self.latest_emitted_at
         if latest is not None and latest > command.occurred_at:
             raise TimestampOutOfRange(
                 f"occurred_at {command.occurred_at.isoformat()} is before a stored sample's "
@@ -150,22 +165,36 @@ class Session:
         return Outcome.ACCEPTED, events
 
     def record_sample(
-        self, sample: TelemetrySample, now: datetime, policy: SessionPolicy
+        self,
+        sample: TelemetrySample,
+        now: datetime,
+        policy: SessionPolicy,
+        stored: TelemetrySample | None = None,
     ) -> tuple[Outcome, list[Event]]:
-        """Append a sample; a redelivered one is a duplicate, a clashing one a conflict."""
-        known = self._by_id.get(sample.telemetry_id)
-        if known is not None:
-            if known == sample:
+        """Append a sample; a redelivered one is a duplicate, a clashing one a conflict.
+
+        ``stored`` is the sample already stored at this seq, which the caller must pass
+        whenever the seq is taken (``sample.seq in self.seqs``).
+        """
+        taken = sample.seq in self.seqs
+        if taken:
+            if stored is None:
+                raise LookupError(
+                    f"seq {sample.seq} of session {self.session_id} is taken but its stored "
+                    "sample was not loaded; call Fleet.samples_to_load first"
+                )
+            if stored == sample:
                 return Outcome.DUPLICATE, []
-            raise SessionIdConflict(
-                f"telemetry_id {sample.telemetry_id} is already stored with different content"
-            )
+            if stored.telemetry_id == sample.telemetry_id:
+                raise SessionIdConflict(
+                    f"telemetry_id {sample.telemetry_id} is already stored with different content"
+                )
         self._require_active()
-        taken = self._by_seq.get(sample.seq)
-        if taken is not None:
+        if taken:
+            assert stored is not None
             raise SessionIdConflict(
                 f"seq {sample.seq} of session {self.session_id} is already taken by "
-                f"telemetry_id {taken.telemetry_id}"
+                f"telemetry_id {stored.telemetry_id}"
             )
         if self.end is not None and sample.seq > self.end.last_seq:
             raise SeqBeyondEnd(
@@ -177,8 +206,13 @@ class Session:
             now,
             policy.clock_skew,
         )
-        self._by_seq[sample.seq] = sample
-        self._by_id[sample.telemetry_id] = sample
+        self.energy_wh = _EXACT.add(self.energy_wh, sample.energy.wh)
+        if sample.distance is not None:
+            self.distance_m = _EXACT.add(self.distance_m, sample.distance.m)
+        self.seqs = self.seqs.with_seq(sample.seq)
+        emitted = sample.emitted_at.at
+        if self.latest_emitted_at is None or emitted > self.latest_emitted_at:
+            self.latest_emitted_at = emitted
         self.last_heard_at = now
         events: list[Event] = [TelemetrySampleAccepted(self.bike_id, sample, now)]
         if self.is_complete:
@@ -219,12 +253,12 @@ class Session:
 
     def _finalize(self, now: datetime, reason: EndReason) -> SessionFinalized:
         self._require_active()
-        samples = self._by_seq.values()
+        count = len(self.seqs)
         if self.end is not None:
             ended_at, expected = self.end.occurred_at, self.end.last_seq
         else:
-            latest = max((s.emitted_at.at for s in samples), default=self.started_at)
-            ended_at, expected = max(latest, self.started_at), max(self._by_seq, default=0)
+            latest = self.latest_emitted_at or self.started_at
+            ended_at, expected = max(latest, self.started_at), self.seqs.highest
         self.finalized = FinalizedSession(
             session_id=self.session_id,
             bike_id=self.bike_id,
@@ -232,10 +266,10 @@ class Session:
             party_id=self.party_id,
             started_at=self.started_at,
             ended_at=ended_at,
-            energy_wh=sum((s.energy.wh for s in samples), Decimal(0)),
-            distance_m=sum((s.distance.m for s in samples if s.distance), Decimal(0)),
-            telemetry_count=len(self._by_seq),
-            missing_samples=expected - len(self._by_seq),
+            energy_wh=self.energy_wh,
+            distance_m=self.distance_m,
+            telemetry_count=count,
+            missing_samples=expected - count,
             end_reason=reason,
             finalized_at=now,
         )

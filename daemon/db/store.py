@@ -1,13 +1,12 @@
-"""The store behind the fleet: loads what the fleet needs and commits what it decided.
+"""The write side's SQL: lock and load what a batch needs, write what it decided, the outbox.
 
-Hand-written SQL, explicit row mappers, batches: one COPY for a batch's telemetry, one
-executemany per kind of row, all in one transaction.
+Hand-written SQL, explicit row mappers, batches: one statement locks a batch's bikes, one COPY
+appends its telemetry, one statement writes every changed session summary. Nothing here
+decides or renders: the unit of work does (``daemon.db.unit_of_work``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,21 +15,27 @@ from uuid import UUID
 
 import asyncpg
 
-from daemon.mqtt.schemas import Rejection
-from daemon.outbound import billing_message, finalized_message, rejection_message
-from domain.billing import PricingRules, bill
 from domain.events import (
+    DeferredMessageSettled,
     Event,
-    SessionEndReceived,
-    SessionFinalized,
+    MessageDeferred,
     SessionStarted,
     TelemetrySampleAccepted,
 )
+from domain.seqs import SeqRanges
 from domain.session import Session, session_for
 from domain.session_values import EndReason, FinalizedSession, SessionEnd, SessionKind
 from domain.telemetry import Distance, EmissionTime, EnergyDelta, StateOfCharge, TelemetrySample
 
-__all__ = ["Conn", "OutboxRow", "RejectedMessage", "Store"]
+__all__ = [
+    "Conn",
+    "OutboxEntry",
+    "OutboxRow",
+    "RejectionRow",
+    "Store",
+    "WaitingRow",
+    "finalized_from_row",
+]
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
@@ -48,12 +53,13 @@ _TELEMETRY_COLUMNS = [
 
 
 @dataclass(frozen=True, slots=True)
-class RejectedMessage:
-    """A rejection as it is kept: what was wrong, and the raw payload (capped)."""
+class OutboxEntry:
+    """An outbound message to write: what it is, where it goes, its bytes."""
 
-    rejection: Rejection
+    created_at: datetime
+    event: str
+    topic: str
     payload: bytes
-    received_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,35 @@ class OutboxRow:
     event: str
     topic: str
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionRow:
+    """A rejected message as it is kept, and the answer published if it is kept for the first
+    time (``answer`` is None when the topic names no bike to answer)."""
+
+    received_at: datetime
+    topic: str
+    bike_id: str | None
+    reason: str
+    detail: str
+    session_id: UUID | None
+    telemetry_id: UUID | None
+    payload: bytes
+    payload_size: int
+    payload_sha256: bytes
+    answer: OutboxEntry | None
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingRow:
+    """A waiting message as stored: raw, so that it is decoded by the edge like any other."""
+
+    bike_id: str
+    ref: bytes
+    topic: str
+    payload: bytes
+    received_at: datetime
 
 
 def _sample(row: asyncpg.Record) -> TelemetrySample:
@@ -93,7 +128,8 @@ def finalized_from_row(row: asyncpg.Record) -> FinalizedSession:
     )
 
 
-def _session(row: asyncpg.Record, samples: Iterable[TelemetrySample]) -> Session:
+def session_from_row(row: asyncpg.Record) -> Session:
+    """A session's summary as stored; never its samples."""
     end = None
     if row["last_seq"] is not None:
         end = SessionEnd(row["ended_at"], row["last_seq"], row["end_received_at"])
@@ -104,100 +140,134 @@ def _session(row: asyncpg.Record, samples: Iterable[TelemetrySample]) -> Session
         started_at=row["started_at"],
         last_heard_at=row["last_heard_at"],
         end=end,
-        samples=samples,
+        energy_wh=row["energy_wh"],
+        distance_m=row["distance_m"],
+        seqs=SeqRanges.from_flat(row["seq_ranges"]),
+        latest_emitted_at=row["latest_emitted_at"],
         finalized=finalized_from_row(row) if row["state"] == "finalized" else None,
     )
 
 
+def _summary_columns(sessions: Sequence[Session]) -> list[list[Any]]:
+    """Column arrays for the one UPDATE that writes every changed summary of a batch."""
+    rows = []
+    for s in sessions:
+        final = s.finalized
+        end = s.end
+        rows.append(
+            (
+                s.session_id,
+                s.last_heard_at,
+                final.ended_at if final else (end.occurred_at if end else None),
+                end.last_seq if end else None,
+                end.received_at if end else None,
+                s.energy_wh,
+                s.distance_m,
+                len(s.seqs),
+                "{" + ",".join(map(str, s.seqs.flat())) + "}",
+                s.latest_emitted_at,
+                "finalized" if final else "active",
+                final.missing_samples if final else None,
+                str(final.end_reason) if final else None,
+                final.finalized_at if final else None,
+            )
+        )
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
 class Store:
-    """PostgreSQL, as the fleet and the outbox need it."""
+    """PostgreSQL, as the unit of work and the outbox publisher need it."""
 
-    def __init__(
-        self, pool: asyncpg.Pool, prefix: str, pricing: PricingRules, payload_cap: int = 4096
-    ) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.prefix = prefix
-        self.pricing = pricing
-        self.payload_cap = payload_cap
 
-    # -- loading -------------------------------------------------------------------------
+    # -- taking bikes ----------------------------------------------------------------------
 
-    async def _sessions(self, conn: Conn, rows: Sequence[asyncpg.Record]) -> list[Session]:
-        ids = [r["session_id"] for r in rows]
-        samples: dict[UUID, list[TelemetrySample]] = {i: [] for i in ids}
-        if ids:
-            for t in await conn.fetch(
-                "SELECT * FROM telemetry WHERE session_id = ANY($1::uuid[])", ids
-            ):
-                samples[t["session_id"]].append(_sample(t))
-        return [_session(r, samples[r["session_id"]]) for r in rows]
+    async def lock_bikes(self, conn: Conn, bike_ids: Iterable[str]) -> dict[str, int]:
+        """Take these bikes' rows for this transaction, in bike_id order (so that writers never
+        deadlock), creating new ones, and bump their versions; returns the new versions."""
+        ids = sorted(set(bike_ids))
+        if not ids:
+            return {}
+        rows = await conn.fetch(
+            "INSERT INTO bikes (bike_id) SELECT b FROM unnest($1::text[]) AS b ORDER BY b"
+            " ON CONFLICT (bike_id) DO UPDATE SET version = bikes.version + 1"
+            " RETURNING bike_id, version",
+            ids,
+        )
+        return {r["bike_id"]: r["version"] for r in rows}
 
-    async def load(
-        self, bike_ids: Iterable[str], session_ids: Iterable[UUID]
-    ) -> tuple[dict[str, Session | None], list[Session]]:
-        """The Active session of each bike (or None), and the sessions with these ids."""
-        bikes, ids = list(bike_ids), list(session_ids)
-        async with self.pool.acquire() as conn:
-            active_rows = (
-                await conn.fetch(
-                    "SELECT * FROM sessions WHERE bike_id = ANY($1::text[]) AND state = 'active'",
-                    bikes,
+    async def load_bikes(
+        self, conn: Conn, bike_ids: Sequence[str]
+    ) -> tuple[dict[str, Session], list[WaitingRow]]:
+        """The Active session summaries and the waiting messages of these bikes."""
+        active = await conn.fetch(
+            "SELECT * FROM sessions WHERE bike_id = ANY($1::text[]) AND state = 'active'",
+            bike_ids,
+        )
+        waiting = await conn.fetch(
+            "SELECT bike_id, ref, topic, payload, received_at FROM waiting_messages"
+            " WHERE bike_id = ANY($1::text[]) ORDER BY received_at, ref",
+            bike_ids,
+        )
+        return (
+            {r["bike_id"]: session_from_row(r) for r in active},
+            [
+                WaitingRow(
+                    r["bike_id"], r["ref"], r["topic"], bytes(r["payload"]), r["received_at"]
                 )
-                if bikes
-                else []
-            )
-            named_rows = (
-                await conn.fetch(
-                    "SELECT * FROM sessions WHERE session_id = ANY($1::uuid[])"
-                    " AND NOT (bike_id = ANY($2::text[]) AND state = 'active')",
-                    ids,
-                    bikes,
-                )
-                if ids
-                else []
-            )
-            active = await self._sessions(conn, active_rows)
-            named = await self._sessions(conn, named_rows)
-        by_bike: dict[str, Session | None] = dict.fromkeys(bikes)
-        for session in active:
-            by_bike[session.bike_id] = session
-        return by_bike, named
+                for r in waiting
+            ],
+        )
 
-    async def due_bikes(
-        self, grace_cutoff: datetime, abandon_cutoff: datetime, loaded: Iterable[str]
-    ) -> list[str]:
-        """Bikes not in memory whose Active session's grace ran out or that went dark."""
+    async def load_sessions(self, conn: Conn, session_ids: Iterable[UUID]) -> list[Session]:
+        rows = await conn.fetch(
+            "SELECT * FROM sessions WHERE session_id = ANY($1::uuid[])", list(session_ids)
+        )
+        return [session_from_row(r) for r in rows]
+
+    async def load_samples(
+        self, conn: Conn, keys: Iterable[tuple[UUID, int]]
+    ) -> list[TelemetrySample]:
+        """The stored samples at these (session id, seq): the rare path of a taken seq."""
+        pairs = list(keys)
+        rows = await conn.fetch(
+            "SELECT t.* FROM telemetry t JOIN unnest($1::uuid[], $2::integer[]) AS k(sid, seq)"
+            " ON t.session_id = k.sid AND t.seq = k.seq",
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+        )
+        return [_sample(r) for r in rows]
+
+    async def due_bikes(self, grace_cutoff: datetime, abandon_cutoff: datetime) -> list[str]:
+        """Bikes with a session whose grace ran out or that went dark, or an overdue message."""
         rows = await self.pool.fetch(
-            "SELECT bike_id FROM sessions WHERE state = 'active'"
-            " AND (end_received_at <= $1 OR last_heard_at <= $2)"
-            " AND NOT (bike_id = ANY($3::text[]))",
+            "SELECT bike_id FROM sessions WHERE state = 'active' AND end_received_at <= $1"
+            " UNION SELECT bike_id FROM sessions WHERE state = 'active' AND last_heard_at <= $2"
+            " UNION SELECT bike_id FROM waiting_messages WHERE received_at <= $1",
             grace_cutoff,
             abandon_cutoff,
-            list(loaded),
         )
         return [r["bike_id"] for r in rows]
 
-    # -- committing ----------------------------------------------------------------------
+    # -- writing ---------------------------------------------------------------------------
 
-    async def commit(self, events: Sequence[Event], rejected: Sequence[RejectedMessage]) -> None:
-        """Write a batch's events and rejections, with their outbox rows, in one transaction."""
+    async def write(
+        self,
+        conn: Conn,
+        events: Sequence[Event],
+        changed: Sequence[Session],
+        outbox: Sequence[OutboxEntry],
+        rejections: Sequence[RejectionRow],
+        waiting_payloads: dict[bytes, tuple[str, bytes]],
+    ) -> None:
+        """Write a batch's decisions inside the caller's transaction."""
         starts: list[tuple[Any, ...]] = []
         samples: list[tuple[Any, ...]] = []
-        touches: dict[UUID, list[Any]] = {}
-        finals: list[FinalizedSession] = []
+        deferred: list[tuple[Any, ...]] = []
+        settled: list[tuple[Any, ...]] = []
         for event in events:
-            if isinstance(event, SessionStarted):
-                starts.append(
-                    (
-                        event.session_id,
-                        event.bike_id,
-                        str(event.kind),
-                        event.party_id,
-                        event.started_at,
-                        event.received_at,
-                    )
-                )
-            elif isinstance(event, TelemetrySampleAccepted):
+            if isinstance(event, TelemetrySampleAccepted):
                 s = event.sample
                 samples.append(
                     (
@@ -212,120 +282,121 @@ class Store:
                         event.received_at,
                     )
                 )
-                touch = touches.setdefault(
-                    s.session_id, [s.session_id, event.received_at, None, None, None]
+            elif isinstance(event, SessionStarted):
+                starts.append(
+                    (
+                        event.session_id,
+                        event.bike_id,
+                        str(event.kind),
+                        event.party_id,
+                        event.started_at,
+                        event.received_at,
+                    )
                 )
-                touch[1] = max(touch[1], event.received_at)
-            elif isinstance(event, SessionEndReceived):
-                touch = touches.setdefault(
-                    event.session_id, [event.session_id, event.received_at, None, None, None]
+            elif isinstance(event, MessageDeferred):
+                w = event.waiting
+                topic, payload = waiting_payloads[w.ref]
+                sample = getattr(w.command, "sample", None)
+                deferred.append(
+                    (
+                        event.bike_id,
+                        w.ref,
+                        topic,
+                        payload,
+                        w.received_at,
+                        w.command.session_id,
+                        sample.telemetry_id if sample is not None else None,
+                    )
                 )
-                touch[1:] = [
-                    max(touch[1], event.received_at),
-                    event.ended_at,
-                    event.last_seq,
-                    event.received_at,
-                ]
-            elif isinstance(event, SessionFinalized):
-                finals.append(event.session)
-        outbox: list[tuple[Any, ...]] = []
-        for session in finals:
-            topic, payload = finalized_message(self.prefix, session)
-            outbox.append((session.finalized_at, "session_finalized", topic, payload))
-            topic, payload = billing_message(self.prefix, bill(session, self.pricing))
-            outbox.append((session.finalized_at, "billing", topic, payload))
-        async with self.pool.acquire() as conn, conn.transaction():
-            if starts:
-                await conn.executemany(
-                    "INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at,"
-                    " received_at, last_heard_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
-                    starts,
-                )
-            if samples:
-                await conn.copy_records_to_table(
-                    "telemetry", records=samples, columns=_TELEMETRY_COLUMNS
-                )
-            if touches:
-                # One statement for the whole batch. last_heard_at only feeds the abandonment
-                # timeout (hours), so a row is rewritten for it at most every 30 s.
-                columns = list(zip(*touches.values(), strict=True))
-                await conn.execute(
-                    "UPDATE sessions s SET last_heard_at = GREATEST(s.last_heard_at, t.heard),"
-                    " ended_at = COALESCE(t.ended_at, s.ended_at),"
-                    " last_seq = COALESCE(t.last_seq, s.last_seq),"
-                    " end_received_at = COALESCE(t.end_received_at, s.end_received_at)"
-                    " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[],"
-                    " $4::integer[], $5::timestamptz[])"
-                    " AS t(session_id, heard, ended_at, last_seq, end_received_at)"
-                    " WHERE s.session_id = t.session_id AND (t.last_seq IS NOT NULL"
-                    " OR s.last_heard_at < t.heard - INTERVAL '30 seconds')",
-                    *[list(c) for c in columns],
-                )
-            if finals:
-                await conn.executemany(
-                    "UPDATE sessions SET state = 'finalized', ended_at = $2, energy_wh = $3,"
-                    " distance_m = $4, telemetry_count = $5, missing_samples = $6,"
-                    " end_reason = $7, finalized_at = $8 WHERE session_id = $1",
-                    [
-                        (
-                            s.session_id,
-                            s.ended_at,
-                            s.energy_wh,
-                            s.distance_m,
-                            s.telemetry_count,
-                            s.missing_samples,
-                            str(s.end_reason),
-                            s.finalized_at,
-                        )
-                        for s in finals
-                    ],
-                )
-            if outbox:
-                await conn.executemany(
-                    "INSERT INTO outbox (created_at, event, topic, payload)"
-                    " VALUES ($1, $2, $3, $4)",
-                    outbox,
-                )
-            if rejected:
-                await conn.executemany(
-                    "WITH kept AS (INSERT INTO rejected_messages (received_at, topic, bike_id,"
-                    " reason, detail, session_id, telemetry_id, payload, payload_size,"
-                    " payload_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-                    " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING RETURNING 1)"
-                    " INSERT INTO outbox (created_at, event, topic, payload)"
-                    " SELECT $1, 'rejection', $11, $12 FROM kept WHERE $11::text IS NOT NULL",
-                    [self._rejection_row(r) for r in rejected],
-                )
-
-    def _rejection_row(self, kept: RejectedMessage) -> tuple[Any, ...]:
-        r = kept.rejection
-        topic: str | None = None
-        payload: bytes | None = None
-        if r.bike_id:
-            topic, payload = rejection_message(
-                self.prefix,
-                r.bike_id,
-                r.topic,
-                r.reason,
-                r.detail,
-                kept.received_at,
-                r.session_id,
-                r.telemetry_id,
+            elif isinstance(event, DeferredMessageSettled):
+                settled.append((event.bike_id, event.waiting.ref, event.reason, event.detail))
+        if starts:
+            await conn.executemany(
+                "INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at,"
+                " received_at, last_heard_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+                starts,
             )
-        return (
-            kept.received_at,
-            r.topic,
-            r.bike_id,
-            r.reason,
-            r.detail,
-            r.session_id,
-            r.telemetry_id,
-            kept.payload[: self.payload_cap],
-            len(kept.payload),
-            hashlib.sha256(kept.payload).digest(),
-            topic,
-            payload,
-        )
+        if samples:
+            await conn.copy_records_to_table(
+                "telemetry", records=samples, columns=_TELEMETRY_COLUMNS
+            )
+        if changed:
+            await conn.execute(
+                "UPDATE sessions s SET last_heard_at = t.last_heard_at, ended_at = t.ended_at,"
+                " last_seq = t.last_seq, end_received_at = t.end_received_at,"
+                " energy_wh = t.energy_wh, distance_m = t.distance_m,"
+                " telemetry_count = t.telemetry_count, seq_ranges = t.seq_ranges::integer[],"
+                " latest_emitted_at = t.latest_emitted_at, state = t.state,"
+                " missing_samples = t.missing_samples, end_reason = t.end_reason,"
+                " finalized_at = t.finalized_at"
+                " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::integer[],"
+                " $5::timestamptz[], $6::numeric[], $7::numeric[], $8::integer[], $9::text[],"
+                " $10::timestamptz[], $11::text[], $12::integer[], $13::text[],"
+                " $14::timestamptz[]) AS t(session_id, last_heard_at, ended_at, last_seq,"
+                " end_received_at, energy_wh, distance_m, telemetry_count, seq_ranges,"
+                " latest_emitted_at, state, missing_samples, end_reason, finalized_at)"
+                " WHERE s.session_id = t.session_id",
+                *_summary_columns(changed),
+            )
+        if deferred:
+            await conn.executemany(
+                "INSERT INTO waiting_messages (bike_id, ref, topic, payload, received_at,"
+                " session_id, telemetry_id) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " ON CONFLICT DO NOTHING",
+                deferred,
+            )
+        if settled:
+            # A settled message leaves the waiting room; a rejected one is kept as a rejection
+            # with its raw payload (its answer is in ``outbox``).
+            await conn.execute(
+                "WITH gone AS (DELETE FROM waiting_messages w"
+                " USING unnest($1::text[], $2::bytea[], $3::text[], $4::text[])"
+                " AS x(bike_id, ref, reason, detail)"
+                " WHERE w.bike_id = x.bike_id AND w.ref = x.ref"
+                " RETURNING w.*, x.reason, x.detail)"
+                " INSERT INTO rejected_messages (received_at, topic, bike_id, reason, detail,"
+                " session_id, telemetry_id, payload, payload_size, payload_sha256)"
+                " SELECT received_at, topic, bike_id, reason, detail, session_id, telemetry_id,"
+                " substring(payload FROM 1 FOR $5), length(payload), sha256(payload)"
+                " FROM gone WHERE reason IS NOT NULL"
+                " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING",
+                *[list(c) for c in zip(*settled, strict=True)],
+                _PAYLOAD_CAP,
+            )
+        if outbox:
+            await conn.executemany(
+                "INSERT INTO outbox (created_at, event, topic, payload) VALUES ($1, $2, $3, $4)",
+                [(o.created_at, o.event, o.topic, o.payload) for o in outbox],
+            )
+        if rejections:
+            await conn.executemany(
+                "WITH kept AS (INSERT INTO rejected_messages (received_at, topic, bike_id,"
+                " reason, detail, session_id, telemetry_id, payload, payload_size,"
+                " payload_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING RETURNING 1)"
+                " INSERT INTO outbox (created_at, event, topic, payload)"
+                " SELECT $1, 'rejection', $11, $12 FROM kept WHERE $11::text IS NOT NULL",
+                [
+                    (
+                        r.received_at,
+                        r.topic,
+                        r.bike_id,
+                        r.reason,
+                        r.detail,
+                        r.session_id,
+                        r.telemetry_id,
+                        r.payload[:_PAYLOAD_CAP],
+                        r.payload_size,
+                        r.payload_sha256,
+                        r.answer.topic if r.answer else None,
+                        r.answer.payload if r.answer else None,
+                    )
+                    for r in rejections
+                ],
+            )
+
+    async def waiting_count(self) -> int:
+        return int(await self.pool.fetchval("SELECT count(*) FROM waiting_messages"))
 
     # -- outbox --------------------------------------------------------------------------
 
@@ -349,48 +420,5 @@ class Store:
     async def prune_outbox(self, published_before: datetime) -> None:
         await self.pool.execute("DELETE FROM outbox WHERE published_at < $1", published_before)
 
-    # -- reading (traceability, analytics) -------------------------------------------------
 
-    async def session_view(self, session_id: UUID) -> dict[str, Any] | None:
-        """A session, its stored sample count and (when finalized) its billing record."""
-        row = await self.pool.fetchrow("SELECT * FROM sessions WHERE session_id = $1", session_id)
-        if row is None:
-            return None
-        stored = await self.pool.fetchval(
-            "SELECT count(*) FROM telemetry WHERE session_id = $1", session_id
-        )
-        view: dict[str, Any] = {
-            "session_id": str(row["session_id"]),
-            "bike_id": row["bike_id"],
-            "kind": row["kind"],
-            SessionKind(row["kind"]).party_field: row["party_id"],
-            "state": row["state"],
-            "started_at": row["started_at"].isoformat(),
-            "stored_telemetry_count": int(stored),
-        }
-        if row["state"] == "finalized":
-            session = finalized_from_row(row)
-            view["finalized"] = json.loads(finalized_message(self.prefix, session)[1])
-            view["billing"] = bill(session, self.pricing).to_payload()
-        else:
-            view["last_heard_at"] = row["last_heard_at"].isoformat()
-            if row["last_seq"] is not None:
-                view["end"] = {
-                    "occurred_at": row["ended_at"].isoformat(),
-                    "last_seq": row["last_seq"],
-                }
-        return view
-
-    async def finalized_sessions(
-        self, since: datetime | None, until: datetime | None, bike_id: str | None
-    ) -> list[FinalizedSession]:
-        rows = await self.pool.fetch(
-            "SELECT * FROM sessions WHERE state = 'finalized'"
-            " AND ($1::timestamptz IS NULL OR started_at >= $1)"
-            " AND ($2::timestamptz IS NULL OR started_at < $2)"
-            " AND ($3::text IS NULL OR bike_id = $3) ORDER BY started_at, session_id",
-            since,
-            until,
-            bike_id,
-        )
-        return [finalized_from_row(r) for r in rows]
+_PAYLOAD_CAP = 4096  # bytes of a rejected payload kept; payload_size says what was received

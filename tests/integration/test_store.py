@@ -16,14 +16,15 @@ import asyncpg
 import pytest
 
 from daemon.db.migrate import ensure_database, migrate
-from daemon.db.store import RejectedMessage, Store
-from daemon.mqtt.schemas import Rejection
+from daemon.db.store import Store
+from daemon.db.unit_of_work import Arrival, Settled, UnitOfWork
+from daemon.mqtt.schemas import Inbound, Rejection, TopicKind, decode
 from domain.billing import PricingRules, parse_pricing
-from domain.commands import Command
-from domain.events import SessionFinalized
-from domain.fleet import Fleet
+from domain.commands import Command, RecordTelemetry, StartSession
+from domain.events import DeferredMessageSettled, Outcome, SessionFinalized
+from domain.seqs import SeqRanges
 from domain.session import Session
-from domain.session_values import EndReason
+from domain.session_values import EndReason, SessionPolicy
 from tests.builders import T0, bike_id, end, sample, start
 
 pytestmark = pytest.mark.integration
@@ -46,6 +47,10 @@ FIXED_TOTALS = {
 }
 
 
+# Kept from the start (a session's summary), so NOT NULL for every session.
+RUNNING_TOTALS = ("energy_wh", "distance_m", "telemetry_count")
+
+
 # -- fixtures and helpers --------------------------------------------------------------------
 
 
@@ -56,8 +61,8 @@ def pricing() -> PricingRules:
 
 
 @pytest.fixture
-def store(pool: asyncpg.Pool, pricing: PricingRules) -> Store:
-    return Store(pool, PREFIX, pricing)
+def store(pool: asyncpg.Pool) -> Store:
+    return Store(pool)
 
 
 @pytest.fixture
@@ -78,14 +83,71 @@ async def spare_database_url(postgres_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-def handle(fleet: Fleet, command: Command, now: datetime = NOW) -> None:
-    if command.bike_id not in fleet.bikes:
-        fleet.load_bike(command.bike_id, None)
-    fleet.handle(command, now)
+def unit_of_work(store: Store, pricing: PricingRules) -> UnitOfWork:
+    return UnitOfWork(store, SessionPolicy(), pricing, prefix=PREFIX, max_payload_bytes=16_384)
+
+
+@pytest.fixture
+def uow(store: Store, pricing: PricingRules) -> UnitOfWork:
+    return unit_of_work(store, pricing)
+
+
+def payload_of(command: Command) -> bytes:
+    """The JSON a bike would publish for this command."""
+    if isinstance(command, RecordTelemetry):
+        s = command.sample
+        document: dict[str, Any] = {
+            "telemetry_id": str(s.telemetry_id),
+            "session_id": str(s.session_id),
+            "seq": s.seq,
+            "emitted_at": s.emitted_at.at.isoformat(),
+            "energy_wh": float(s.energy.wh),
+        }
+        if s.distance is not None:
+            document["distance_m"] = float(s.distance.m)
+        if s.soc is not None:
+            document["soc_pct"] = float(s.soc.pct)
+    elif isinstance(command, StartSession):
+        document = {
+            "event": f"{command.kind}_started",
+            "session_id": str(command.session_id),
+            command.kind.party_field: command.party_id,
+            "occurred_at": command.occurred_at.isoformat(),
+        }
+    else:
+        document = {
+            "event": f"{command.kind}_ended",
+            "session_id": str(command.session_id),
+            "occurred_at": command.occurred_at.isoformat(),
+            "last_seq": command.last_seq,
+        }
+    return json.dumps(document).encode()
+
+
+def arrival(command: Command, now: datetime = NOW) -> Arrival:
+    """A message as the pipeline hands it over: its JSON, decoded by the edge."""
+    kind = "telemetry" if isinstance(command, RecordTelemetry) else "lifecycle"
+    topic = f"{PREFIX}/bikes/{command.bike_id}/{kind}"
+    payload = payload_of(command)
+    inbound = decode(topic, payload, PREFIX, 16_384)
+    assert inbound.command == command, inbound
+    return Arrival(topic, payload, now, inbound)
+
+
+async def commit_settled(
+    uow: UnitOfWork, *commands: Command, now: datetime = NOW
+) -> tuple[list[Settled], list[Any]]:
+    return await uow.commit_batch([arrival(c, now) for c in commands])
+
+
+async def commit(uow: UnitOfWork, *commands: Command, now: datetime = NOW) -> list[Any]:
+    settled, events = await commit_settled(uow, *commands, now=now)
+    assert all(s.rejection is None and s.dropped is None for s in settled), settled
+    return events
 
 
 def snapshot(session: Session) -> tuple[Any, ...]:
-    """Everything a session is made of, so that two sessions compare by value."""
+    """Everything a session summary is made of, so that two sessions compare by value."""
     return (
         type(session),
         session.session_id,
@@ -94,7 +156,10 @@ def snapshot(session: Session) -> tuple[Any, ...]:
         session.started_at,
         session.last_heard_at,
         session.end,
-        session.samples,
+        session.energy_wh,
+        session.distance_m,
+        session.seqs,
+        session.latest_emitted_at,
         session.finalized,
         session.state,
     )
@@ -104,30 +169,26 @@ def finalized_events(events: list[Any]) -> list[SessionFinalized]:
     return [e for e in events if isinstance(e, SessionFinalized)]
 
 
-async def commit_finalized_ride(store: Store, bike: str) -> uuid.UUID:
+async def commit_finalized_ride(uow: UnitOfWork, bike: str) -> uuid.UUID:
     """A ride of 1000 + 234.5 Wh, ended and complete, committed in one batch."""
-    fleet = Fleet()
     begun = start(bike)
-    for command in (begun, sample(begun, 1, "1000"), sample(begun, 2, "234.5"), end(begun, 2)):
-        handle(fleet, command)
-    await store.commit(fleet.pop_events(), [])
+    await commit(uow, begun, sample(begun, 1, "1000"), sample(begun, 2, "234.5"), end(begun, 2))
     return begun.session_id
 
 
-async def commit_bike(store: Store, heard_at: datetime, end_received_at: datetime | None) -> str:
+async def commit_bike(uow: UnitOfWork, heard_at: datetime, end_received_at: datetime | None) -> str:
     """A bike whose Active session was last heard at `heard_at`, its end pending or not."""
     bike = bike_id()
-    fleet = Fleet()
     begun = start(bike)
-    handle(fleet, begun, now=heard_at)
+    await commit(uow, begun, now=heard_at)
     if end_received_at is not None:
-        handle(fleet, end(begun, last_seq=1), now=end_received_at)
-    await store.commit(fleet.pop_events(), [])
+        await commit(uow, end(begun, last_seq=1), now=end_received_at)
     return bike
 
 
 async def insert_active(conn: Any, bike: str) -> uuid.UUID:
     session_id = uuid.uuid4()
+    await conn.execute("INSERT INTO bikes (bike_id) VALUES ($1) ON CONFLICT DO NOTHING", bike)
     await conn.execute(
         "INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at, received_at,"
         " last_heard_at) VALUES ($1, $2, 'ride', 'rider-1', $3, $3, $3)",
@@ -183,13 +244,10 @@ async def insert_rejected(conn: Any) -> int:
     return row_id
 
 
-def rejected(
-    bike: str | None, payload: bytes = b'{"seq": ', topic: str | None = None
-) -> RejectedMessage:
+def rejected(bike: str | None, payload: bytes = b'{"seq": ', topic: str | None = None) -> Arrival:
     topic = topic or f"{PREFIX}/bikes/{bike}/telemetry"
-    return RejectedMessage(
-        Rejection(topic, bike, "malformed_json", "payload is not JSON"), payload, NOW
-    )
+    rejection = Rejection(topic, bike, "malformed_json", "payload is not JSON")
+    return Arrival(topic, payload, NOW, Inbound(TopicKind.TELEMETRY, bike, rejection=rejection))
 
 
 async def outbox_rows(conn: Any, topic: str) -> list[asyncpg.Record]:
@@ -250,6 +308,62 @@ async def test_ensure_database_creates_a_missing_database(postgres_url, spare_da
         await admin.close()
     assert created is True
     assert exists is True
+
+
+async def test_version_2_backfills_summaries_of_sessions_written_by_version_1(spare_database_url):
+    await ensure_database(spare_database_url)
+    conn = await asyncpg.connect(spare_database_url)
+    try:
+        folder = resources.files("daemon.db").joinpath("migrations")
+        await conn.execute(folder.joinpath("001_initial.sql").read_text())
+        await conn.execute(
+            "CREATE TABLE schema_migrations (name text PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now());"
+            " INSERT INTO schema_migrations (name) VALUES ('001_initial')"
+        )
+        done, active = uuid.uuid4(), uuid.uuid4()
+        for session_id, seqs in ((done, (1,)), (active, (1, 2, 3, 5))):
+            await conn.execute(
+                "INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at,"
+                " received_at, last_heard_at) VALUES ($1, 'bike-v1', 'ride', 'r', $2, $2, $2)",
+                session_id,
+                T0,
+            )
+            for seq in seqs:
+                await conn.execute(
+                    "INSERT INTO telemetry (telemetry_id, session_id, bike_id, seq, emitted_at,"
+                    " energy_wh, distance_m, received_at) VALUES ($1, $2, 'bike-v1', $3, $4,"
+                    " $5, 2, $4)",
+                    uuid.uuid4(),
+                    session_id,
+                    seq,
+                    T0 + timedelta(seconds=seq),
+                    Decimal("1.25"),
+                )
+            if session_id == done:
+                await finalize(conn, done)
+
+        applied = await migrate(conn)
+
+        rows = {
+            r["session_id"]: r
+            for r in await conn.fetch("SELECT * FROM sessions WHERE bike_id = 'bike-v1'")
+        }
+        bikes = await conn.fetch("SELECT bike_id, version FROM bikes")
+    finally:
+        await conn.close()
+    assert "002_scale_safe_sessions" in applied
+    summary = rows[active]
+    assert summary["seq_ranges"] == [1, 3, 5, 5]
+    assert (summary["energy_wh"], summary["distance_m"], summary["telemetry_count"]) == (
+        Decimal(5),
+        Decimal(8),
+        4,
+    )
+    assert summary["latest_emitted_at"] == T0 + timedelta(seconds=5)
+    # A finalized session keeps its fixed totals (here 0, as finalized) and gets its seqs.
+    assert (rows[done]["energy_wh"], rows[done]["seq_ranges"]) == (Decimal(0), [1, 1])
+    assert [(b["bike_id"], b["version"]) for b in bikes] == [("bike-v1", 1)]
 
 
 # -- invariants PostgreSQL enforces by itself --------------------------------------------------
@@ -393,7 +507,7 @@ async def test_a_rejected_message_cannot_be_deleted(conn):
     assert sqlstate_of(refused) == "23000"
 
 
-@pytest.mark.parametrize("missing", sorted(FIXED_TOTALS))
+@pytest.mark.parametrize("missing", sorted(set(FIXED_TOTALS) - set(RUNNING_TOTALS)))
 async def test_a_finalized_session_without_totals_violates_the_check_constraint(conn, missing):
     totals = {**FIXED_TOTALS, missing: None}
     columns = ", ".join(totals)
@@ -412,17 +526,34 @@ async def test_a_finalized_session_without_totals_violates_the_check_constraint(
     assert refused.value.constraint_name == "finalized_sessions_have_fixed_totals"
 
 
+@pytest.mark.parametrize("missing", RUNNING_TOTALS)
+async def test_a_session_without_its_running_totals_is_refused_whatever_its_state(conn, missing):
+    bike = bike_id()
+    await conn.execute("INSERT INTO bikes (bike_id) VALUES ($1)", bike)
+    with pytest.raises(asyncpg.NotNullViolationError):
+        await conn.execute(
+            "INSERT INTO sessions (session_id, bike_id, started_at, kind, party_id,"
+            f" received_at, last_heard_at, {missing}) VALUES ($1, $2, $3, 'ride', 'rider-1',"
+            " $3, $3, NULL)",
+            uuid.uuid4(),
+            bike,
+            T0,
+        )
+
+
 async def test_a_finalized_session_with_its_totals_is_accepted(conn):
     columns = ", ".join(FIXED_TOTALS)
     values = ", ".join(f"${i}" for i in range(4, 4 + len(FIXED_TOTALS)))
     session_id = uuid.uuid4()
+    bike = bike_id()
+    await conn.execute("INSERT INTO bikes (bike_id) VALUES ($1)", bike)
 
     await conn.execute(
         "INSERT INTO sessions (session_id, bike_id, started_at, kind, party_id, state,"
         f" received_at, last_heard_at, {columns}) VALUES ($1, $2, $3, 'ride', 'rider-1',"
         f" 'finalized', $3, $3, {values})",
         session_id,
-        bike_id(),
+        bike,
         T0,
         *FIXED_TOTALS.values(),
     )
@@ -431,104 +562,95 @@ async def test_a_finalized_session_with_its_totals_is_accepted(conn):
     assert state == "finalized"
 
 
-# -- committing and loading ------------------------------------------------------------------
+# -- committing and loading through the unit of work --------------------------------------------
 
 
-async def test_an_active_session_with_its_end_pending_loads_back_equal(store):
+async def test_an_active_session_with_its_end_pending_loads_back_as_its_summary(store, uow):
     bike = bike_id()
-    fleet = Fleet()
     begun = start(bike)
-    handle(fleet, begun)
-    handle(fleet, sample(begun, 1, "12.5", distance="40", soc="81"))
-    handle(fleet, sample(begun, 2, "7"), now=NOW + timedelta(seconds=1))
-    handle(fleet, end(begun, last_seq=3), now=NOW + timedelta(seconds=2))
-    await store.commit(fleet.pop_events(), [])
+    await commit(uow, begun, sample(begun, 1, "12.5", distance="40", soc="81"))
+    await commit(uow, sample(begun, 2, "7"), now=NOW + timedelta(seconds=1))
+    await commit(uow, end(begun, last_seq=4), now=NOW + timedelta(seconds=2))
+    cached = uow.fleet.bikes[bike].current
 
-    by_bike, _ = await store.load([bike], [begun.session_id])
+    async with store.pool.acquire() as conn:
+        active, waiting = await store.load_bikes(conn, [bike])
 
-    loaded = by_bike[bike]
-    assert loaded is not None
-    assert loaded.end is not None
-    assert snapshot(loaded) == snapshot(fleet.sessions[begun.session_id])
+    assert waiting == []
+    assert snapshot(active[bike]) == snapshot(cached)
+    assert active[bike].seqs == SeqRanges(((1, 2),))
+    assert (active[bike].energy_wh, active[bike].distance_m) == (Decimal("19.5"), Decimal(40))
 
 
-async def test_a_sample_heard_minutes_later_moves_the_stored_last_heard_at(store):
-    # Minutes, not seconds: the store may skip rewriting last_heard_at for a few seconds' news.
+async def test_a_session_finalized_in_a_later_batch_loads_back_with_its_fixed_record(store, uow):
     bike = bike_id()
-    fleet = Fleet()
     begun = start(bike)
-    handle(fleet, begun)
-    handle(fleet, sample(begun, 1), now=NOW + timedelta(seconds=1))
-    handle(fleet, sample(begun, 2), now=NOW + timedelta(minutes=10))
-    await store.commit(fleet.pop_events(), [])
-
-    by_bike, _ = await store.load([bike], [])
-
-    loaded = by_bike[bike]
-    assert loaded is not None
-    assert loaded.last_heard_at == NOW + timedelta(minutes=10)
-
-
-async def test_a_session_finalized_in_a_later_batch_loads_back_equal_to_its_finalized_event(store):
-    bike = bike_id()
-    fleet = Fleet()
-    begun = start(bike)
-    handle(fleet, begun)
-    handle(fleet, sample(begun, 1, "1000", distance="500"))
-    await store.commit(fleet.pop_events(), [])
-    handle(fleet, sample(begun, 2, "234.5"), now=NOW + timedelta(seconds=1))
-    handle(fleet, end(begun, last_seq=2), now=NOW + timedelta(seconds=2))
-    events = fleet.pop_events()
+    await commit(uow, begun, sample(begun, 1, "1000", distance="500"))
+    events = await commit(
+        uow, sample(begun, 2, "234.5"), end(begun, last_seq=2), now=NOW + timedelta(seconds=1)
+    )
     (finalized,) = finalized_events(events)
-    await store.commit(events, [])
 
-    by_bike, named = await store.load([bike], [begun.session_id])
+    async with store.pool.acquire() as conn:
+        active, _ = await store.load_bikes(conn, [bike])
+        (loaded,) = await store.load_sessions(conn, [begun.session_id])
 
-    assert by_bike == {bike: None}
-    (loaded,) = named
+    assert active == {}
     assert loaded.finalized == finalized.session
-    assert snapshot(loaded) == snapshot(fleet.sessions[begun.session_id])
+    assert finalized.session.energy_wh == Decimal("1234.5")
+    assert loaded.seqs == SeqRanges(((1, 2),))
 
 
-async def test_an_abandoned_session_loads_back_finalized_without_an_end(store):
+async def test_an_abandoned_session_is_finalized_by_the_sweep_without_an_end(store, uow):
     bike = bike_id()
-    fleet = Fleet()
     begun = start(bike)
-    handle(fleet, begun)
-    handle(fleet, sample(begun, 1, "3"))
-    await store.commit(fleet.pop_events(), [])
-    (finalized,) = fleet.expire(NOW + timedelta(hours=25))
-    await store.commit(fleet.pop_events(), [])
+    await commit(uow, begun, sample(begun, 1, "3"))
 
-    _, (loaded,) = await store.load([], [begun.session_id])
+    events = await uow.expire([bike], NOW + timedelta(hours=25))
 
+    (finalized,) = finalized_events(events)
+    async with store.pool.acquire() as conn:
+        (loaded,) = await store.load_sessions(conn, [begun.session_id])
     assert finalized.session.end_reason is EndReason.TIMED_OUT
     assert loaded.end is None
     assert loaded.finalized == finalized.session
 
 
-async def test_a_start_during_the_grace_period_commits_with_the_old_sessions_finalization(store):
+async def test_a_start_during_the_grace_period_commits_with_the_old_sessions_finalization(
+    store, uow
+):
     bike = bike_id()
-    fleet = Fleet()
     first = start(bike)
-    handle(fleet, first)
-    handle(fleet, end(first, last_seq=1))
-    await store.commit(fleet.pop_events(), [])
+    await commit(uow, first, end(first, last_seq=1))
     second = start(bike, at=T0 + timedelta(minutes=40))
-    handle(fleet, second, now=NOW + timedelta(seconds=1))
-    await store.commit(fleet.pop_events(), [])
+    await commit(uow, second, now=NOW + timedelta(seconds=1))
 
-    by_bike, (old,) = await store.load([bike], [first.session_id])
+    async with store.pool.acquire() as conn:
+        active, _ = await store.load_bikes(conn, [bike])
+        (old,) = await store.load_sessions(conn, [first.session_id])
 
-    active = by_bike[bike]
-    assert active is not None
-    assert active.session_id == second.session_id
+    assert active[bike].session_id == second.session_id
     assert old.finalized is not None
+    assert old.finalized.missing_samples == 1
 
 
-async def test_committing_a_finalized_session_writes_one_finalized_outbox_row(store, conn):
+async def test_a_redelivered_sample_is_told_from_a_clash_by_loading_only_that_sample(store, uow):
     bike = bike_id()
-    session_id = await commit_finalized_ride(store, bike)
+    begun = start(bike)
+    once = sample(begun, 1, "10")
+    await commit(uow, begun, once)
+    uow.reset()  # a restart: the cache is empty, the store has the summary
+
+    (dup,) = (await commit_settled(uow, once))[0]
+    (clash,) = (await commit_settled(uow, sample(begun, 1, "11")))[0]
+
+    assert dup.outcome is Outcome.DUPLICATE
+    assert clash.rejection.reason == "session_id_conflict"
+
+
+async def test_committing_a_finalized_session_writes_one_finalized_outbox_row(uow, conn):
+    bike = bike_id()
+    session_id = await commit_finalized_ride(uow, bike)
 
     rows = await outbox_rows(conn, f"{PREFIX}/bikes/{bike}/sessions/finalized")
 
@@ -538,9 +660,9 @@ async def test_committing_a_finalized_session_writes_one_finalized_outbox_row(st
     assert document["energy_wh"] == "1234.5"
 
 
-async def test_committing_a_finalized_ride_of_1234_5_wh_writes_one_billing_row_of_0_37(store, conn):
+async def test_committing_a_finalized_ride_of_1234_5_wh_writes_one_billing_row_of_0_37(uow, conn):
     bike = bike_id()
-    session_id = await commit_finalized_ride(store, bike)
+    session_id = await commit_finalized_ride(uow, bike)
 
     rows = await outbox_rows(conn, f"{PREFIX}/bikes/{bike}/billing")
 
@@ -551,46 +673,101 @@ async def test_committing_a_finalized_ride_of_1234_5_wh_writes_one_billing_row_o
     assert (document["amount"], document["currency"]) == ("0.37", "EUR")
 
 
+# -- several writers -------------------------------------------------------------------------
+
+
+async def test_two_instances_writing_one_bike_in_turn_keep_exact_totals(store, pricing):
+    first, second = unit_of_work(store, pricing), unit_of_work(store, pricing)
+    bike = bike_id()
+    begun = start(bike)
+    await commit(first, begun)
+    for seq in range(1, 11):  # round robin, as a shared subscription spreads them
+        await commit(first if seq % 2 else second, sample(begun, seq, "1.5"))
+    events = await commit(second, end(begun, 10), now=NOW + timedelta(seconds=1))
+
+    (record,) = [e.session for e in finalized_events(events)]
+    assert (record.energy_wh, record.telemetry_count, record.missing_samples) == (
+        Decimal(15),
+        10,
+        0,
+    )
+
+
+async def test_a_sample_waiting_on_one_instance_is_applied_where_its_start_arrives(
+    store, pricing, conn
+):
+    first, second = unit_of_work(store, pricing), unit_of_work(store, pricing)
+    bike = bike_id()
+    begun = start(bike)
+    (early,), _ = await commit_settled(first, sample(begun, 1, "42"))
+    assert early.outcome is Outcome.DEFERRED
+    assert await conn.fetchval("SELECT count(*) FROM waiting_messages WHERE bike_id = $1", bike)
+
+    await commit(second, begun, now=NOW + timedelta(seconds=1))
+
+    async with store.pool.acquire() as c:
+        active, waiting = await store.load_bikes(c, [bike])
+    assert (active[bike].energy_wh, waiting) == (Decimal(42), [])
+
+
+async def test_a_waiting_message_whose_grace_ran_out_is_kept_and_answered_as_a_rejection(
+    store, uow, conn
+):
+    bike = bike_id()
+    orphan = sample(start(bike), 1)
+    await commit(uow, orphan)
+
+    events = await uow.expire([bike], NOW + timedelta(seconds=6))
+
+    assert [e.reason for e in events if isinstance(e, DeferredMessageSettled)] == [
+        "unknown_session"
+    ]
+    kept = await conn.fetchrow("SELECT * FROM rejected_messages WHERE bike_id = $1", bike)
+    assert (kept["reason"], kept["telemetry_id"]) == (
+        "unknown_session",
+        orphan.sample.telemetry_id,
+    )
+    answers = await outbox_rows(conn, f"{PREFIX}/bikes/{bike}/rejections")
+    assert [json.loads(r["payload"])["reason"] for r in answers] == ["unknown_session"]
+    assert not await conn.fetchval("SELECT count(*) FROM waiting_messages WHERE bike_id = $1", bike)
+
+
+async def test_a_writer_holding_a_bike_makes_another_wait_until_it_commits(store, pool):
+    bike = bike_id()
+    async with pool.acquire() as holder, pool.acquire() as other:
+        async with holder.transaction():
+            (version,) = (await store.lock_bikes(holder, [bike])).values()
+            async with other.transaction():
+                await other.execute("SET LOCAL lock_timeout = '200ms'")
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    await store.lock_bikes(other, [bike])
+        assert await store.lock_bikes(other, [bike]) == {bike: version + 1}
+
+
 # -- sessions due for expiry -----------------------------------------------------------------
 
 
-async def test_due_bikes_include_a_bike_whose_end_grace_ran_out(store):
+async def test_due_bikes_include_a_bike_whose_end_grace_ran_out(store, uow):
+    bike = await commit_bike(uow, heard_at=NOW, end_received_at=GRACE_CUTOFF - timedelta(seconds=1))
+
+    assert bike in await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF)
+
+
+async def test_due_bikes_include_a_bike_that_went_dark(store, uow):
     bike = await commit_bike(
-        store, heard_at=NOW, end_received_at=GRACE_CUTOFF - timedelta(seconds=1)
+        uow, heard_at=ABANDON_CUTOFF - timedelta(seconds=1), end_received_at=None
     )
 
-    assert bike in await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF, loaded=[])
+    assert bike in await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF)
 
 
-async def test_due_bikes_include_a_bike_that_went_dark(store):
-    bike = await commit_bike(
-        store, heard_at=ABANDON_CUTOFF - timedelta(seconds=1), end_received_at=None
-    )
-
-    assert bike in await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF, loaded=[])
-
-
-async def test_due_bikes_leave_out_bikes_already_loaded(store):
-    ended = await commit_bike(
-        store, heard_at=NOW, end_received_at=GRACE_CUTOFF - timedelta(seconds=1)
-    )
-    dark = await commit_bike(
-        store, heard_at=ABANDON_CUTOFF - timedelta(seconds=1), end_received_at=None
-    )
-
-    due = await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF, loaded=[ended, dark])
-
-    assert ended not in due
-    assert dark not in due
-
-
-async def test_due_bikes_leave_out_fresh_bikes(store):
-    heard = await commit_bike(store, heard_at=GRACE_CUTOFF, end_received_at=None)
+async def test_due_bikes_leave_out_fresh_bikes(store, uow):
+    heard = await commit_bike(uow, heard_at=GRACE_CUTOFF, end_received_at=None)
     ending = await commit_bike(
-        store, heard_at=GRACE_CUTOFF, end_received_at=GRACE_CUTOFF + timedelta(seconds=1)
+        uow, heard_at=GRACE_CUTOFF, end_received_at=GRACE_CUTOFF + timedelta(seconds=1)
     )
 
-    due = await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF, loaded=[])
+    due = await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF)
 
     assert heard not in due
     assert ending not in due
@@ -599,61 +776,58 @@ async def test_due_bikes_leave_out_fresh_bikes(store):
 # -- rejections ------------------------------------------------------------------------------
 
 
-async def test_a_redelivered_rejected_message_is_kept_once(store, conn):
+async def test_a_redelivered_rejected_message_is_kept_once(uow, conn):
     message = rejected(bike_id())
 
-    await store.commit([], [message])
-    await store.commit([], [message])
+    await uow.commit_batch([message])
+    await uow.commit_batch([message])
 
     kept = await conn.fetchval(
-        "SELECT count(*) FROM rejected_messages WHERE topic = $1", message.rejection.topic
+        "SELECT count(*) FROM rejected_messages WHERE topic = $1", message.topic
     )
     assert kept == 1
 
 
-async def test_a_redelivered_rejected_message_is_answered_once(store, conn):
+async def test_a_redelivered_rejected_message_is_answered_once(uow, conn):
     bike = bike_id()
     message = rejected(bike)
 
-    await store.commit([], [message])
-    await store.commit([], [message])
+    await uow.commit_batch([message])
+    await uow.commit_batch([message])
 
     rows = await outbox_rows(conn, f"{PREFIX}/bikes/{bike}/rejections")
     assert [r["event"] for r in rows] == ["rejection"]
     document = json.loads(rows[0]["payload"])
-    assert (document["topic"], document["reason"]) == (message.rejection.topic, "malformed_json")
+    assert (document["topic"], document["reason"]) == (message.topic, "malformed_json")
 
 
-async def test_a_rejected_payload_is_stored_capped_with_its_real_size(pool, pricing, conn):
-    store = Store(pool, PREFIX, pricing, payload_cap=16)
-    message = rejected(bike_id(), payload=b"x" * 100)
+async def test_a_rejected_payload_is_stored_capped_with_its_real_size(uow, conn):
+    message = rejected(bike_id(), payload=b"x" * 5000)
 
-    await store.commit([], [message])
+    await uow.commit_batch([message])
 
     row = await conn.fetchrow(
-        "SELECT payload, payload_size FROM rejected_messages WHERE topic = $1",
-        message.rejection.topic,
+        "SELECT payload, payload_size FROM rejected_messages WHERE topic = $1", message.topic
     )
-    assert (row["payload"], row["payload_size"]) == (b"x" * 16, 100)
+    assert (row["payload"], row["payload_size"]) == (b"x" * 4096, 5000)
 
 
-async def test_rejected_payloads_that_differ_only_beyond_the_cap_are_both_kept(pool, pricing, conn):
-    store = Store(pool, PREFIX, pricing, payload_cap=16)
+async def test_rejected_payloads_that_differ_only_beyond_the_cap_are_both_kept(uow, conn):
     bike = bike_id()
 
-    await store.commit([], [rejected(bike, payload=b"x" * 100 + b"1")])
-    await store.commit([], [rejected(bike, payload=b"x" * 100 + b"2")])
+    await uow.commit_batch([rejected(bike, payload=b"x" * 5000 + b"1")])
+    await uow.commit_batch([rejected(bike, payload=b"x" * 5000 + b"2")])
 
     kept = await conn.fetchval(
-        "SELECT count(*) FROM rejected_messages WHERE topic = $1", rejected(bike).rejection.topic
+        "SELECT count(*) FROM rejected_messages WHERE topic = $1", rejected(bike).topic
     )
     assert kept == 2
 
 
-async def test_a_rejected_message_without_a_bike_is_kept_but_not_answered(store, conn):
+async def test_a_rejected_message_without_a_bike_is_kept_but_not_answered(uow, conn):
     topic = f"elsewhere/{uuid.uuid4().hex}"
 
-    await store.commit([], [rejected(None, topic=topic)])
+    await uow.commit_batch([rejected(None, topic=topic)])
 
     kept = await conn.fetchval("SELECT count(*) FROM rejected_messages WHERE topic = $1", topic)
     answered = await conn.fetchval(
@@ -667,10 +841,10 @@ async def test_a_rejected_message_without_a_bike_is_kept_but_not_answered(store,
 # -- the outbox ------------------------------------------------------------------------------
 
 
-async def test_pending_outbox_returns_rows_in_id_order(store, conn):
+async def test_pending_outbox_returns_rows_in_id_order(store, uow, conn):
     bikes = [bike_id(), bike_id()]
     for bike in bikes:
-        await commit_finalized_ride(store, bike)
+        await commit_finalized_ride(uow, bike)
     mine = [r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, bikes)]
     # Rewrite the oldest row so that it sits last in the table, and read the table in its own
     # order: only ORDER BY puts that row first again, whatever plan PostgreSQL would pick.
@@ -684,9 +858,9 @@ async def test_pending_outbox_returns_rows_in_id_order(store, conn):
     assert [i for i in pending if i in mine] == sorted(mine)
 
 
-async def test_marking_rows_published_takes_them_out_of_the_pending_set(store, conn):
+async def test_marking_rows_published_takes_them_out_of_the_pending_set(store, uow, conn):
     bike = bike_id()
-    await commit_finalized_ride(store, bike)
+    await commit_finalized_ride(uow, bike)
     mine = {r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, [bike])}
     assert len(mine) == 2
 
@@ -695,10 +869,10 @@ async def test_marking_rows_published_takes_them_out_of_the_pending_set(store, c
     assert await pending_ids(store, conn, mine) == []
 
 
-async def test_outbox_pending_count_counts_rows_until_they_are_published(store, conn):
+async def test_outbox_pending_count_counts_rows_until_they_are_published(store, uow, conn):
     before = await store.outbox_pending_count()
     bike = bike_id()
-    await commit_finalized_ride(store, bike)
+    await commit_finalized_ride(uow, bike)
     after_commit = await store.outbox_pending_count()
     first, _ = sorted(
         r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, [bike])

@@ -22,6 +22,7 @@ from domain.events import (
 from domain.fleet import Fleet
 from domain.session_values import SessionKind, SessionPolicy
 from tests.builders import T0, end, sample, start
+from tests.unit.harness import FleetHarness, reloaded
 
 BIKES = ["bike-a", "bike-b"]
 
@@ -29,10 +30,8 @@ BIKES = ["bike-a", "bike-b"]
 class FleetMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.fleet = Fleet(SessionPolicy(finalize_grace=timedelta(seconds=5),
-                                         abandon_after=timedelta(minutes=10)))  # fmt: skip
-        for bike in BIKES:
-            self.fleet.load_bike(bike, None)
+        self.fleet = FleetHarness(Fleet(SessionPolicy(finalize_grace=timedelta(seconds=5),
+                                         abandon_after=timedelta(minutes=10))))  # fmt: skip
         self.now = T0 + timedelta(hours=1)
         self.starts: dict[str, list[StartSession]] = defaultdict(list)
         self.accepted: list[Command] = []
@@ -94,6 +93,17 @@ class FleetMachine(RuleBasedStateMachine):
         self.fleet.pop_events()
 
     @rule(data=st.data())
+    def reload_a_bike_from_the_store(self, data):
+        """Another instance wrote the bike: drop the cache entry, as a stale version would."""
+        bike = data.draw(st.sampled_from(BIKES))
+        if bike in self.fleet.bikes:
+            known = self.fleet.bikes[bike]
+            current = reloaded(known.current) if known.current else None
+            self.fleet.load_bike(bike, current, list(known.waiting), known.version + 5)
+            if current is not None:
+                self.fleet.sessions[current.session_id] = current
+
+    @rule(data=st.data())
     def redeliver_an_accepted_message(self, data):
         if self.accepted:
             command = data.draw(st.sampled_from(self.accepted))
@@ -113,6 +123,8 @@ class FleetMachine(RuleBasedStateMachine):
         for bike in BIKES:
             active = [s for s in self.fleet.sessions.values()
                       if s.bike_id == bike and s.finalized is None]  # fmt: skip
+            current = self.fleet.bikes[bike].current if bike in self.fleet.bikes else None
+            assert [s.session_id for s in active] == ([current.session_id] if current else [])
             assert len(active) <= 1
 
     @invariant()

@@ -1,25 +1,25 @@
-"""The pipeline's promises, with a fake store: acknowledge after commit, retry, isolate."""
+"""The pipeline's promises, with a fake unit of work: acknowledge after commit, retry, bisect."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from datetime import timedelta
 
 import aiomqtt
 
+from daemon.db.unit_of_work import Settled
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import Delivery
+from daemon.mqtt.schemas import Rejection
 from daemon.pipeline import Pipeline
-from domain.events import (
-    SessionEndReceived,
-    SessionFinalized,
-    SessionStarted,
-    TelemetrySampleAccepted,
-)
-from domain.session import Session, session_for
-from domain.session_values import SessionEnd, SessionPolicy
+from domain.errors import DomainError
+from domain.events import SessionFinalized, TelemetrySampleAccepted
+from domain.fleet import Fleet
+from domain.session_values import SessionPolicy
 from tests.builders import T0
+from tests.unit.harness import FleetHarness
 
 PREFIX = "chargeflow/v1"
 NOW = T0 + timedelta(hours=1)
@@ -34,49 +34,73 @@ class FakeAcks:
         return True
 
 
-class FakeStore:
-    """Keeps what was committed (as the sessions it rebuilds on load); fails on demand."""
+class FakeUnitOfWork:
+    """The pipeline's port, faked over the real domain: every batch is decided by a fleet
+    rebuilt from what was committed before (a replay log), so an uncommitted batch leaves no
+    trace, as a rolled-back transaction does. Fails on demand."""
 
     def __init__(self, log: list[str]) -> None:
         self.log = log
+        self.policy = SessionPolicy(finalize_grace=timedelta(seconds=5))
+        self.replay: list[tuple[str, object, object]] = []
         self.commits: list[list[object]] = []
+        self.kept: list[str] = []
         self.failures: list[BaseException] = []
         self.poison: set[uuid.UUID] = set()
+        self.fleet = Fleet(self.policy)
+        self.store = self
 
-    def _session(self, started: SessionStarted) -> Session:
-        events = [e for c in self.commits for e in c]
-        samples = [e.sample for e in events if isinstance(e, TelemetrySampleAccepted)
-                   and e.sample.session_id == started.session_id]  # fmt: skip
-        end = next((SessionEnd(e.ended_at, e.last_seq, e.received_at)
-                    for e in events if isinstance(e, SessionEndReceived)
-                    and e.session_id == started.session_id), None)  # fmt: skip
-        final = next((e.session for e in events if isinstance(e, SessionFinalized)
-                      and e.session.session_id == started.session_id), None)  # fmt: skip
-        return session_for(started.kind)(
-            session_id=started.session_id, bike_id=started.bike_id, party_id=started.party_id,
-            started_at=started.started_at, last_heard_at=started.received_at, end=end,
-            samples=samples, finalized=final,
-        )  # fmt: skip
+    def reset(self) -> None:
+        self.log.append("reset")
 
-    async def load(self, bike_ids, session_ids):
-        sessions = [self._session(e) for c in self.commits for e in c
-                    if isinstance(e, SessionStarted)]  # fmt: skip
-        active = {s.bike_id: s for s in sessions if s.finalized is None}
-        named = [s for s in sessions if s.session_id in set(session_ids)
-                 and s.bike_id not in bike_ids]  # fmt: skip
-        return {b: active.get(b) for b in bike_ids}, named
+    def _rebuilt(self) -> FleetHarness:
+        harness = FleetHarness(Fleet(self.policy))
+        for what, item, now in self.replay:
+            if what == "expire":
+                harness.expire(now)
+            else:
+                with contextlib.suppress(DomainError):
+                    harness.handle(item, now)
+        harness.pop_events()
+        return harness
 
-    async def due_bikes(self, grace_cutoff, abandon_cutoff, loaded):
-        return []
-
-    async def commit(self, events, rejected):
+    async def commit_batch(self, arrivals):
         if self.failures:
             raise self.failures.pop(0)
+        harness = self._rebuilt()
+        settled = []
+        for a in arrivals:
+            if a.inbound.rejection is not None:
+                settled.append(Settled(rejection=a.inbound.rejection))
+                continue
+            try:
+                outcome = harness.handle(a.inbound.command, a.received_at).outcome
+                settled.append(Settled(outcome=outcome))
+            except DomainError as exc:
+                settled.append(Settled(rejection=Rejection(a.topic, None, exc.reason, "")))
+        events = harness.pop_events()
         ids = {e.sample.telemetry_id for e in events if isinstance(e, TelemetrySampleAccepted)}
         if ids & self.poison:
             raise ValueError("this row cannot be written")
-        self.commits.append(list(events))
+        self.replay += [("handle", a.inbound.command, a.received_at) for a in arrivals
+                        if a.inbound.command is not None]  # fmt: skip
+        self.commits.append(events)
         self.log.append(f"commit {len(events)} events")
+        return settled, events
+
+    async def commit_rejections(self, arrivals, why):
+        self.kept += [a.topic for a in arrivals]
+        self.log.append(f"kept {len(arrivals)} as rejections")
+
+    async def due_bikes(self, grace_cutoff, abandon_cutoff):
+        return ["any"]
+
+    async def expire(self, bike_ids, now):
+        harness = self._rebuilt()
+        events = harness.expire(now)
+        self.replay.append(("expire", None, now))
+        self.commits.append(events)
+        return events
 
 
 class Bike:
@@ -109,47 +133,54 @@ class Bike:
                                            "last_seq": last_seq}, at)  # fmt: skip
 
 
-def pipeline(store: FakeStore, clock=lambda: NOW) -> Pipeline:
-    policy = SessionPolicy(finalize_grace=timedelta(seconds=5))
-    return Pipeline(store, policy, Metrics(), prefix=PREFIX, clock=clock)  # type: ignore[arg-type]
+def pipeline(uow: FakeUnitOfWork, clock=lambda: NOW) -> Pipeline:
+    return Pipeline(uow, Metrics(), prefix=PREFIX, clock=clock)  # type: ignore[arg-type]
 
 
 async def test_a_batch_is_acknowledged_in_order_only_after_it_is_committed():
     log: list[str] = []
     bike = Bike(log)
     batch = [bike.start(), bike.sample(1), bike.end(1)]
-    await pipeline(FakeStore(log)).process(batch)
+    await pipeline(FakeUnitOfWork(log)).process(batch)
     assert log == ["commit 4 events", "ack 1", "ack 2", "ack 3"]
 
 
 async def test_a_batch_whose_commit_failed_is_decided_again_and_acknowledged_once():
     log: list[str] = []
-    store = FakeStore(log)
+    store = FakeUnitOfWork(log)
     store.failures.append(ConnectionResetError("database went away"))
     bike = Bike(log)
     p = pipeline(store)
     await p.process([bike.start(), bike.sample(1)])
-    assert log == ["commit 2 events", "ack 1", "ack 2"]
+    assert log == ["reset", "commit 2 events", "ack 1", "ack 2"]
     assert p.metrics.database_up._value.get() == 1
 
 
-async def test_a_message_that_cannot_be_written_is_isolated_and_dropped_alone():
+async def test_a_message_the_database_refuses_is_found_by_bisection_and_kept_as_a_rejection():
     log: list[str] = []
-    store = FakeStore(log)
+    store = FakeUnitOfWork(log)
     bike = Bike(log)
     poison = str(uuid.uuid4())
     store.poison.add(uuid.UUID(poison))
     p = pipeline(store)
-    await p.process([bike.start(), bike.sample(1, telemetry_id=poison), bike.sample(2)])
+    batch = [bike.start(), *(bike.sample(seq) for seq in range(1, 8))]
+    batch[3] = bike.sample(3, telemetry_id=poison)
+    await p.process(batch)
     committed = [type(e).__name__ for commit in store.commits for e in commit]
-    assert committed == ["SessionStarted", "TelemetrySampleAccepted"]
-    assert sorted(line for line in log if line.startswith("ack")) == ["ack 1", "ack 2", "ack 3"]
-    assert p.metrics.dropped.labels("commit_failed")._value.get() == 1
+    assert committed == ["SessionStarted"] + ["TelemetrySampleAccepted"] * 6
+    assert [line for line in log if line.startswith("ack")] == [
+        f"ack {d.message.mid}" for d in batch
+    ]
+    assert store.kept == [batch[3].topic]
+    assert p.metrics.rejected.labels("schema_violation")._value.get() == 1
+    assert p.metrics.dropped.labels("commit_failed")._value.get() == 0
+    # Two tries of the whole batch, then halves and quarters: a few commits, not one a message.
+    assert sum(1 for line in log if line.startswith("commit")) <= 6
 
 
 async def test_a_sample_that_arrived_inside_the_grace_period_counts_even_if_handled_later():
     log: list[str] = []
-    store = FakeStore(log)
+    store = FakeUnitOfWork(log)
     bike = Bike(log)
     later = NOW + timedelta(minutes=10)  # the pipeline is far behind the wall clock
     p = pipeline(store, clock=lambda: later)
@@ -168,8 +199,8 @@ async def test_a_sample_that_arrived_inside_the_grace_period_counts_even_if_hand
 async def test_a_rejection_is_committed_before_it_is_acknowledged():
     log: list[str] = []
     bike = Bike(log)
-    store = FakeStore(log)
+    store = FakeUnitOfWork(log)
     p = pipeline(store)
-    await p.process([bike.sample(1)])  # no session: unknown_session
-    assert log == ["commit 0 events", "ack 1"]
-    assert p.metrics.rejected.labels("unknown_session")._value.get() == 1
+    await p.process([bike.start(), bike.sample(1), bike.end(0)])  # last_seq below seq 1
+    assert log == ["commit 2 events", "ack 1", "ack 2", "ack 3"]
+    assert p.metrics.rejected.labels("seq_beyond_end")._value.get() == 1

@@ -11,7 +11,6 @@ import pytest
 
 from domain.commands import Command
 from domain.errors import (
-    ActiveSessionExists,
     DomainError,
     SeqBeyondEnd,
     SessionAlreadyFinalized,
@@ -21,6 +20,8 @@ from domain.errors import (
     UnknownSession,
 )
 from domain.events import (
+    DeferredMessageSettled,
+    MessageDeferred,
     Outcome,
     SessionEndReceived,
     SessionFinalized,
@@ -28,17 +29,17 @@ from domain.events import (
     TelemetrySampleAccepted,
 )
 from domain.fleet import Decision, Fleet
+from domain.seqs import SeqRanges
 from domain.session import ChargingSession, RideSession
 from domain.session_values import EndReason, SessionKind, SessionPolicy, SessionState
 from tests.builders import T0, bike_id, end, sample, start
+from tests.unit.harness import FleetHarness
 
 NOW = T0 + timedelta(hours=1)
 POLICY = SessionPolicy(finalize_grace=timedelta(seconds=5), abandon_after=timedelta(hours=24))
 
 
-def handle(fleet: Fleet, command: Command, now=NOW) -> Decision:
-    if command.bike_id not in fleet.bikes:
-        fleet.load_bike(command.bike_id, None)
+def handle(fleet: FleetHarness, command: Command, now=NOW) -> Decision:
     return fleet.handle(command, now)
 
 
@@ -47,8 +48,8 @@ def finalized(decision: Decision) -> list[SessionFinalized]:
 
 
 @pytest.fixture
-def fleet() -> Fleet:
-    return Fleet(POLICY)
+def fleet() -> FleetHarness:
+    return FleetHarness(Fleet(POLICY))
 
 
 def test_a_started_ride_is_active_with_its_rider(fleet):
@@ -72,13 +73,25 @@ def test_a_charging_session_is_at_a_station(fleet):
     assert session.station_id == "station-3"
 
 
-def test_a_bike_has_at_most_one_active_session(fleet):
+def test_a_start_while_the_active_session_has_not_ended_waits(fleet):
     first = start(bike_id())
     handle(fleet, first)
-    with pytest.raises(ActiveSessionExists) as err:
-        handle(fleet, start(first.bike_id, SessionKind.CHARGING))
-    assert err.value.reason == "active_session_exists"
+    second = start(first.bike_id, SessionKind.CHARGING)
+    decision = handle(fleet, second)
+    assert decision.outcome is Outcome.DEFERRED
+    assert [type(e) for e in decision.events] == [MessageDeferred]
     assert fleet.bikes[first.bike_id].current.session_id == first.session_id
+
+
+def test_a_bike_has_at_most_one_active_session_once_the_grace_period_is_over(fleet):
+    first = start(bike_id())
+    handle(fleet, first)
+    handle(fleet, start(first.bike_id, SessionKind.CHARGING))
+    (settled,) = fleet.expire(NOW + POLICY.finalize_grace)
+    assert isinstance(settled, DeferredMessageSettled)
+    assert settled.reason == "active_session_exists"
+    assert fleet.bikes[first.bike_id].current.session_id == first.session_id
+    assert fleet.bikes[first.bike_id].waiting == []
 
 
 def test_different_bikes_have_sessions_at_the_same_time(fleet):
@@ -103,6 +116,7 @@ def test_the_same_session_id_with_different_content_is_a_conflict(fleet):
 
 
 def test_a_session_id_of_another_bike_is_a_conflict(fleet):
+    """The store names the other bike's session; the fleet loads it and refuses the start."""
     begun = start(bike_id())
     handle(fleet, begun)
     with pytest.raises(SessionIdConflict):
@@ -126,16 +140,20 @@ def test_telemetry_is_accepted_for_the_active_session_and_changes_no_state(fleet
     decision = handle(fleet, sample(begun, 1, "12.5"))
     assert decision.outcome is Outcome.ACCEPTED
     assert [type(e) for e in decision.events] == [TelemetrySampleAccepted]
-    session = fleet.sessions[begun.session_id]
+    session = fleet.session(begun.session_id)
     assert session.state is SessionState.ACTIVE
     assert session.end is None
 
 
-def test_telemetry_for_a_session_the_bike_does_not_have_is_unknown(fleet):
+def test_telemetry_for_a_session_nobody_started_waits_then_is_unknown(fleet):
     begun = start(bike_id())
-    with pytest.raises(UnknownSession) as err:
-        handle(fleet, sample(begun, 1))
-    assert err.value.reason == "unknown_session"
+    assert handle(fleet, sample(begun, 1)).outcome is Outcome.DEFERRED
+    assert fleet.expire(NOW + timedelta(seconds=4)) == []
+    (settled,) = fleet.expire(NOW + POLICY.finalize_grace)
+    assert (settled.reason, settled.waiting.command.session_id) == (
+        "unknown_session",
+        begun.session_id,
+    )
 
 
 def test_telemetry_naming_another_bikes_session_is_unknown(fleet):
@@ -151,7 +169,7 @@ def test_a_redelivered_sample_is_a_duplicate(fleet):
     once = sample(begun, 1)
     handle(fleet, once)
     assert handle(fleet, once) == Decision(Outcome.DUPLICATE)
-    assert len(fleet.sessions[begun.session_id].samples) == 1
+    assert fleet.session(begun.session_id).telemetry_count == 1
 
 
 def test_a_telemetry_id_reused_with_different_content_is_a_conflict(fleet):
@@ -261,7 +279,7 @@ def test_a_sample_after_finalization_is_rejected_and_cannot_reopen_the_session(f
     with pytest.raises(SessionAlreadyFinalized) as err:
         handle(fleet, sample(begun, 2), now=NOW + timedelta(seconds=6))
     assert err.value.reason == "session_finalized"
-    assert fleet.sessions[begun.session_id].finalized.telemetry_count == 0
+    assert fleet.session(begun.session_id).finalized.telemetry_count == 0
 
 
 def test_a_sample_is_rejected_once_the_grace_period_ran_out_even_before_a_sweep(fleet):
@@ -339,9 +357,11 @@ def test_an_end_of_the_wrong_kind_is_a_kind_mismatch(fleet):
     assert err.value.reason == "session_kind_mismatch"
 
 
-def test_an_end_for_an_unknown_session_is_rejected(fleet):
-    with pytest.raises(UnknownSession):
-        handle(fleet, end(start(bike_id()), 0))
+def test_an_end_for_an_unknown_session_is_rejected_when_the_grace_period_is_over(fleet):
+    ended = end(start(bike_id()), 0)
+    assert handle(fleet, ended).outcome is Outcome.DEFERRED
+    (settled,) = fleet.expire(NOW + POLICY.finalize_grace)
+    assert settled.reason == "unknown_session"
 
 
 def test_an_end_before_the_start_is_out_of_range(fleet):
@@ -374,7 +394,7 @@ def test_an_end_below_a_stored_seq_is_rejected(fleet):
     handle(fleet, sample(begun, 5))
     with pytest.raises(SeqBeyondEnd):
         handle(fleet, end(begun, 4))
-    assert fleet.sessions[begun.session_id].end is None
+    assert fleet.session(begun.session_id).end is None
 
 
 def test_an_abandoned_session_times_out_with_its_last_sample_as_end(fleet):
@@ -405,25 +425,57 @@ def test_a_rejected_command_changes_nothing(fleet):
     begun = start(bike_id())
     handle(fleet, begun)
     handle(fleet, sample(begun, 1))
-    before = fleet.sessions[begun.session_id].samples
-    for bad in (sample(begun, 1), end(begun, 0), start(begun.bike_id)):
+    session = fleet.session(begun.session_id)
+    before = (session.energy_wh, session.seqs, session.latest_emitted_at, session.last_heard_at)
+    for bad in (sample(begun, 1), end(begun, 0), start(begun.bike_id, at=NOW + timedelta(days=1))):
         with pytest.raises(DomainError):
-            handle(fleet, bad)
-    session = fleet.sessions[begun.session_id]
-    assert session.samples == before
+            handle(fleet, bad, now=NOW + timedelta(seconds=1))
+    assert (session.energy_wh, session.seqs, session.latest_emitted_at, session.last_heard_at) == (
+        before
+    )
     assert session.end is None
 
 
-def test_the_fleet_names_what_it_must_load_first(fleet):
+def test_the_fleet_refuses_a_command_for_a_bike_it_has_not_loaded():
     begun = start(bike_id())
-    bikes, sessions = fleet.missing([begun, sample(begun, 1)])
-    assert bikes == {begun.bike_id}
-    assert sessions == {begun.session_id}
+    fleet = Fleet(POLICY)
     with pytest.raises(LookupError):
         fleet.handle(begun, NOW)
+    with pytest.raises(LookupError):
+        fleet.sessions_to_load([begun])
 
 
-def test_evicting_keeps_active_sessions_and_the_newest_finalized_ones(fleet):
+def test_the_fleet_names_the_sessions_it_must_load_first():
+    fleet = Fleet(POLICY)
+    current, other = start(bike_id()), start(bike_id())
+    fleet.load_bike(current.bike_id, RideSession(session_id=current.session_id,
+                    bike_id=current.bike_id, party_id="r", started_at=T0, last_heard_at=T0))  # fmt: skip
+    named = replace(other, bike_id=current.bike_id)
+    assert fleet.sessions_to_load([sample(current, 1), sample(named, 1)]) == {other.session_id}
+
+
+def test_the_fleet_names_a_stored_sample_only_when_its_seq_is_taken():
+    fleet = Fleet(POLICY)
+    begun = start(bike_id())
+    fleet.load_bike(begun.bike_id, RideSession(session_id=begun.session_id, bike_id=begun.bike_id,
+                    party_id="r", started_at=T0, last_heard_at=T0,
+                    seqs=SeqRanges(((1, 3),))))  # fmt: skip
+    commands = [sample(begun, 2), sample(begun, 4)]
+    assert fleet.samples_to_load(commands) == {(begun.session_id, 2)}
+
+
+def test_a_taken_seq_without_its_stored_sample_is_a_loading_bug_not_a_decision():
+    fleet = Fleet(POLICY)
+    begun = start(bike_id())
+    fleet.load_bike(begun.bike_id, RideSession(session_id=begun.session_id, bike_id=begun.bike_id,
+                    party_id="r", started_at=T0, last_heard_at=T0,
+                    seqs=SeqRanges(((1, 1),))))  # fmt: skip
+    with pytest.raises(LookupError, match="samples_to_load"):
+        fleet.handle(sample(begun, 1), NOW)
+
+
+def test_the_fleet_caches_only_the_newest_finalized_sessions():
+    fleet = FleetHarness(Fleet(POLICY, finalized_cache=1))
     ids = []
     for _ in range(3):
         begun = start(bike_id())
@@ -432,8 +484,8 @@ def test_evicting_keeps_active_sessions_and_the_newest_finalized_ones(fleet):
         ids.append(begun.session_id)
     active = start(bike_id())
     handle(fleet, active)
-    fleet.evict_finalized(keep=1)
-    assert set(fleet.sessions) == {ids[-1], active.session_id}
+    assert list(fleet.finalized) == [ids[-1]]
+    assert fleet.active_count() == 1
 
 
 def test_a_new_session_can_follow_a_finalized_one(fleet):

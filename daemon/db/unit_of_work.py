@@ -1,0 +1,269 @@
+"""The unit of work: take a batch's bikes, let the aggregates decide, write it all in one go.
+
+In one transaction: lock the rows of the bikes the batch touches (in bike_id order, bumping
+their versions), reload the bikes another writer changed since we last wrote them, load the
+sessions and the few stored samples the fleet names, decide every message in arrival order,
+then write telemetry, summaries, waiting messages, rejections and outbox rows. Whatever any
+number of daemon instances do, each bike's decisions are serialized by PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+
+from daemon.db.store import Conn, OutboxEntry, RejectionRow, Store, WaitingRow
+from daemon.mqtt.schemas import Inbound, Rejection, decode
+from daemon.outbound import billing_message, finalized_message, rejection_message, topic_for
+from domain.billing import PricingRules, bill
+from domain.commands import Command, RecordTelemetry
+from domain.errors import DomainError
+from domain.events import (
+    DeferredMessageSettled,
+    Event,
+    Outcome,
+    SessionFinalized,
+    Waiting,
+)
+from domain.fleet import Fleet
+from domain.session_values import SessionPolicy
+
+__all__ = ["Arrival", "Settled", "UnitOfWork", "message_ref"]
+
+log = structlog.get_logger(__name__)
+
+
+def message_ref(topic: str, payload: bytes) -> bytes:
+    """A message's identity while it waits: the same bytes on the same topic are one message."""
+    return hashlib.sha256(topic.encode() + b"\0" + payload).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One inbound message as the unit of work takes it: raw, decoded, and when it came."""
+
+    topic: str
+    payload: bytes
+    received_at: datetime
+    inbound: Inbound
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What one message came to once its batch is committed."""
+
+    outcome: Outcome | None = None
+    rejection: Rejection | None = None
+    dropped: str | None = None
+
+
+class UnitOfWork:
+    """Owns the fleet (a cache of the store) and commits batches and expiry sweeps."""
+
+    def __init__(
+        self,
+        store: Store,
+        policy: SessionPolicy,
+        pricing: PricingRules,
+        *,
+        prefix: str,
+        max_payload_bytes: int,
+        finalized_cache: int = 1_000,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.pricing = pricing
+        self.prefix = prefix
+        self.max_payload_bytes = max_payload_bytes
+        self.finalized_cache = finalized_cache
+        self.fleet = Fleet(policy, finalized_cache)
+
+    def reset(self) -> None:
+        """Forget everything cached: after a failed transaction the store is the truth."""
+        self.fleet = Fleet(self.policy, self.finalized_cache)
+
+    async def commit_batch(self, arrivals: Sequence[Arrival]) -> tuple[list[Settled], list[Event]]:
+        """Decide and commit a batch; returns what each message came to and the events."""
+        commands = [a.inbound.command for a in arrivals if a.inbound.command is not None]
+        pool = self.store.pool
+        async with pool.acquire() as conn, conn.transaction():
+            await self._take(conn, {c.bike_id for c in commands})
+            await self._load(conn, commands)
+            settled = [self._decide(a) for a in arrivals]
+            rejections = [
+                self._rejection_row(a, s.rejection)
+                for a, s in zip(arrivals, settled, strict=True)
+                if s.rejection is not None
+            ]
+            events = await self._write(conn, arrivals, rejections)
+        if any(s.dropped for s in settled):
+            self.reset()  # a command failed half-way through the domain: trust the store
+        return settled, events
+
+    async def commit_rejections(self, arrivals: Sequence[Arrival], why: str) -> None:
+        """Keep messages the database refused to store as they are, as rejections."""
+        rows = [
+            self._rejection_row(
+                a,
+                Rejection(
+                    a.topic,
+                    a.inbound.bike_id,
+                    "schema_violation",
+                    why,
+                    a.inbound.command.session_id if a.inbound.command else None,
+                ),
+            )
+            for a in arrivals
+        ]
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            await self.store.write(conn, [], [], [], rows, {})
+
+    async def expire(self, bike_ids: Iterable[str], now: datetime) -> list[Event]:
+        """Finalize these bikes' due sessions and settle their overdue waiting messages."""
+        ids = sorted(set(bike_ids))
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            await self._take(conn, ids)
+            self.fleet.expire(now, ids)
+            return await self._write(conn, [], [])
+
+    # -- inside ----------------------------------------------------------------------------
+
+    async def _take(self, conn: Conn, bike_ids: Iterable[str]) -> None:
+        versions = await self.store.lock_bikes(conn, bike_ids)
+        stale = self.fleet.refresh(versions)
+        if not stale:
+            return
+        active, waiting = await self.store.load_bikes(conn, stale)
+        by_bike: dict[str, list[Waiting]] = {}
+        for row in waiting:
+            item = self._waiting(row)
+            if item is not None:
+                by_bike.setdefault(row.bike_id, []).append(item)
+        for bike_id in stale:
+            self.fleet.load_bike(
+                bike_id, active.get(bike_id), by_bike.get(bike_id, ()), versions[bike_id]
+            )
+
+    def _waiting(self, row: WaitingRow) -> Waiting | None:
+        inbound = decode(row.topic, row.payload, self.prefix, self.max_payload_bytes)
+        if inbound.command is None:
+            # Stored valid, now refused (the prefix or the payload limit changed since): leave
+            # the row where an operator can see it rather than guess.
+            log.warning(
+                "waiting message no longer decodes; left in waiting_messages",
+                bike_id=row.bike_id,
+                topic=row.topic,
+            )
+            return None
+        return Waiting(inbound.command, row.received_at, row.ref)
+
+    async def _load(self, conn: Conn, commands: Sequence[Command]) -> None:
+        fleet = self.fleet
+        session_ids = fleet.sessions_to_load(commands)
+        if session_ids:
+            for session in await self.store.load_sessions(conn, session_ids):
+                fleet.load_session(session)
+        keys = fleet.samples_to_load(commands)
+        if keys:
+            fleet.load_samples(await self.store.load_samples(conn, keys))
+
+    def _decide(self, arrival: Arrival) -> Settled:
+        inbound = arrival.inbound
+        if inbound.rejection is not None:
+            return Settled(rejection=inbound.rejection)
+        command = inbound.command
+        if command is None:
+            return Settled(dropped="internal_error")
+        ref = message_ref(arrival.topic, arrival.payload)
+        try:
+            return Settled(outcome=self.fleet.handle(command, arrival.received_at, ref).outcome)
+        except DomainError as exc:
+            sample = command.sample if isinstance(command, RecordTelemetry) else None
+            return Settled(
+                rejection=Rejection(
+                    arrival.topic,
+                    command.bike_id,
+                    exc.reason,
+                    exc.detail,
+                    command.session_id,
+                    sample.telemetry_id if sample is not None else None,
+                )
+            )
+        except Exception:
+            # A bug must not stop ingestion: the message is counted as dropped and logged.
+            log.exception(
+                "message could not be decided",
+                topic=arrival.topic,
+                bike_id=command.bike_id,
+                session_id=str(command.session_id),
+            )
+            return Settled(dropped="internal_error")
+
+    async def _write(
+        self, conn: Conn, arrivals: Sequence[Arrival], rejections: Sequence[RejectionRow]
+    ) -> list[Event]:
+        changed = self.fleet.changed_sessions()
+        events = self.fleet.pop_events()
+        outbox = self._outbox(events)
+        payloads = {message_ref(a.topic, a.payload): (a.topic, a.payload) for a in arrivals}
+        await self.store.write(conn, events, changed, outbox, rejections, payloads)
+        return events
+
+    def _outbox(self, events: Sequence[Event]) -> list[OutboxEntry]:
+        """The outbound messages of what was decided: rendered here, and only here."""
+        entries = []
+        for event in events:
+            if isinstance(event, SessionFinalized):
+                s = event.session
+                topic, payload = finalized_message(self.prefix, s)
+                entries.append(OutboxEntry(s.finalized_at, "session_finalized", topic, payload))
+                topic, payload = billing_message(self.prefix, bill(s, self.pricing))
+                entries.append(OutboxEntry(s.finalized_at, "billing", topic, payload))
+            elif isinstance(event, DeferredMessageSettled) and event.reason is not None:
+                w = event.waiting
+                kind = "telemetry" if isinstance(w.command, RecordTelemetry) else "lifecycle"
+                sample = w.command.sample if isinstance(w.command, RecordTelemetry) else None
+                topic, payload = rejection_message(
+                    self.prefix,
+                    event.bike_id,
+                    topic_for(self.prefix, event.bike_id, kind),
+                    event.reason,
+                    event.detail or "",
+                    w.received_at,
+                    w.command.session_id,
+                    sample.telemetry_id if sample is not None else None,
+                )
+                entries.append(OutboxEntry(w.received_at, "rejection", topic, payload))
+        return entries
+
+    def _rejection_row(self, arrival: Arrival, r: Rejection) -> RejectionRow:
+        answer = None
+        if r.bike_id:
+            topic, payload = rejection_message(
+                self.prefix,
+                r.bike_id,
+                r.topic,
+                r.reason,
+                r.detail,
+                arrival.received_at,
+                r.session_id,
+                r.telemetry_id,
+            )
+            answer = OutboxEntry(arrival.received_at, "rejection", topic, payload)
+        return RejectionRow(
+            arrival.received_at,
+            r.topic,
+            r.bike_id,
+            r.reason,
+            r.detail,
+            r.session_id,
+            r.telemetry_id,
+            arrival.payload,
+            len(arrival.payload),
+            hashlib.sha256(arrival.payload).digest(),
+            answer,
+        )

@@ -1,0 +1,82 @@
+"""The read side: what HTTP and the CLI show, from finalized data and session rows."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from daemon.db.store import finalized_from_row
+from daemon.outbound import finalized_message
+from domain.billing import PricingRules, bill
+from domain.session_values import FinalizedSession, SessionKind
+
+__all__ = ["ReadModel"]
+
+
+class ReadModel:
+    """Read-only queries for HTTP and the CLI; it never writes and never changes a session."""
+
+    def __init__(self, pool: asyncpg.Pool, prefix: str, pricing: PricingRules) -> None:
+        self.pool = pool
+        self.prefix = prefix
+        self.pricing = pricing
+
+    async def session_view(self, session_id: UUID) -> dict[str, Any] | None:
+        return await _session_view(self.pool, self.prefix, self.pricing, session_id)
+
+    async def finalized_sessions(
+        self, since: datetime | None, until: datetime | None, bike_id: str | None
+    ) -> list[FinalizedSession]:
+        return await _finalized_sessions(self.pool, since, until, bike_id)
+
+
+async def _session_view(
+    pool: asyncpg.Pool, prefix: str, pricing: PricingRules, session_id: UUID
+) -> dict[str, Any] | None:
+    """A session, its stored sample count and (when finalized) its billing record."""
+    row = await pool.fetchrow("SELECT * FROM sessions WHERE session_id = $1", session_id)
+    if row is None:
+        return None
+    stored = await pool.fetchval("SELECT count(*) FROM telemetry WHERE session_id = $1", session_id)
+    view: dict[str, Any] = {
+        "session_id": str(row["session_id"]),
+        "bike_id": row["bike_id"],
+        "kind": row["kind"],
+        SessionKind(row["kind"]).party_field: row["party_id"],
+        "state": row["state"],
+        "started_at": row["started_at"].isoformat(),
+        "stored_telemetry_count": int(stored),
+    }
+    if row["state"] == "finalized":
+        session = finalized_from_row(row)
+        view["finalized"] = json.loads(finalized_message(prefix, session)[1])
+        view["billing"] = bill(session, pricing).to_payload()
+    else:
+        view["last_heard_at"] = row["last_heard_at"].isoformat()
+        view["energy_wh_so_far"] = format(row["energy_wh"], "f")
+        view["telemetry_count_so_far"] = row["telemetry_count"]
+        if row["last_seq"] is not None:
+            view["end"] = {
+                "occurred_at": row["ended_at"].isoformat(),
+                "last_seq": row["last_seq"],
+            }
+    return view
+
+
+async def _finalized_sessions(
+    pool: asyncpg.Pool, since: datetime | None, until: datetime | None, bike_id: str | None
+) -> list[FinalizedSession]:
+    rows = await pool.fetch(
+        "SELECT * FROM sessions WHERE state = 'finalized'"
+        " AND ($1::timestamptz IS NULL OR started_at >= $1)"
+        " AND ($2::timestamptz IS NULL OR started_at < $2)"
+        " AND ($3::text IS NULL OR bike_id = $3) ORDER BY started_at, session_id",
+        since,
+        until,
+        bike_id,
+    )
+    return [finalized_from_row(r) for r in rows]
