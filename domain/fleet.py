@@ -69,13 +69,10 @@ class Bike:
         self, command: StartSession, now: datetime, policy: SessionPolicy
     ) -> tuple[Session, list[Event]]:
         self.check_start(command, now, policy)
-        events: list[Event] = []
         if self.current is not None:
-            if self.current.end is None:
-                raise ActiveSessionExists(
-                    f"bike {self.bike_id} already has active session {self.current.session_id}"
-                )
-            events.append(self.current.cut_grace_short(now))
+            raise ActiveSessionExists(
+                f"bike {self.bike_id} already has active session {self.current.session_id}"
+            )
         session = session_for(command.kind)(
             session_id=command.session_id,
             bike_id=self.bike_id,
@@ -84,22 +81,25 @@ class Bike:
             last_heard_at=now,
         )
         self.current = session
-        events.append(
-            SessionStarted(
-                command.session_id,
-                self.bike_id,
-                command.kind,
-                command.party_id,
-                command.occurred_at,
-                now,
-            )
+        started = SessionStarted(
+            command.session_id,
+            self.bike_id,
+            command.kind,
+            command.party_id,
+            command.occurred_at,
+            now,
         )
-        return session, events
+        return session, [started]
 
     @property
     def busy(self) -> bool:
-        """A start must wait: the Active session has not ended yet."""
-        return self.current is not None and self.current.end is None
+        """A start must wait: the bike's Active session is not finalized yet.
+
+        Even once it has ended: its last samples may still be on their way (another instance,
+        another topic), and a start that cut its grace period short would lose them. The start
+        waits until the session completes, or until its own grace period runs out.
+        """
+        return self.current is not None
 
 
 @dataclass(slots=True)
@@ -259,11 +259,7 @@ class Fleet:
             if bike.busy:
                 Bike.check_start(command, now, self.policy)
                 return self._defer(bike, command, now, ref)
-            previous = bike.current
             session, events = bike.start(command, now, self.policy)
-            if previous is not None:  # finalized first: its grace period was cut short
-                self._changed[previous.session_id] = previous
-                self._remember_finalized(previous)
             self._changed[session.session_id] = session
             return Decision(Outcome.ACCEPTED, tuple(events))
         if session is None:
@@ -330,9 +326,22 @@ class Fleet:
         if not bike.waiting:
             return
         self._apply_waiting(bike, now)
-        for waiting in [
-            w for w in bike.waiting if now >= w.received_at + self.policy.finalize_grace
-        ]:
+        grace = self.policy.finalize_grace
+        # A start whose grace period ran out finalizes an ended session first (SPEC: a new
+        # start during the grace period finalizes the old session first), then starts.
+        for waiting in [w for w in bike.waiting if now >= w.received_at + grace]:
+            current = bike.current
+            if (
+                isinstance(waiting.command, StartSession)
+                and waiting in bike.waiting
+                and current is not None
+                and current.end is not None
+            ):
+                self._events.append(current.cut_grace_short(now))
+                self._changed[current.session_id] = current
+                self._settle_current(bike)
+                self._apply_waiting(bike, now)
+        for waiting in [w for w in bike.waiting if now >= w.received_at + grace]:
             bike.waiting.remove(waiting)
             error: DomainError
             if isinstance(waiting.command, StartSession):

@@ -616,14 +616,16 @@ async def test_an_abandoned_session_is_finalized_by_the_sweep_without_an_end(sto
     assert loaded.finalized == finalized.session
 
 
-async def test_a_start_during_the_grace_period_commits_with_the_old_sessions_finalization(
+async def test_a_start_waiting_out_the_grace_period_commits_with_the_old_sessions_finalization(
     store, uow
 ):
     bike = bike_id()
     first = start(bike)
     await commit(uow, first, end(first, last_seq=1))
     second = start(bike, at=T0 + timedelta(minutes=40))
-    await commit(uow, second, now=NOW + timedelta(seconds=1))
+    await commit(uow, second, now=NOW + timedelta(seconds=1))  # waits for sample 1
+    uow.reset()  # whichever instance runs the sweep decides from the store alone
+    await uow.expire([bike], NOW + timedelta(seconds=6))
 
     async with store.pool.acquire() as conn:
         active, _ = await store.load_bikes(conn, [bike])

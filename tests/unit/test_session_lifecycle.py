@@ -332,20 +332,52 @@ def test_a_redelivered_end_during_the_grace_period_is_a_duplicate(fleet):
     assert handle(fleet, ended) == Decision(Outcome.DUPLICATE)
 
 
+def test_a_new_start_during_the_grace_period_waits_so_a_late_sample_still_counts(fleet):
+    old = start(bike_id())
+    handle(fleet, old)
+    handle(fleet, sample(old, 1, "9"))
+    handle(fleet, end(old, 2))
+    new = start(old.bike_id, SessionKind.CHARGING, at=T0 + timedelta(minutes=40))
+    assert handle(fleet, new, now=NOW + timedelta(seconds=1)).outcome is Outcome.DEFERRED
+    decision = handle(fleet, sample(old, 2, "1"), now=NOW + timedelta(seconds=2))
+    assert [type(e) for e in decision.events] == [
+        TelemetrySampleAccepted,
+        SessionFinalized,
+        SessionStarted,
+        DeferredMessageSettled,
+    ]
+    record = decision.events[1].session
+    assert (record.missing_samples, record.energy_wh) == (0, Decimal(10))
+    assert fleet.bikes[old.bike_id].current.session_id == new.session_id
+
+
 def test_a_new_start_during_the_grace_period_finalizes_the_old_session_first(fleet):
     old = start(bike_id())
     handle(fleet, old)
     handle(fleet, sample(old, 1, "9"))
     handle(fleet, end(old, 2))
     new = start(old.bike_id, SessionKind.CHARGING, at=T0 + timedelta(minutes=40))
-    decision = handle(fleet, new, now=NOW + timedelta(seconds=1))
-    assert [type(e) for e in decision.events] == [SessionFinalized, SessionStarted]
-    record = decision.events[0].session
+    handle(fleet, new, now=NOW + timedelta(seconds=1))
+    events = fleet.expire(NOW + POLICY.finalize_grace)
+    assert [type(e) for e in events] == [SessionFinalized, SessionStarted, DeferredMessageSettled]
+    record = events[0].session
     assert (record.session_id, record.missing_samples, record.energy_wh) == (
         old.session_id,
         1,
         Decimal(9),
     )
+    assert fleet.bikes[old.bike_id].current.session_id == new.session_id
+
+
+def test_a_start_whose_own_grace_runs_out_first_cuts_the_old_sessions_grace_short(fleet):
+    old = start(bike_id())
+    handle(fleet, old)
+    new = start(old.bike_id, SessionKind.CHARGING, at=T0 + timedelta(minutes=40))
+    handle(fleet, new, now=NOW)  # overtook the old session's end
+    handle(fleet, end(old, 1), now=NOW + timedelta(seconds=3))  # its grace: until NOW + 8 s
+    events = fleet.expire(NOW + POLICY.finalize_grace)
+    finalized_ = [e.session for e in events if isinstance(e, SessionFinalized)]
+    assert [(r.session_id, r.missing_samples) for r in finalized_] == [(old.session_id, 1)]
     assert fleet.bikes[old.bike_id].current.session_id == new.session_id
 
 
