@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -16,6 +17,7 @@ from daemon.db.store import Store
 from daemon.db.unit_of_work import UnitOfWork
 from daemon.db.views import ReadModel
 from daemon.http import HttpServer
+from daemon.memory import release_free_memory
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.publisher import OutboxPublisher
@@ -87,7 +89,11 @@ class Daemon:
         return None
 
     async def _watch_database(self, store: Store) -> None:
+        last_trim = time.monotonic()
         while True:
+            if time.monotonic() - last_trim >= 30:
+                release_free_memory()  # see daemon.memory: RSS proportional to what we hold
+                last_trim = time.monotonic()
             try:
                 await asyncio.wait_for(store.pool.fetchval("SELECT 1"), timeout=5)
                 self.database_ok = True

@@ -1,0 +1,183 @@
+"""Daemon memory against samples per Active session: it must grow with sessions, not samples.
+
+Starts a Mosquitto with the repo's config on a free port, a fresh database, and `chargeflow run`
+as a separate process; opens N sessions (default 1,000), sends 1 sample to each and reads the
+daemon's RSS, then sends samples until each session has taken M (default 1,000) and reads it
+again. Prints both, the growth, and the growth per stored sample.
+
+    python benchmarks/session_memory.py [--sessions 1000] [--samples 1000]
+        [--database-url postgresql://postgres@127.0.0.1:5432/chargeflow_memory_bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from daemon.devbroker import free_port, start_broker
+from daemon.simulate import mqtt_client
+
+PREFIX = "chargeflow/v1"
+DAEMON = ("chargeflow-daemon", "daemon-example-password")
+FLEET = ("fleet-simulator", "simulator-example-password")
+
+
+def rss_mib(pid: int) -> float:
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    anon, file = (int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
+    print(f"  (RSS: {anon:.1f} MiB anonymous, {file:.1f} MiB file-backed)")
+    return int(status["VmRSS"].split()[0]) / 1024
+
+
+async def fresh_database(url: str) -> None:
+    parts = urlsplit(url)
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{parts.path.strip("/")}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def publish(url: str, messages: Iterator[tuple[str, bytes]], total: int) -> None:
+    sent, began = 0, time.perf_counter()
+    async with mqtt_client(url) as client:
+        client.pending_calls_threshold = 10_000
+        pending: list[asyncio.Task[None]] = []
+        for topic, payload in messages:
+            pending.append(asyncio.create_task(client.publish(topic, payload, qos=1, timeout=60)))
+            sent += 1
+            if len(pending) >= 500:
+                await asyncio.gather(*pending)
+                pending.clear()
+                if sent % 50_000 < 500:
+                    rate = sent / (time.perf_counter() - began)
+                    print(f"\r  published {sent:,}/{total:,} ({rate:,.0f} msg/s)", end="")
+        await asyncio.gather(*pending)
+    print(f"\r  published {sent:,}/{total:,}" + " " * 20)
+
+
+async def stored(pool: asyncpg.Pool, want: int, daemon: asyncio.subprocess.Process) -> None:
+    while (count := await pool.fetchval("SELECT count(*) FROM telemetry")) < want:
+        if daemon.returncode is not None:
+            raise RuntimeError("the daemon exited")
+        print(f"\r  stored {count:,}/{want:,}", end="")
+        await asyncio.sleep(0.5)
+    print(f"\r  stored {want:,}/{want:,}" + " " * 20)
+
+
+def sample(bike: str, session: str, seq: int, t0: datetime) -> tuple[str, bytes]:
+    body = {
+        "telemetry_id": str(uuid.uuid4()),
+        "session_id": session,
+        "seq": seq,
+        "emitted_at": (t0 + timedelta(milliseconds=seq)).isoformat(),
+        "energy_wh": 1.5,
+        "distance_m": 3,
+        "soc_pct": 50,
+    }
+    return f"{PREFIX}/bikes/{bike}/telemetry", json.dumps(body).encode()
+
+
+async def main(args: argparse.Namespace) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="cf-memory-bench-"))
+    port, http_port = free_port(), free_port()
+    broker = start_broker(port, data_dir)
+    await fresh_database(args.database_url)
+    env = {
+        **os.environ,
+        "CHARGEFLOW_MQTT_URL": f"mqtt://{DAEMON[0]}:{DAEMON[1]}@127.0.0.1:{port}",
+        "CHARGEFLOW_DATABASE_URL": args.database_url,
+        "CHARGEFLOW_HTTP_PORT": str(http_port),
+        "CHARGEFLOW_HTTP_HOST": "127.0.0.1",
+        "CHARGEFLOW_CLIENT_ID": f"cf-memory-{uuid.uuid4().hex[:6]}",
+        "CHARGEFLOW_LOG_LEVEL": "warning",
+        "CHARGEFLOW_LOG_FORMAT": "json",
+    }
+    daemon = await asyncio.create_subprocess_exec(sys.executable, "-m", "daemon", "run", env=env)
+    fleet_url = f"mqtt://{FLEET[0]}:{FLEET[1]}@127.0.0.1:{port}"
+    pool = None
+    try:
+        for _ in range(300):
+            try:
+                await asyncio.to_thread(
+                    urllib.request.urlopen, f"http://127.0.0.1:{http_port}/readyz", timeout=1
+                )
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        pool = await asyncpg.create_pool(args.database_url, min_size=1, max_size=2)
+        t0 = datetime.now(UTC) - timedelta(hours=1)
+        run = uuid.uuid4().hex[:6]
+        sessions = [(f"mem-{run}-{i:05d}", str(uuid.uuid4())) for i in range(args.sessions)]
+        starts = (
+            (
+                f"{PREFIX}/bikes/{bike}/lifecycle",
+                json.dumps(
+                    {
+                        "event": "ride_started",
+                        "session_id": sid,
+                        "rider_id": "r",
+                        "occurred_at": t0.isoformat(),
+                    }
+                ).encode(),
+            )
+            for bike, sid in sessions
+        )
+        print(f"{args.sessions:,} sessions started, 1 sample each")
+        await publish(fleet_url, starts, args.sessions)
+        await publish(fleet_url, (sample(b, s, 1, t0) for b, s in sessions), args.sessions)
+        await stored(pool, args.sessions, daemon)
+        await asyncio.sleep(2)
+        first = rss_mib(daemon.pid)
+        rest = args.samples - 1
+        total = args.sessions * rest
+        print(f"then {args.samples:,} samples each ({total:,} more messages)")
+        later = (sample(b, s, seq, t0) for seq in range(2, args.samples + 1) for b, s in sessions)
+        await publish(fleet_url, later, total)
+        await stored(pool, args.sessions * args.samples, daemon)
+        await asyncio.sleep(2)
+        second = rss_mib(daemon.pid)
+        growth = second - first
+        print()
+        n = f"{args.sessions:,} Active sessions"
+        print(f"daemon RSS, {n} x 1 sample each: {first:7.1f} MiB")
+        print(f"daemon RSS, {n} x {args.samples:,} samples each: {second:7.1f} MiB")
+        print(
+            f"growth: {growth:+.1f} MiB for {total:,} more stored samples"
+            f" ({1024 * 1024 * growth / max(total, 1):.2f} bytes per sample)"
+        )
+    finally:
+        if pool is not None:
+            await pool.close()
+        daemon.terminate()
+        await asyncio.wait_for(daemon.wait(), timeout=30)
+        broker.terminate()
+        broker.wait(timeout=10)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/chargeflow_memory_bench",
+    )
+    asyncio.run(main(parser.parse_args()))
