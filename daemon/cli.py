@@ -99,10 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_format, settings.log_level)
         if args.command == "run":
             from daemon.app import run_daemon
-            from daemon.memory import use_system_allocator
 
             settings.load_pricing()  # fail fast on a bad pricing file
-            use_system_allocator()  # re-executes once, before anything is started
             asyncio.run(run_daemon(settings))
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))

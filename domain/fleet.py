@@ -225,9 +225,6 @@ class Fleet:
     def active_count(self) -> int:
         return sum(1 for bike in self.bikes.values() if bike.current is not None)
 
-    def waiting_count(self) -> int:
-        return sum(len(bike.waiting) for bike in self.bikes.values())
-
     # -- inside ----------------------------------------------------------------------------
 
     def _find(self, bike: Bike, session_id: UUID) -> Session | None:

@@ -175,6 +175,67 @@ def _summary_columns(sessions: Sequence[Session]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
+@dataclass(slots=True)
+class _EventRows:
+    """The rows a batch's events become, by table."""
+
+    starts: list[tuple[Any, ...]]
+    samples: list[tuple[Any, ...]]
+    deferred: list[tuple[Any, ...]]
+    settled: list[tuple[Any, ...]]
+
+    @classmethod
+    def of(
+        cls, events: Sequence[Event], waiting_payloads: dict[bytes, tuple[str, bytes]]
+    ) -> _EventRows:
+        rows = cls([], [], [], [])
+        for event in events:
+            if isinstance(event, TelemetrySampleAccepted):
+                s = event.sample
+                rows.samples.append(
+                    (
+                        s.telemetry_id,
+                        s.session_id,
+                        event.bike_id,
+                        s.seq,
+                        s.emitted_at.at,
+                        s.energy.wh,
+                        s.distance.m if s.distance else None,
+                        s.soc.pct if s.soc else None,
+                        event.received_at,
+                    )
+                )
+            elif isinstance(event, SessionStarted):
+                rows.starts.append(
+                    (
+                        event.session_id,
+                        event.bike_id,
+                        str(event.kind),
+                        event.party_id,
+                        event.started_at,
+                        event.received_at,
+                    )
+                )
+            elif isinstance(event, MessageDeferred):
+                w = event.waiting
+                topic, payload = waiting_payloads[w.ref]
+                sample = getattr(w.command, "sample", None)
+                rows.deferred.append(
+                    (
+                        event.bike_id,
+                        w.ref,
+                        topic,
+                        payload,
+                        w.received_at,
+                        w.command.session_id,
+                        sample.telemetry_id if sample is not None else None,
+                    )
+                )
+            elif isinstance(event, DeferredMessageSettled):
+                rows.settled.append((event.bike_id, event.waiting.ref, event.reason, event.detail))
+        return rows
+
+
 class Store:
     """PostgreSQL, as the unit of work and the outbox publisher need it."""
 
@@ -261,55 +322,13 @@ class Store:
         rejections: Sequence[RejectionRow],
         waiting_payloads: dict[bytes, tuple[str, bytes]],
     ) -> None:
-        """Write a batch's decisions inside the caller's transaction."""
-        starts: list[tuple[Any, ...]] = []
-        samples: list[tuple[Any, ...]] = []
-        deferred: list[tuple[Any, ...]] = []
-        settled: list[tuple[Any, ...]] = []
-        for event in events:
-            if isinstance(event, TelemetrySampleAccepted):
-                s = event.sample
-                samples.append(
-                    (
-                        s.telemetry_id,
-                        s.session_id,
-                        event.bike_id,
-                        s.seq,
-                        s.emitted_at.at,
-                        s.energy.wh,
-                        s.distance.m if s.distance else None,
-                        s.soc.pct if s.soc else None,
-                        event.received_at,
-                    )
-                )
-            elif isinstance(event, SessionStarted):
-                starts.append(
-                    (
-                        event.session_id,
-                        event.bike_id,
-                        str(event.kind),
-                        event.party_id,
-                        event.started_at,
-                        event.received_at,
-                    )
-                )
-            elif isinstance(event, MessageDeferred):
-                w = event.waiting
-                topic, payload = waiting_payloads[w.ref]
-                sample = getattr(w.command, "sample", None)
-                deferred.append(
-                    (
-                        event.bike_id,
-                        w.ref,
-                        topic,
-                        payload,
-                        w.received_at,
-                        w.command.session_id,
-                        sample.telemetry_id if sample is not None else None,
-                    )
-                )
-            elif isinstance(event, DeferredMessageSettled):
-                settled.append((event.bike_id, event.waiting.ref, event.reason, event.detail))
+        """Write a batch's decisions inside the caller's transaction.
+
+        Order matters: new sessions, then their telemetry (only an Active session takes
+        samples), then the summaries (which may finalize them), then the waiting room.
+        """
+        rows = _EventRows.of(events, waiting_payloads)
+        starts, samples, deferred, settled = rows.starts, rows.samples, rows.deferred, rows.settled
         if starts:
             await conn.executemany(
                 "INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at,"

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from domain.billing import bill
 from domain.commands import Command
+from domain.errors import TimestampOutOfRange
 from domain.events import (
     DeferredMessageSettled,
     Outcome,
@@ -37,6 +38,19 @@ PRICING = shipped_pricing()
 @pytest.fixture
 def fleet() -> FleetHarness:
     return FleetHarness(Fleet(POLICY))
+
+
+def ended_ride_as_stored(begun, **summary) -> RideSession:
+    """A ride as the store would load it: ended (last_seq 3) at NOW, with this summary."""
+    return RideSession(
+        session_id=begun.session_id,
+        bike_id=begun.bike_id,
+        party_id="rider-1",
+        started_at=T0,
+        last_heard_at=NOW,
+        end=SessionEnd(T0 + timedelta(minutes=30), 3, received_at=NOW),
+        **summary,
+    )
 
 
 def finalized_records(events) -> list:
@@ -108,8 +122,6 @@ def test_a_waiting_message_applied_but_then_invalid_is_rejected_with_its_own_rea
 def test_a_start_from_the_future_is_refused_at_once_even_while_the_bike_is_busy(fleet):
     first = start(bike_id())
     fleet.handle(first, NOW)
-    from domain.errors import TimestampOutOfRange
-
     with pytest.raises(TimestampOutOfRange):
         fleet.handle(start(first.bike_id, at=NOW + timedelta(days=1)), NOW)
 
@@ -139,13 +151,8 @@ def test_waiting_messages_loaded_from_the_store_are_applied_like_fresh_ones():
 def test_a_reloaded_session_with_its_end_pending_finalizes_when_its_grace_runs_out():
     fleet = Fleet(POLICY)
     begun = start(bike_id())
-    stored = RideSession(
-        session_id=begun.session_id,
-        bike_id=begun.bike_id,
-        party_id="rider-1",
-        started_at=T0,
-        last_heard_at=NOW,
-        end=SessionEnd(T0 + timedelta(minutes=30), 3, received_at=NOW),
+    stored = ended_ride_as_stored(
+        begun,
         energy_wh=Decimal("2.5"),
         seqs=SeqRanges(((1, 2),)),
         latest_emitted_at=T0 + timedelta(minutes=1),
@@ -166,16 +173,7 @@ def test_a_reloaded_session_with_its_end_pending_finalizes_when_its_grace_runs_o
 def test_a_reloaded_session_completes_with_the_one_seq_it_was_missing():
     fleet = Fleet(POLICY)
     begun = start(bike_id())
-    stored = RideSession(
-        session_id=begun.session_id,
-        bike_id=begun.bike_id,
-        party_id="rider-1",
-        started_at=T0,
-        last_heard_at=NOW,
-        end=SessionEnd(T0 + timedelta(minutes=30), 3, received_at=NOW),
-        energy_wh=Decimal(20),
-        seqs=SeqRanges(((1, 1), (3, 3))),
-    )
+    stored = ended_ride_as_stored(begun, energy_wh=Decimal(20), seqs=SeqRanges(((1, 1), (3, 3))))
     fleet.load_bike(begun.bike_id, stored)
     decision = fleet.handle(sample(begun, 2, "5"), NOW + timedelta(seconds=1))
     (record,) = finalized_records(decision.events)
