@@ -133,8 +133,10 @@ class Daemon:
                 prefix=s.topic_prefix,
                 max_batch=s.max_batch,
                 max_payload_bytes=s.max_payload_bytes,
+                max_inbox=s.receive_maximum,
             )
             link = self.link = MqttLink(s, self.metrics, pipeline.deliver)
+            pipeline.pause_intake, pipeline.resume_intake = link.pause_reading, link.resume_reading
             publisher = OutboxPublisher(store, link, self.metrics)
             pipeline.on_commit = publisher.notify
             link_task = tg.create_task(link.run())

@@ -74,6 +74,11 @@ class Metrics:
             "Messages waiting (durably) for their session's start or their bike's end",
             registry=r,
         )
+        self.intake_paused = Gauge(
+            "chargeflow_intake_paused",
+            "1 while the daemon reads nothing from the broker: it holds enough to work on",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "chargeflow_batch_size",
             "Inbound messages per committed batch",

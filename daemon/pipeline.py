@@ -55,8 +55,11 @@ class Pipeline:
         max_batch: int = 1000,
         max_payload_bytes: int = 16_384,
         sweep_every_s: float = 0.5,
+        max_inbox: int = 1000,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_commit: Callable[[], None] = lambda: None,
+        pause_intake: Callable[[], None] = lambda: None,
+        resume_intake: Callable[[], None] = lambda: None,
     ) -> None:
         self.uow = unit_of_work
         self.metrics = metrics
@@ -66,6 +69,12 @@ class Pipeline:
         self.sweep_every_s = sweep_every_s
         self.clock = clock
         self.on_commit = on_commit
+        # Bounded memory whatever the broker sends: past max_inbox, stop reading the broker
+        # until half of it is taken.
+        self.max_inbox = max_inbox
+        self.pause_intake = pause_intake
+        self.resume_intake = resume_intake
+        self.intake_paused = False
         self.inbox: deque[Delivery] = deque()
         self._arrived = asyncio.Event()
         self.accepting = True
@@ -79,6 +88,10 @@ class Pipeline:
             self.metrics.received.labels(decode_kind(delivery.topic, self.prefix)).inc()
             self.inbox.append(delivery)
             self._arrived.set()
+            if not self.intake_paused and len(self.inbox) >= self.max_inbox:
+                self.intake_paused = True
+                self.metrics.intake_paused.set(1)
+                self.pause_intake()
 
     async def run(self) -> None:
         """Process batches until stopped; sweep expired sessions every ``sweep_every_s``."""
@@ -97,7 +110,12 @@ class Pipeline:
     def _take(self) -> list[Delivery]:
         """What has arrived, in arrival order, up to max_batch."""
         count = min(len(self.inbox), self.max_batch)
-        return [self.inbox.popleft() for _ in range(count)]
+        batch = [self.inbox.popleft() for _ in range(count)]
+        if self.intake_paused and len(self.inbox) <= self.max_inbox // 2:
+            self.intake_paused = False
+            self.metrics.intake_paused.set(0)
+            self.resume_intake()
+        return batch
 
     def stop(self) -> None:
         """Take no new messages; ``run`` returns after the batch in hand is committed."""

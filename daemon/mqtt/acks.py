@@ -1,15 +1,20 @@
-"""Acknowledge inbound QoS 1 messages only after what they caused is committed.
+"""The one place that reaches into aiomqtt and paho: manual acks, and pausing the reader.
 
 aiomqtt 2.5 has no public manual acknowledgement (its issue #345); paho, underneath, does
-(``manual_ack_set(True)`` and ``ack(mid, qos)``). This is the one place that reaches through.
+(``manual_ack_set(True)`` and ``ack(mid, qos)``). Inbound QoS 1 messages are acknowledged
+only after what they caused is committed. aiomqtt has no way to stop reading either; the
+daemon needs one to bound what it holds (``PausableClient``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import aiomqtt
 import paho.mqtt.client as paho
 
-__all__ = ["ManualAcks"]
+__all__ = ["ManualAcks", "PausableClient"]
 
 
 class ManualAcks:
@@ -47,3 +52,50 @@ class ManualAcks:
             return False
         self.sent += 1
         return True
+
+
+class PausableClient(aiomqtt.Client):
+    """aiomqtt's client, able to stop reading its socket while the daemon catches up.
+
+    The broker should send no more than Receive Maximum unacknowledged messages, but Mosquitto
+    2.0 was measured sending several thousand to a daemon draining a backlog; the daemon bounds
+    its own intake instead. While reading is paused, TCP's window pushes back on the broker,
+    which keeps the messages queued. ``_on_socket_open`` is aiomqtt 2.5's own (its reader
+    callback is a local function), with the callback kept so that it can be removed and added
+    again; ``tests/integration/test_manual_acks.py`` fails loudly if aiomqtt moves it.
+    """
+
+    _reader: Callable[[], None] | None = None
+    _fileno: int = -1
+    paused: bool = False
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        def callback() -> None:
+            try:  # as aiomqtt: a read error is a broken connection
+                while True:
+                    client.loop_read()
+                    pending = getattr(client._sock, "pending", None)  # TLS: decoded bytes left
+                    if pending is not None and pending() > 0:
+                        continue
+                    break
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def create_misc_task() -> None:
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        self._reader, self._fileno, self.paused = callback, sock.fileno(), False
+        self._loop.call_soon_threadsafe(self._loop.add_reader, sock.fileno(), callback)
+        self._loop.call_soon_threadsafe(create_misc_task)
+
+    def pause_reading(self) -> None:
+        """Read nothing more from the broker until ``resume_reading``."""
+        if not self.paused and self._reader is not None and self._fileno > -1:
+            self._loop.remove_reader(self._fileno)
+            self.paused = True
+
+    def resume_reading(self) -> None:
+        if self.paused and self._reader is not None and self._fileno > -1:
+            self._loop.add_reader(self._fileno, self._reader)
+            self.paused = False

@@ -17,7 +17,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import Settings
 from daemon.metrics import Metrics
-from daemon.mqtt.acks import ManualAcks
+from daemon.mqtt.acks import ManualAcks, PausableClient
 
 __all__ = ["Delivery", "MqttLink"]
 
@@ -76,11 +76,12 @@ class MqttLink:
         self._metrics = metrics
         self._deliver = deliver
         self._clock = clock
-        self._client: aiomqtt.Client | None = None
+        self._client: PausableClient | None = None
+        self._paused = False
         self.connected = asyncio.Event()
         self.stopping = False
 
-    def _new_client(self, holder: list[ManualAcks]) -> aiomqtt.Client:
+    def _new_client(self, holder: list[ManualAcks]) -> PausableClient:
         s = self._settings
         broker = s.broker
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -103,7 +104,7 @@ class MqttLink:
             def put_nowait(self, item: aiomqtt.Message) -> None:
                 deliver(Delivery(item, holder[0], clock()))
 
-        client = aiomqtt.Client(
+        client = PausableClient(
             broker.host,
             broker.port,
             username=broker.username,
@@ -153,6 +154,8 @@ class MqttLink:
                     if refused:
                         # Typically an ACL that does not let this user read the bike topics.
                         raise aiomqtt.MqttError(f"subscription refused: {', '.join(refused)}")
+                    if self._paused:
+                        client.pause_reading()
                     # Messages are handed off as they arrive (Handoff); this only waits for the
                     # connection to end, which aiomqtt reports by raising MqttError here.
                     async for _ in client.messages:
@@ -175,6 +178,17 @@ class MqttLink:
                 self._metrics.mqtt_connected.set(0)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    def pause_reading(self) -> None:
+        """Take nothing more from the broker for now (the daemon holds enough)."""
+        self._paused = True
+        if self._client is not None:
+            self._client.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        if self._client is not None:
+            self._client.resume_reading()
 
     async def disconnect(self) -> None:
         """Leave cleanly: the broker keeps the session and queues for us."""

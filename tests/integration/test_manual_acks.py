@@ -65,3 +65,47 @@ async def test_acks_of_a_closed_connection_are_skipped(broker):
     message = aiomqtt.Message("t/1", b"x", qos=1, retain=False, mid=7, properties=None)
     assert acks.ack(message) is False
     assert acks.skipped == 1
+
+
+def test_aiomqtt_still_registers_its_socket_reader_where_the_pausable_client_replaces_it():
+    """PausableClient copies aiomqtt 2.5's `_on_socket_open`: an upgrade that moves it must
+    fail here, loudly, not leave the daemon unable to pause."""
+    import inspect
+
+    assert aiomqtt.__version__.startswith("2.5."), aiomqtt.__version__
+    source = inspect.getsource(aiomqtt.Client._on_socket_open)
+    for part in ("loop_read", "add_reader", "_disconnected", "_misc_loop"):
+        assert part in source, f"aiomqtt's _on_socket_open no longer uses {part}"
+    assert aiomqtt.Client.__init__.__code__.co_names.count("_on_socket_open") >= 1
+
+
+async def test_a_paused_client_takes_nothing_until_it_resumes(broker):
+    from daemon.mqtt.acks import PausableClient
+
+    topic = f"chargeflow/v1/bikes/pause-{uuid.uuid4().hex[:8]}/telemetry"
+    client = PausableClient(
+        "127.0.0.1", broker.port, username="chargeflow-daemon",
+        password="daemon-example-password", identifier=f"pause-{uuid.uuid4().hex[:8]}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+    )  # fmt: skip
+    got: list[bytes] = []
+    all_in = asyncio.Event()
+    async with client, mqtt_client(broker.fleet_url) as publisher:
+        await client.subscribe(topic, qos=1)
+
+        async def read() -> None:
+            async for message in client.messages:
+                got.append(message.payload)
+                if len(got) == 200:
+                    all_in.set()
+
+        reader = asyncio.create_task(read())
+        client.pause_reading()
+        await asyncio.gather(*(publisher.publish(topic, b"%d" % i, qos=1) for i in range(200)))
+        await asyncio.sleep(0.5)
+        while_paused = len(got)
+        client.resume_reading()
+        await asyncio.wait_for(all_in.wait(), timeout=10)
+        reader.cancel()
+    assert while_paused == 0
+    assert sorted(got, key=int) == [b"%d" % i for i in range(200)]

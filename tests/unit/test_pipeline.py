@@ -204,3 +204,20 @@ async def test_a_rejection_is_committed_before_it_is_acknowledged():
     await p.process([bike.start(), bike.sample(1), bike.end(0)])  # last_seq below seq 1
     assert log == ["commit 2 events", "ack 1", "ack 2", "ack 3"]
     assert p.metrics.rejected.labels("seq_beyond_end")._value.get() == 1
+
+
+async def test_intake_pauses_when_the_inbox_is_full_and_resumes_once_half_is_taken():
+    log: list[str] = []
+    bike = Bike(log)
+    p = Pipeline(FakeUnitOfWork(log), Metrics(), prefix=PREFIX, max_inbox=4, max_batch=2,
+                 pause_intake=lambda: log.append("pause"),
+                 resume_intake=lambda: log.append("resume"))  # type: ignore[arg-type]  # fmt: skip
+    for seq in range(1, 6):
+        p.deliver(bike.sample(seq))
+    assert log == ["pause"]
+    assert p.metrics.intake_paused._value.get() == 1
+    p._take()  # 3 left: above half of 4
+    assert log == ["pause"]
+    p._take()  # 1 left
+    assert log == ["pause", "resume"]
+    assert p.metrics.intake_paused._value.get() == 0
