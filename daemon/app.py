@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 import asyncpg
 import structlog
@@ -17,21 +17,19 @@ from daemon.db.store import Store
 from daemon.db.unit_of_work import UnitOfWork
 from daemon.db.views import ReadModel
 from daemon.http import HttpServer
-from daemon.memory import release_free_memory
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.publisher import OutboxPublisher
 from daemon.pipeline import Pipeline
-from domain.billing import PricingRules
 
 __all__ = ["Daemon", "open_store", "read_model", "run_daemon"]
 
 log = structlog.get_logger(__name__)
 
 
-def read_model(settings: Settings, store: Store, pricing: PricingRules | None = None) -> ReadModel:
+def read_model(settings: Settings, store: Store) -> ReadModel:
     """The read side over the store's pool."""
-    return ReadModel(store.pool, settings.topic_prefix, pricing or settings.load_pricing())
+    return ReadModel(store.pool, settings.topic_prefix)
 
 
 async def open_store(settings: Settings, *, create: bool = True) -> Store:
@@ -89,11 +87,7 @@ class Daemon:
         return None
 
     async def _watch_database(self, store: Store) -> None:
-        last_trim = time.monotonic()
         while True:
-            if time.monotonic() - last_trim >= 30:
-                release_free_memory()  # see daemon.memory: RSS proportional to what we hold
-                last_trim = time.monotonic()
             try:
                 await asyncio.wait_for(store.pool.fetchval("SELECT 1"), timeout=5)
                 self.database_ok = True
@@ -119,10 +113,17 @@ class Daemon:
                 http_task.cancel()
                 return
             self.store = store
-            self.http.reads = read_model(s, store, pricing)
+            recorded = await store.record_pricing(pricing, datetime.now(UTC))
+            if recorded is None:
+                raise ConfigError(
+                    f"pricing version {pricing.version} is already recorded with other prices;"
+                    " give the new prices a new version"
+                )
+            pricing = recorded  # bills are derived from the recorded text, wherever they are
+            self.http.reads = read_model(s, store)
             unit_of_work = UnitOfWork(
                 store,
-                s.policy,
+                replace(s.policy, pricing_version=pricing.version),
                 pricing,
                 prefix=s.topic_prefix,
                 max_payload_bytes=s.max_payload_bytes,
@@ -175,4 +176,7 @@ async def run_daemon(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
-    await daemon.run()
+    try:
+        await daemon.run()
+    except* ConfigError as group:
+        raise group.exceptions[0] from None  # one line to the operator, not a task group

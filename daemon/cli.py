@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     ana.add_argument("--from", dest="since", help="RFC 3339; sessions started at or after")
     ana.add_argument("--to", dest="until", help="RFC 3339; sessions started before")
     ana.add_argument("--bike-id")
+    ana.add_argument("--pricing-version", help="only sessions finalized under this version")
+    sub.add_parser("pricing", help="every pricing version recorded, its prices, first use")
     ses = sub.add_parser("session", help="a session, its billing and its telemetry count")
     ses.add_argument("session_id")
     bench = sub.add_parser("bench", help="ingest a backlog end to end and print msg/s")
@@ -65,11 +67,22 @@ async def _analytics(settings: Settings, args: argparse.Namespace) -> None:
     store = await open_store(settings, create=False)
     try:
         document = await _analytics_query(
-            read_model(settings, store), args.since, args.until, args.bike_id
+            read_model(settings, store), args.since, args.until, args.bike_id, args.pricing_version
         )
     finally:
         await store.pool.close()
     print(json.dumps(document, indent=2))
+
+
+async def _pricing(settings: Settings) -> None:
+    from daemon.app import open_store, read_model
+
+    store = await open_store(settings, create=False)
+    try:
+        versions = await read_model(settings, store).pricing()
+    finally:
+        await store.pool.close()
+    print(json.dumps({"pricing_versions": versions}, indent=2))
 
 
 async def _session(settings: Settings, raw: str) -> int:
@@ -114,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(publish(url, plan, args.rate))
         elif args.command == "analytics":
             asyncio.run(_analytics(settings, args))
+        elif args.command == "pricing":
+            asyncio.run(_pricing(settings))
         elif args.command == "session":
             return asyncio.run(_session(settings, args.session_id))
         elif args.command == "bench":

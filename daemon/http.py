@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from daemon.db.views import ReadModel
 from daemon.metrics import Metrics
 from domain.analytics import AnalyticsReport, KindFigures, project
-from domain.billing import bill
+from domain.billing import BillingRecord
 from domain.commands import BIKE_ID_PATTERN
 
 __all__ = ["HttpServer", "analytics_document"]
@@ -54,11 +54,27 @@ def _figures(f: KindFigures) -> dict[str, Any]:
 
 
 def analytics_document(
-    report: AnalyticsReport, pricing_version: str, filters: dict[str, str | None]
+    report: AnalyticsReport,
+    bills: Sequence[BillingRecord],
+    filters: dict[str, str | None],
 ) -> dict[str, Any]:
+    by_version: dict[str, dict[str, Any]] = {}
+    for record in bills:
+        figures = by_version.setdefault(record.pricing_version, {"sessions": 0, "revenue": {}})
+        figures["sessions"] += 1
+        revenue = figures["revenue"]
+        currency = record.amount.currency
+        revenue[currency] = revenue.get(currency, Decimal(0)) + record.amount.amount
     return {
         "filters": filters,
-        "pricing_version": pricing_version,
+        # Each session is billed by the pricing version it was finalized under.
+        "by_pricing_version": {
+            version: {
+                "sessions": f["sessions"],
+                "revenue": {cur: str(v) for cur, v in f["revenue"].items()},
+            }
+            for version, f in sorted(by_version.items())
+        },
         "rides": _figures(report.rides),
         "charging": _figures(report.charging),
         "revenue": {cur: str(v) for cur, v in report.revenue.items()},
@@ -78,17 +94,23 @@ def _timestamp(raw: str | None, name: str) -> datetime | None:
 
 
 async def _analytics_query(
-    reads: ReadModel, since: str | None, until: str | None, bike_id: str | None
+    reads: ReadModel,
+    since: str | None,
+    until: str | None,
+    bike_id: str | None,
+    pricing_version: str | None = None,
 ) -> dict[str, Any]:
-    """Analytics over Finalized sessions, billed with the running pricing rules."""
+    """Analytics over Finalized sessions, each billed by its own pricing version."""
     if bike_id is not None and not BIKE_ID_PATTERN.fullmatch(bike_id):
         raise ValueError("bike_id must match [A-Za-z0-9_-]{1,64}")
     sessions = await reads.finalized_sessions(
-        _timestamp(since, "from"), _timestamp(until, "to"), bike_id
+        _timestamp(since, "from"), _timestamp(until, "to"), bike_id, pricing_version
     )
-    report = project(sessions, [bill(s, reads.pricing) for s in sessions])
-    filters = {"from": since, "to": until, "bike_id": bike_id}
-    return analytics_document(report, reads.pricing.version, filters)
+    history = await reads.history()
+    bills = [history.bill(s) for s in sessions]
+    report = project(sessions, bills)
+    filters = {"from": since, "to": until, "bike_id": bike_id, "pricing_version": pricing_version}
+    return analytics_document(report, bills, filters)
 
 
 class HttpServer:
@@ -111,6 +133,7 @@ class HttpServer:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/analytics": self._analytics,
+            "/pricing": self._pricing,
         }
 
     async def serve(self) -> None:
@@ -170,6 +193,7 @@ class HttpServer:
                     "/healthz",
                     "/readyz",
                     "/analytics",
+                    "/pricing",
                     "/sessions/{session_id}",
                 ],
             },
@@ -192,15 +216,25 @@ class HttpServer:
         if self.reads is None:
             return _json(503, {"error": "no database"})
         args = {k: v[-1] for k, v in query.items()}
-        unknown = sorted(set(args) - {"from", "to", "bike_id"})
+        known = ("from", "to", "bike_id", "pricing_version")
+        unknown = sorted(set(args) - set(known))
         if unknown:
-            raise ValueError(f"unknown parameters {', '.join(unknown)}; use from, to, bike_id")
+            raise ValueError(f"unknown parameters {', '.join(unknown)}; use {', '.join(known)}")
         return _json(
             200,
             await _analytics_query(
-                self.reads, args.get("from"), args.get("to"), args.get("bike_id")
+                self.reads,
+                args.get("from"),
+                args.get("to"),
+                args.get("bike_id"),
+                args.get("pricing_version"),
             ),
         )
+
+    async def _pricing(self, _: dict[str, list[str]]) -> Response:
+        if self.reads is None:
+            return _json(503, {"error": "no database"})
+        return _json(200, {"pricing_versions": await self.reads.pricing()})
 
     async def _session(self, raw: str) -> Response:
         if self.reads is None:

@@ -22,6 +22,7 @@ __all__ = [
     "BillableEnergy",
     "BillingRecord",
     "Money",
+    "PricingHistory",
     "PricingRule",
     "PricingRules",
     "Rounding",
@@ -170,6 +171,70 @@ class PricingRules:
     def rule_for(self, kind: SessionKind) -> PricingRule:
         return next(rule for rule in self.rules if rule.kind is kind)
 
+    def canonical(self) -> str:
+        """The price list as canonical JSON, decimals exactly as written (0.30 stays 0.30, as
+        billing records print it); comments and layout of the file make no difference."""
+        return json.dumps(
+            {
+                "version": self.version,
+                "currency": self.currency,
+                "rounding": str(self.rounding),
+                "minor_unit": self.minor_unit,
+                **{
+                    str(r.kind): {
+                        "unit_price": format(r.unit_price.per_kwh, "f"),
+                        "session_fee": format(r.session_fee, "f"),
+                    }
+                    for r in sorted(self.rules, key=lambda r: r.kind)
+                },
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_canonical(cls, text: str) -> PricingRules:
+        """The price list a ``canonical()`` text records."""
+        doc = json.loads(text)
+        return cls(
+            doc["version"],
+            doc["currency"],
+            Rounding(doc["rounding"]),
+            doc["minor_unit"],
+            tuple(
+                PricingRule(
+                    kind,
+                    UnitPrice(Decimal(doc[kind]["unit_price"])),
+                    Decimal(doc[kind]["session_fee"]),
+                )
+                for kind in SessionKind
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PricingHistory:
+    """Every price list ever used, by version: a finalized session is billed by its own."""
+
+    versions: tuple[PricingRules, ...]
+
+    def __post_init__(self) -> None:
+        names = [p.version for p in self.versions]
+        if len(set(names)) != len(names):
+            raise InvalidPricing(f"a pricing version is recorded twice: {names}")
+
+    def rules(self, version: str) -> PricingRules:
+        for pricing in self.versions:
+            if pricing.version == version:
+                return pricing
+        raise LookupError(f"pricing version {version!r} is not recorded")
+
+    def bill(self, session: FinalizedSession) -> BillingRecord:
+        """The bill of a session, by the pricing version it was finalized under."""
+        if session.pricing_version is None:
+            raise LookupError(f"session {session.session_id} names no pricing version")
+        return bill(session, self.rules(session.pricing_version))
+
 
 @dataclass(frozen=True, slots=True)
 class BillingRecord:
@@ -202,7 +267,16 @@ class BillingRecord:
 
 
 def bill(session: FinalizedSession, pricing: PricingRules) -> BillingRecord:
-    """Bill a Finalized session with a price list; pure and repeatable."""
+    """Bill a Finalized session with a price list; pure and repeatable.
+
+    A session that names the pricing version it was finalized under is billed by that version
+    only: billing it by another price list is a mistake, not a bill.
+    """
+    if session.pricing_version is not None and session.pricing_version != pricing.version:
+        raise InvalidPricing(
+            f"session {session.session_id} was finalized under pricing version "
+            f"{session.pricing_version}, not {pricing.version}"
+        )
     rule = pricing.rule_for(session.kind)
     energy = BillableEnergy.of(session)
     # Exact arithmetic: a local context with enough precision that nothing rounds before the end.

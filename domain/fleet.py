@@ -334,7 +334,7 @@ class Fleet:
                 and current is not None
                 and current.end is not None
             ):
-                self._events.append(current.cut_grace_short(now))
+                self._events.append(current.cut_grace_short(now, self.policy))
                 self._changed[current.session_id] = current
                 self._settle_current(bike)
                 self._apply_waiting(bike, now)

@@ -161,7 +161,7 @@ class Session:
             )
         ]
         if self.is_complete:
-            events.append(self._finalize(now, EndReason.ENDED))
+            events.append(self._finalize(now, EndReason.ENDED, policy))
         return Outcome.ACCEPTED, events
 
     def record_sample(
@@ -216,7 +216,7 @@ class Session:
         self.last_heard_at = now
         events: list[Event] = [TelemetrySampleAccepted(self.bike_id, sample, now)]
         if self.is_complete:
-            events.append(self._finalize(now, EndReason.ENDED))
+            events.append(self._finalize(now, EndReason.ENDED, policy))
         return Outcome.ACCEPTED, events
 
     def expire(self, now: datetime, policy: SessionPolicy) -> SessionFinalized | None:
@@ -225,16 +225,16 @@ class Session:
             return None
         if self.end is not None:
             if now >= self.end.received_at + policy.finalize_grace:
-                return self._finalize(now, EndReason.ENDED)
+                return self._finalize(now, EndReason.ENDED, policy)
             return None
         if now >= self.last_heard_at + policy.abandon_after:
-            return self._finalize(now, EndReason.TIMED_OUT)
+            return self._finalize(now, EndReason.TIMED_OUT, policy)
         return None
 
-    def cut_grace_short(self, now: datetime) -> SessionFinalized:
+    def cut_grace_short(self, now: datetime, policy: SessionPolicy) -> SessionFinalized:
         """A new start for the bike during the grace period finalizes this session first."""
         assert self.end is not None, "only a session that has ended has a grace period"
-        return self._finalize(now, EndReason.ENDED)
+        return self._finalize(now, EndReason.ENDED, policy)
 
     # -- rules ---------------------------------------------------------------------------
 
@@ -251,7 +251,9 @@ class Session:
                 f"{self.finalized.finalized_at.isoformat()} and cannot change"
             )
 
-    def _finalize(self, now: datetime, reason: EndReason) -> SessionFinalized:
+    def _finalize(
+        self, now: datetime, reason: EndReason, policy: SessionPolicy
+    ) -> SessionFinalized:
         self._require_active()
         count = len(self.seqs)
         if self.end is not None:
@@ -272,6 +274,7 @@ class Session:
             missing_samples=expected - count,
             end_reason=reason,
             finalized_at=now,
+            pricing_version=policy.pricing_version,
         )
         return SessionFinalized(self.finalized)
 

@@ -53,6 +53,8 @@ class SessionPolicy:
     finalize_grace: timedelta = timedelta(seconds=5)
     abandon_after: timedelta = timedelta(hours=24)
     clock_skew: timedelta = timedelta(minutes=5)
+    # The pricing version in force: every session finalized under this policy names it.
+    pricing_version: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("finalize_grace", "abandon_after", "clock_skew"):
@@ -93,6 +95,9 @@ class FinalizedSession:
     missing_samples: int
     end_reason: EndReason
     finalized_at: datetime
+    # The pricing version in force when the session was finalized: part of its fixed record,
+    # so that its bill never changes when prices do (None only before it was recorded).
+    pricing_version: str | None = None
 
     def __post_init__(self) -> None:
         if self.energy_wh < 0 or self.distance_m < 0:

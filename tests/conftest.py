@@ -18,6 +18,8 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,7 +27,9 @@ import asyncpg
 import pytest
 
 from daemon.db.migrate import migrate
+from daemon.db.store import Store
 from daemon.devbroker import free_port, start_broker
+from domain.billing import PricingRules, parse_pricing
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 DAEMON_USER = ("chargeflow-daemon", "daemon-example-password")
@@ -73,6 +77,11 @@ def postgres_url() -> Iterator[str]:
         container.stop()
 
 
+def shipped_pricing() -> PricingRules:
+    text = resources.files("daemon").joinpath("pricing.toml").read_text()
+    return parse_pricing(text, "daemon/pricing.toml")
+
+
 @pytest.fixture(scope="session")
 def database_url(postgres_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test run, dropped afterwards."""
@@ -89,6 +98,13 @@ def database_url(postgres_url: str) -> Iterator[str]:
             await migrate(conn)
         finally:
             await conn.close()
+        # The shipped price list is recorded, as the daemon does at start-up.
+        pool = await asyncpg.create_pool(_with_database(postgres_url, name), min_size=1, max_size=1)
+        assert pool is not None
+        try:
+            await Store(pool).record_pricing(shipped_pricing(), datetime.now(UTC))
+        finally:
+            await pool.close()
 
     async def teardown() -> None:
         admin = await asyncpg.connect(postgres_url)

@@ -15,6 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
+from domain.billing import PricingHistory, PricingRules
 from domain.events import (
     DeferredMessageSettled,
     Event,
@@ -125,6 +126,7 @@ def finalized_from_row(row: asyncpg.Record) -> FinalizedSession:
         missing_samples=row["missing_samples"],
         end_reason=EndReason(row["end_reason"]),
         finalized_at=row["finalized_at"],
+        pricing_version=row["pricing_version"],
     )
 
 
@@ -170,6 +172,7 @@ def _summary_columns(sessions: Sequence[Session]) -> list[list[Any]]:
                 final.missing_samples if final else None,
                 str(final.end_reason) if final else None,
                 final.finalized_at if final else None,
+                final.pricing_version if final else None,
             )
         )
     return [list(column) for column in zip(*rows, strict=True)]
@@ -347,13 +350,14 @@ class Store:
                 " telemetry_count = t.telemetry_count, seq_ranges = t.seq_ranges::integer[],"
                 " latest_emitted_at = t.latest_emitted_at, state = t.state,"
                 " missing_samples = t.missing_samples, end_reason = t.end_reason,"
-                " finalized_at = t.finalized_at"
+                " finalized_at = t.finalized_at, pricing_version = t.pricing_version"
                 " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::integer[],"
                 " $5::timestamptz[], $6::numeric[], $7::numeric[], $8::integer[], $9::text[],"
                 " $10::timestamptz[], $11::text[], $12::integer[], $13::text[],"
-                " $14::timestamptz[]) AS t(session_id, last_heard_at, ended_at, last_seq,"
-                " end_received_at, energy_wh, distance_m, telemetry_count, seq_ranges,"
-                " latest_emitted_at, state, missing_samples, end_reason, finalized_at)"
+                " $14::timestamptz[], $15::text[]) AS t(session_id, last_heard_at, ended_at,"
+                " last_seq, end_received_at, energy_wh, distance_m, telemetry_count, seq_ranges,"
+                " latest_emitted_at, state, missing_samples, end_reason, finalized_at,"
+                " pricing_version)"
                 " WHERE s.session_id = t.session_id",
                 *_summary_columns(changed),
             )
@@ -414,6 +418,60 @@ class Store:
                 ],
             )
 
+    # -- pricing versions ------------------------------------------------------------------
+
+    async def record_pricing(self, pricing: PricingRules, now: datetime) -> PricingRules | None:
+        """Keep the running price list and return it as recorded; None if its version is
+        recorded with other prices (equal values written differently are the same prices).
+
+        Sessions finalized before versions were recorded get one here: the version their
+        published bill named while the outbox still has it, else the earliest recorded one.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PRICING_LOCK)
+            content = await conn.fetchval(
+                "SELECT content FROM pricing_versions WHERE version = $1", pricing.version
+            )
+            if content is None:
+                content = pricing.canonical()
+                await conn.execute(
+                    "INSERT INTO pricing_versions (version, content, first_used_at)"
+                    " VALUES ($1, $2, $3)",
+                    pricing.version,
+                    content,
+                    now,
+                )
+            recorded = PricingRules.from_canonical(content)
+            if recorded != pricing:
+                return None
+            await conn.execute(
+                "UPDATE sessions s SET pricing_version = COALESCE(("
+                " SELECT v.version FROM outbox o JOIN pricing_versions v"
+                " ON v.version = convert_from(o.payload, 'UTF8')::jsonb ->> 'pricing_version'"
+                " WHERE o.event = 'billing'"
+                " AND convert_from(o.payload, 'UTF8')::jsonb ->> 'session_id' = s.session_id::text"
+                " ORDER BY o.id LIMIT 1),"
+                " (SELECT version FROM pricing_versions ORDER BY first_used_at, version LIMIT 1))"
+                " WHERE s.state = 'finalized' AND s.pricing_version IS NULL"
+            )
+            if not await conn.fetchval(
+                "SELECT convalidated FROM pg_constraint"
+                " WHERE conname = 'finalized_sessions_name_their_pricing'"
+            ):
+                await conn.execute(
+                    "ALTER TABLE sessions VALIDATE CONSTRAINT finalized_sessions_name_their_pricing"
+                )
+        return recorded
+
+    async def pricing_history(self) -> tuple[PricingHistory, dict[str, datetime]]:
+        """Every recorded price list, and when each was first used."""
+        rows = await self.pool.fetch(
+            "SELECT version, content, first_used_at FROM pricing_versions"
+            " ORDER BY first_used_at, version"
+        )
+        history = PricingHistory(tuple(PricingRules.from_canonical(r["content"]) for r in rows))
+        return history, {r["version"]: r["first_used_at"] for r in rows}
+
     async def waiting_count(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM waiting_messages"))
 
@@ -440,4 +498,5 @@ class Store:
         await self.pool.execute("DELETE FROM outbox WHERE published_at < $1", published_before)
 
 
+_PRICING_LOCK = 0x43_46_50_52  # "CFPR": one instance records a price list at a time
 _PAYLOAD_CAP = 4096  # bytes of a rejected payload kept; payload_size says what was received

@@ -9,33 +9,54 @@ from uuid import UUID
 
 import asyncpg
 
-from daemon.db.store import finalized_from_row
-from daemon.outbound import finalized_message
-from domain.billing import PricingRules, bill
+from daemon.db.store import Store, finalized_from_row
+from daemon.outbound import finalized_message, iso
+from domain.billing import PricingHistory
 from domain.session_values import FinalizedSession, SessionKind
 
 __all__ = ["ReadModel"]
 
 
 class ReadModel:
-    """Read-only queries for HTTP and the CLI; it never writes and never changes a session."""
+    """Read-only queries for HTTP and the CLI; it never writes and never changes a session.
 
-    def __init__(self, pool: asyncpg.Pool, prefix: str, pricing: PricingRules) -> None:
+    Bills are derived here from each session's own pricing version, read from the store with
+    every query (a handful of rows), so that versions another instance recorded are known too.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, prefix: str) -> None:
         self.pool = pool
         self.prefix = prefix
-        self.pricing = pricing
+
+    async def history(self) -> PricingHistory:
+        return (await Store(self.pool).pricing_history())[0]
+
+    async def pricing(self) -> list[dict[str, Any]]:
+        """Every pricing version recorded, its prices, and when it was first used."""
+        history, first_used = await Store(self.pool).pricing_history()
+        return [
+            {
+                **json.loads(p.canonical()),
+                "first_used_at": iso(first_used[p.version]),
+            }
+            for p in history.versions
+        ]
 
     async def session_view(self, session_id: UUID) -> dict[str, Any] | None:
-        return await _session_view(self.pool, self.prefix, self.pricing, session_id)
+        return await _session_view(self.pool, self.prefix, await self.history(), session_id)
 
     async def finalized_sessions(
-        self, since: datetime | None, until: datetime | None, bike_id: str | None
+        self,
+        since: datetime | None,
+        until: datetime | None,
+        bike_id: str | None,
+        pricing_version: str | None = None,
     ) -> list[FinalizedSession]:
-        return await _finalized_sessions(self.pool, since, until, bike_id)
+        return await _finalized_sessions(self.pool, since, until, bike_id, pricing_version)
 
 
 async def _session_view(
-    pool: asyncpg.Pool, prefix: str, pricing: PricingRules, session_id: UUID
+    pool: asyncpg.Pool, prefix: str, history: PricingHistory, session_id: UUID
 ) -> dict[str, Any] | None:
     """A session, its stored sample count and (when finalized) its billing record."""
     row = await pool.fetchrow("SELECT * FROM sessions WHERE session_id = $1", session_id)
@@ -54,7 +75,7 @@ async def _session_view(
     if row["state"] == "finalized":
         session = finalized_from_row(row)
         view["finalized"] = json.loads(finalized_message(prefix, session)[1])
-        view["billing"] = bill(session, pricing).to_payload()
+        view["billing"] = history.bill(session).to_payload()
     else:
         view["last_heard_at"] = row["last_heard_at"].isoformat()
         view["energy_wh_so_far"] = format(row["energy_wh"], "f")
@@ -68,15 +89,21 @@ async def _session_view(
 
 
 async def _finalized_sessions(
-    pool: asyncpg.Pool, since: datetime | None, until: datetime | None, bike_id: str | None
+    pool: asyncpg.Pool,
+    since: datetime | None,
+    until: datetime | None,
+    bike_id: str | None,
+    pricing_version: str | None,
 ) -> list[FinalizedSession]:
     rows = await pool.fetch(
         "SELECT * FROM sessions WHERE state = 'finalized'"
         " AND ($1::timestamptz IS NULL OR started_at >= $1)"
         " AND ($2::timestamptz IS NULL OR started_at < $2)"
-        " AND ($3::text IS NULL OR bike_id = $3) ORDER BY started_at, session_id",
+        " AND ($3::text IS NULL OR bike_id = $3)"
+        " AND ($4::text IS NULL OR pricing_version = $4) ORDER BY started_at, session_id",
         since,
         until,
         bike_id,
+        pricing_version,
     )
     return [finalized_from_row(r) for r in rows]

@@ -44,9 +44,14 @@ FIXED_TOTALS = {
     "missing_samples": 0,
     "end_reason": "ended",
     "finalized_at": NOW,
+    "pricing_version": "2026-01",
 }
 
 
+PRICES = (
+    'version = "{version}"\ncurrency = "EUR"\n[ride]\nunit_price = {ride}\n'
+    "[charging]\nunit_price = 0.25\n"
+)
 # Kept from the start (a session's summary), so NOT NULL for every session.
 RUNNING_TOTALS = ("energy_wh", "distance_m", "telemetry_count")
 
@@ -84,7 +89,8 @@ async def spare_database_url(postgres_url: str) -> AsyncIterator[str]:
 
 
 def unit_of_work(store: Store, pricing: PricingRules) -> UnitOfWork:
-    return UnitOfWork(store, SessionPolicy(), pricing, prefix=PREFIX, max_payload_bytes=16_384)
+    policy = SessionPolicy(pricing_version=pricing.version)
+    return UnitOfWork(store, policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
 
 
 @pytest.fixture
@@ -202,8 +208,8 @@ async def insert_active(conn: Any, bike: str) -> uuid.UUID:
 async def finalize(conn: Any, session_id: uuid.UUID) -> None:
     await conn.execute(
         "UPDATE sessions SET state = 'finalized', ended_at = $2, energy_wh = 0, distance_m = 0,"
-        " telemetry_count = 0, missing_samples = 0, end_reason = 'ended', finalized_at = $2"
-        " WHERE session_id = $1",
+        " telemetry_count = 0, missing_samples = 0, end_reason = 'ended', finalized_at = $2,"
+        " pricing_version = '2026-01' WHERE session_id = $1",
         session_id,
         NOW,
     )
@@ -340,8 +346,14 @@ async def test_version_2_backfills_summaries_of_sessions_written_by_version_1(sp
                     T0 + timedelta(seconds=seq),
                     Decimal("1.25"),
                 )
-            if session_id == done:
-                await finalize(conn, done)
+            if session_id == done:  # as version 1 finalized: no pricing version yet
+                await conn.execute(
+                    "UPDATE sessions SET state = 'finalized', ended_at = $2, energy_wh = 0,"
+                    " distance_m = 0, telemetry_count = 0, missing_samples = 0,"
+                    " end_reason = 'ended', finalized_at = $2 WHERE session_id = $1",
+                    done,
+                    NOW,
+                )
 
         applied = await migrate(conn)
 
@@ -507,7 +519,9 @@ async def test_a_rejected_message_cannot_be_deleted(conn):
     assert sqlstate_of(refused) == "23000"
 
 
-@pytest.mark.parametrize("missing", sorted(set(FIXED_TOTALS) - set(RUNNING_TOTALS)))
+@pytest.mark.parametrize(
+    "missing", sorted(set(FIXED_TOTALS) - set(RUNNING_TOTALS) - {"pricing_version"})
+)
 async def test_a_finalized_session_without_totals_violates_the_check_constraint(conn, missing):
     totals = {**FIXED_TOTALS, missing: None}
     columns = ", ".join(totals)
@@ -883,3 +897,89 @@ async def test_outbox_pending_count_counts_rows_until_they_are_published(store, 
     await store.mark_published(conn, [first], NOW)
 
     assert (after_commit, await store.outbox_pending_count()) == (before + 2, before + 1)
+
+
+# -- pricing versions ------------------------------------------------------------------------
+
+
+async def test_a_recorded_version_is_kept_and_the_same_prices_written_differently_pass(store):
+    version = f"v-{uuid.uuid4().hex[:6]}"
+    pricing = parse_pricing(PRICES.format(version=version, ride="0.30"))
+    relaid = parse_pricing("# relaid\n" + PRICES.format(version=version, ride="0.30"))
+    changed = parse_pricing(PRICES.format(version=version, ride="0.31"))
+
+    first = await store.record_pricing(pricing, NOW)
+    again = await store.record_pricing(relaid, NOW + timedelta(days=1))
+    refused = await store.record_pricing(changed, NOW + timedelta(days=2))
+
+    assert first == again == pricing
+    assert refused is None
+    history, first_used = await store.pricing_history()
+    assert history.rules(version) == pricing
+    assert first_used[version] == NOW
+
+
+async def test_sessions_finalized_before_versions_were_kept_get_their_published_version(
+    spare_database_url, pricing
+):
+    await ensure_database(spare_database_url)
+    conn = await asyncpg.connect(spare_database_url)
+    folder = resources.files("daemon.db").joinpath("migrations")
+    try:
+        for name in ("001_initial", "002_scale_safe_sessions"):
+            await conn.execute(folder.joinpath(f"{name}.sql").read_text())
+        await conn.execute(
+            "CREATE TABLE schema_migrations (name text PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now());"
+            " INSERT INTO schema_migrations (name) VALUES ('001_initial'),"
+            " ('002_scale_safe_sessions')"
+        )
+        billed, unbilled = uuid.uuid4(), uuid.uuid4()
+        for n, session_id in enumerate((billed, unbilled)):
+            bike = f"bike-old-{n}"
+            await conn.execute("INSERT INTO bikes (bike_id) VALUES ($1)", bike)
+            await conn.execute(
+                "INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at,"
+                " received_at, last_heard_at, state, ended_at, missing_samples, end_reason,"
+                " finalized_at) VALUES ($1, $2, 'ride', 'r', $3, $3, $3, 'finalized', $3, 0,"
+                " 'ended', $3)",
+                session_id,
+                bike,
+                T0,
+            )
+        await conn.execute(
+            "INSERT INTO outbox (created_at, event, topic, payload) VALUES ($1, 'billing', 't', $2)",
+            NOW,
+            json.dumps({"session_id": str(billed), "pricing_version": "2026-01"}).encode(),
+        )
+        await migrate(conn)
+        # An older version was recorded first (by another instance, say).
+        await conn.execute(
+            "INSERT INTO pricing_versions (version, content, first_used_at) VALUES ($1, $2, $3)",
+            "2025-12",
+            PricingRules.from_canonical(pricing.canonical())
+            .canonical()
+            .replace('"version":"2026-01"', '"version":"2025-12"'),
+            T0,
+        )
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(spare_database_url, min_size=1, max_size=2)
+    try:
+        assert await Store(pool).record_pricing(pricing, NOW) == pricing
+        named = {
+            r["session_id"]: r["pricing_version"]
+            for r in await pool.fetch("SELECT session_id, pricing_version FROM sessions")
+        }
+        validated = await pool.fetchval(
+            "SELECT convalidated FROM pg_constraint"
+            " WHERE conname = 'finalized_sessions_name_their_pricing'"
+        )
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError):
+            await pool.execute(
+                "UPDATE sessions SET pricing_version = '2025-12' WHERE session_id = $1", billed
+            )
+    finally:
+        await pool.close()
+    assert named == {billed: "2026-01", unbilled: "2025-12"}
+    assert validated is True
