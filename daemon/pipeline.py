@@ -40,6 +40,8 @@ _UNAVAILABLE = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
+# Another writer got in the way: decide again from the store, as often as it takes.
+_TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _ATTEMPTS_BEFORE_SPLIT = 2
 
 
@@ -166,6 +168,11 @@ class Pipeline:
                     batch=len(arrivals),
                 )
                 await asyncio.sleep(backoff)
+                continue
+            except _TRANSIENT as exc:
+                self.uow.reset()
+                attempt -= 1
+                log.info("batch met another writer; deciding again", error=repr(exc))
                 continue
             except Exception as exc:
                 # Refused for a reason the edge did not foresee (or a fault of ours): decide

@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 
 import aiomqtt
+import asyncpg
 
 from daemon.db.unit_of_work import Settled
 from daemon.metrics import Metrics
@@ -221,3 +222,14 @@ async def test_intake_pauses_when_the_inbox_is_full_and_resumes_once_half_is_tak
     p._take()  # 1 left
     assert log == ["pause", "resume"]
     assert p.metrics.intake_paused._value.get() == 0
+
+
+async def test_a_batch_that_met_another_writer_is_decided_again_not_taken_apart():
+    log: list[str] = []
+    store = FakeUnitOfWork(log)
+    store.failures += [asyncpg.DeadlockDetectedError("deadlock")] * 3
+    bike = Bike(log)
+    p = pipeline(store)
+    await p.process([bike.start(), bike.sample(1)])
+    assert log == ["reset", "reset", "reset", "commit 2 events", "ack 1", "ack 2"]
+    assert store.kept == []
