@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import sys
 import time
 import uuid
@@ -20,7 +21,20 @@ from paho.mqtt.properties import Properties
 
 from daemon.outbound import iso
 
-__all__ = ["FleetPlan", "messages", "publish"]
+__all__ = ["FleetPlan", "json_payload", "messages", "publish"]
+
+_NUMBER = re.compile(r'"@@decimal:([-+0-9.eE]+)@@"')
+
+
+def json_payload(document: object) -> bytes:
+    """JSON bytes in which every Decimal is written as an exact JSON number (not a string)."""
+
+    def number(value: object) -> str:
+        if isinstance(value, Decimal) and value.is_finite():
+            return f"@@decimal:{value}@@"
+        raise TypeError(f"{type(value).__name__} is not JSON")
+
+    return _NUMBER.sub(r"\1", json.dumps(document, default=number)).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +87,11 @@ def _bike(
                 "session_id": sid,
                 "seq": seq,
                 "emitted_at": iso(at),
-                "energy_wh": str(Decimal(rng.randint(50, 5000)) / 100),
+                "energy_wh": Decimal(rng.randint(50, 5000)) / 100,
                 "soc_pct": rng.randint(5, 100),
             }
             if ride:
-                sample["distance_m"] = str(Decimal(rng.randint(0, 2000)) / 10)
+                sample["distance_m"] = Decimal(rng.randint(0, 2000)) / 10
             yield f"{base}/telemetry", sample
         at += timedelta(milliseconds=100)
         yield (
@@ -128,9 +142,7 @@ async def publish(url: str, plan: FleetPlan, rate: float = 0.0, progress: bool =
         pending: list[asyncio.Task[None]] = []
         for topic, payload in messages(plan, start):
             pending.append(
-                asyncio.create_task(
-                    client.publish(topic, json.dumps(payload).encode(), qos=1, timeout=60)
-                )
+                asyncio.create_task(client.publish(topic, json_payload(payload), qos=1, timeout=60))
             )
             sent += 1
             if len(pending) >= 200:

@@ -66,10 +66,43 @@ def _rfc3339(value: Any) -> Any:
     return value
 
 
+def _json_number(value: Any) -> Any:
+    # JSON numbers only: "12.5" (a string) is not energy, whatever pydantic would coerce.
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def _storable_text(value: Any) -> Any:
+    # PostgreSQL text holds neither NUL nor lone surrogates (which are not UTF-8).
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
-# Bounded so that no payload can make a decimal of absurd size (1e999999999 is valid JSON).
-Quantity = Annotated[Decimal, Field(ge=0, le=1_000_000_000, max_digits=32, allow_inf_nan=False)]
-Id = Annotated[str, Field(min_length=1, max_length=128)]
+# What a real meter reports, and what every sum keeps exactly (README, "Precision"): up to
+# 1,000,000,000 with at most 6 decimal places.
+QUANTITY_MAX = 1_000_000_000
+QUANTITY_PLACES = 6
+Quantity = Annotated[
+    Decimal,
+    BeforeValidator(_json_number),
+    Field(ge=0, le=QUANTITY_MAX, decimal_places=QUANTITY_PLACES, allow_inf_nan=False),
+]
+Percent = Annotated[
+    Decimal,
+    BeforeValidator(_json_number),
+    Field(ge=0, le=100, decimal_places=QUANTITY_PLACES, allow_inf_nan=False),
+]
+# Seqs are PostgreSQL integers.
+SEQ_MAX = 2**31 - 1
+Id = Annotated[str, BeforeValidator(_storable_text), Field(min_length=1, max_length=128)]
 
 
 class _Payload(BaseModel):
@@ -94,14 +127,14 @@ class RideEnded(_Payload):
     event: Literal["ride_ended"]
     session_id: UUID
     occurred_at: Timestamp
-    last_seq: Annotated[StrictInt, Field(ge=0)]
+    last_seq: Annotated[StrictInt, Field(ge=0, le=SEQ_MAX)]
 
 
 class ChargingEnded(_Payload):
     event: Literal["charging_ended"]
     session_id: UUID
     occurred_at: Timestamp
-    last_seq: Annotated[StrictInt, Field(ge=0)]
+    last_seq: Annotated[StrictInt, Field(ge=0, le=SEQ_MAX)]
 
 
 Lifecycle = Annotated[
@@ -115,13 +148,11 @@ _LIFECYCLE: TypeAdapter[RideStarted | ChargingStarted | RideEnded | ChargingEnde
 class Telemetry(_Payload):
     telemetry_id: UUID
     session_id: UUID
-    seq: Annotated[StrictInt, Field(ge=1)]
+    seq: Annotated[StrictInt, Field(ge=1, le=SEQ_MAX)]
     emitted_at: Timestamp
     energy_wh: Quantity
     distance_m: Quantity | None = None
-    soc_pct: Annotated[Decimal, Field(ge=0, le=100, max_digits=32, allow_inf_nan=False)] | None = (
-        None
-    )
+    soc_pct: Percent | None = None
 
 
 def parse_topic(topic: str, prefix: str) -> tuple[TopicKind, str | None, str | None]:
@@ -199,6 +230,8 @@ def decode(topic: str, payload: bytes, prefix: str, max_bytes: int) -> Inbound:
         return reject("malformed_json", f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
     except ValueError as exc:
         return reject("malformed_json", f"payload is not JSON: {exc}")
+    except ArithmeticError:  # decimal.InvalidOperation: a number no decimal can hold
+        return reject("schema_violation", "payload holds a number beyond any decimal")
     except RecursionError:
         return reject("malformed_json", "payload is nested too deeply to be read")
     session_id, telemetry_id = _ids(document)

@@ -10,13 +10,14 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import aiomqtt
 
 from daemon.app import Daemon
 from daemon.config import Settings
-from daemon.simulate import mqtt_client
+from daemon.simulate import json_payload, mqtt_client
 
 PREFIX = "chargeflow/v1"
 
@@ -81,6 +82,11 @@ def iso(at: datetime) -> str:
     return at.isoformat()
 
 
+def _number(value: Any) -> Any:
+    """A quantity given as text ("1234.5") is sent as that exact JSON number."""
+    return Decimal(value) if isinstance(value, str) else value
+
+
 class Bike:
     """One simulated bike publishing its lifecycle and telemetry with QoS 1."""
 
@@ -90,7 +96,7 @@ class Bike:
         self.t0 = datetime.now(UTC) - timedelta(minutes=30)
 
     async def send(self, suffix: str, payload: dict[str, Any] | bytes) -> None:
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        body = payload if isinstance(payload, bytes) else json_payload(payload)
         await self.client.publish(f"{PREFIX}/bikes/{self.bike_id}/{suffix}", body, qos=1)
 
     async def start(
@@ -117,7 +123,7 @@ class Bike:
         self,
         session_id: str,
         seq: int,
-        energy_wh: Any = "10",
+        energy_wh: Any = 10,
         telemetry_id: str | None = None,
         at: datetime | None = None,
         **extra: Any,
@@ -130,8 +136,8 @@ class Bike:
                 "session_id": session_id,
                 "seq": seq,
                 "emitted_at": iso(at or self.t0 + timedelta(seconds=seq)),
-                "energy_wh": energy_wh,
-                **extra,
+                "energy_wh": _number(energy_wh),
+                **{key: _number(value) for key, value in extra.items()},
             },
         )
         return telemetry_id

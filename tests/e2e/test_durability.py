@@ -19,7 +19,7 @@ from decimal import Decimal
 import pytest
 
 from daemon.devbroker import free_port
-from daemon.simulate import FleetPlan, messages, mqtt_client
+from daemon.simulate import FleetPlan, json_payload, messages, mqtt_client
 from tests.e2e.helpers import PREFIX, Bike, running_daemon, settings_for, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -99,10 +99,7 @@ async def test_a_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
             killed = False
             for i in range(0, len(stream), 100):
                 await asyncio.gather(
-                    *(
-                        publisher.publish(t, json.dumps(p).encode(), qos=1)
-                        for t, p in stream[i : i + 100]
-                    )
+                    *(publisher.publish(t, json_payload(p), qos=1) for t, p in stream[i : i + 100])
                 )
                 if not killed and await stored() >= 600:
                     daemon.send_signal(signal.SIGKILL)

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.mqtt.schemas import Inbound, TopicKind, decode
+from daemon.simulate import json_payload
 from domain.commands import EndSession, RecordTelemetry, StartSession
 from domain.session_values import SessionKind
 from tests.builders import bike_id
@@ -37,7 +38,7 @@ def telemetry_document(**overrides: Any) -> dict[str, Any]:
         "session_id": str(uuid.uuid4()),
         "seq": 1,
         "emitted_at": AT,
-        "energy_wh": "12.5",
+        "energy_wh": Decimal("12.5"),
     }
     document.update(overrides)
     return document
@@ -64,7 +65,7 @@ def decode_bytes(topic: str, payload: bytes, max_bytes: int = MAX_BYTES) -> Inbo
 
 
 def decode_json(topic: str, document: Any) -> Inbound:
-    return decode_bytes(topic, json.dumps(document).encode())
+    return decode_bytes(topic, json_payload(document))
 
 
 def rejected(inbound: Inbound) -> tuple[str, str]:
@@ -141,7 +142,7 @@ def test_a_timestamp_with_an_offset_keeps_its_instant():
 
 def test_a_telemetry_payload_becomes_a_record_telemetry_command():
     bike = bike_id()
-    document = telemetry_document(seq=3, energy_wh="12.5")
+    document = telemetry_document(seq=3, energy_wh=Decimal("12.5"))
 
     command = telemetry_command(decode_json(telemetry_topic(bike), document))
 
@@ -166,16 +167,64 @@ def test_a_json_number_energy_is_read_as_an_exact_decimal():
     assert str(command.sample.energy.wh) == "0.1"
 
 
-def test_a_string_energy_is_read_as_an_exact_decimal():
-    command = telemetry_command(
-        decode_json(telemetry_topic(bike_id()), telemetry_document(energy_wh="0.30000000000000004"))
+def test_a_string_energy_is_a_schema_violation_numbers_are_json_numbers():
+    reason, detail = rejected(
+        decode_json(telemetry_topic(bike_id()), telemetry_document(energy_wh="12.5"))
     )
 
-    assert command.sample.energy.wh == Decimal("0.30000000000000004")
+    assert reason == "schema_violation"
+    assert detail == "energy_wh: Value error, must be a JSON number"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("seq", 2**31, "less than or equal to 2147483647"),
+        ("seq", 2**70, "less than or equal to 2147483647"),
+        ("energy_wh", Decimal("1.0000001"), "no more than 6 decimal places"),
+        ("energy_wh", Decimal("1000000000.5"), "less than or equal to 1000000000"),
+        ("distance_m", Decimal("1E+12"), "less than or equal to 1000000000"),
+    ],
+)
+def test_values_postgresql_or_an_exact_sum_cannot_hold_are_schema_violations(field, value, says):
+    reason, detail = rejected(
+        decode_json(telemetry_topic(bike_id()), telemetry_document(**{field: value}))
+    )
+
+    assert reason == "schema_violation"
+    assert detail.startswith(f"{field}:")
+    assert says in detail
+
+
+@pytest.mark.parametrize("rider", ["a\x00b", "a\ud800b"])
+def test_text_postgresql_cannot_store_is_a_schema_violation(rider):
+    document = lifecycle_document("ride_started", rider_id=rider)
+
+    reason, detail = rejected(decode_json(f"{PREFIX}/bikes/{bike_id()}/lifecycle", document))
+
+    assert reason == "schema_violation"
+    assert detail.startswith("rider_id:")
+
+
+def test_a_last_seq_beyond_a_postgresql_integer_is_a_schema_violation():
+    document = lifecycle_document("ride_ended", last_seq=2**70)
+
+    reason, detail = rejected(decode_json(f"{PREFIX}/bikes/{bike_id()}/lifecycle", document))
+
+    assert (reason, detail.split(":")[0]) == ("schema_violation", "last_seq")
+
+
+def test_a_number_no_decimal_can_hold_is_answered_not_raised():
+    raw = json_payload(telemetry_document()).replace(b"12.5", b"1e9999999999999999999")
+
+    reason, detail = rejected(decode_bytes(telemetry_topic(bike_id()), raw))
+
+    assert reason == "schema_violation"
+    assert "number" in detail
 
 
 def test_optional_distance_and_state_of_charge_are_carried_when_present():
-    raw = json.dumps(telemetry_document(distance_m="__D__", soc_pct="__S__"))
+    raw = json_payload(telemetry_document(distance_m="__D__", soc_pct="__S__")).decode()
     raw = raw.replace('"__D__"', "250.75").replace('"__S__"', "81.5")
 
     command = telemetry_command(decode_bytes(telemetry_topic(bike_id()), raw.encode()))
@@ -220,7 +269,7 @@ def test_a_unix_timestamp_is_refused():
 
 def test_a_negative_energy_is_a_schema_violation():
     reason, detail = rejected(
-        decode_json(telemetry_topic(bike_id()), telemetry_document(energy_wh="-0.5"))
+        decode_json(telemetry_topic(bike_id()), telemetry_document(energy_wh=Decimal("-0.5")))
     )
 
     assert reason == "schema_violation"
@@ -230,7 +279,7 @@ def test_a_negative_energy_is_a_schema_violation():
 
 def test_a_state_of_charge_over_100_is_a_schema_violation():
     reason, detail = rejected(
-        decode_json(telemetry_topic(bike_id()), telemetry_document(soc_pct="100.5"))
+        decode_json(telemetry_topic(bike_id()), telemetry_document(soc_pct=Decimal("100.5")))
     )
 
     assert reason == "schema_violation"
@@ -321,7 +370,7 @@ def test_deeply_nested_json_within_the_size_limit_is_rejected_not_raised():
 
 
 def _padded_telemetry(size: int) -> bytes:
-    raw = json.dumps(telemetry_document()).encode()
+    raw = json_payload(telemetry_document())
     assert len(raw) <= size
     return raw + b" " * (size - len(raw))  # trailing whitespace is valid JSON
 
@@ -458,13 +507,13 @@ _telemetry_like = st.fixed_dictionaries(
     {},
     optional={
         key: _json_values | st.just(value)
-        for key, value in telemetry_document(distance_m="1", soc_pct="50").items()
+        for key, value in telemetry_document(distance_m=Decimal(1), soc_pct=Decimal(50)).items()
     },
 )
 _payloads = st.one_of(
     st.binary(max_size=1_024),
     _json_values.map(lambda v: json.dumps(v).encode()),
-    _telemetry_like.map(lambda v: json.dumps(v).encode()),
+    _telemetry_like.map(json_payload),
 )
 
 

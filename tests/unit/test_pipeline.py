@@ -126,7 +126,7 @@ class Bike:
         return self.delivery("telemetry", {
             "telemetry_id": telemetry_id or str(uuid.uuid4()), "session_id": self.session_id,
             "seq": seq, "emitted_at": (T0 + timedelta(seconds=seq)).isoformat(),
-            "energy_wh": "10"}, at)  # fmt: skip
+            "energy_wh": 10}, at)  # fmt: skip
 
     def end(self, last_seq: int, at=NOW) -> Delivery:
         return self.delivery("lifecycle", {"event": "ride_ended", "session_id": self.session_id,
