@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from daemon.db.views import ReadModel
 from daemon.metrics import Metrics
+from daemon.outbound import iso, plain
 from domain.analytics import AnalyticsReport, KindFigures, project
 from domain.billing import BillingRecord
 from domain.commands import BIKE_ID_PATTERN
@@ -36,12 +37,12 @@ def _json(status: int, document: Any) -> Response:
 
 def _figures(f: KindFigures) -> dict[str, Any]:
     def dec(value: Decimal | None) -> str | None:
-        return None if value is None else str(value)
+        return None if value is None else plain(value)
 
     return {
         "count": f.count,
-        "energy_wh": str(f.energy_wh),
-        "distance_m": str(f.distance_m),
+        "energy_wh": plain(f.energy_wh),
+        "distance_m": plain(f.distance_m),
         "duration_s": f.duration.total_seconds(),
         "average_energy_wh": dec(f.average_energy_wh),
         "average_duration_s": dec(f.average_duration_s),
@@ -103,13 +104,17 @@ async def _analytics_query(
     """Analytics over Finalized sessions, each billed by its own pricing version."""
     if bike_id is not None and not BIKE_ID_PATTERN.fullmatch(bike_id):
         raise ValueError("bike_id must match [A-Za-z0-9_-]{1,64}")
-    sessions = await reads.finalized_sessions(
-        _timestamp(since, "from"), _timestamp(until, "to"), bike_id, pricing_version
-    )
+    start, end = _timestamp(since, "from"), _timestamp(until, "to")
+    sessions = await reads.finalized_sessions(start, end, bike_id, pricing_version)
     history = await reads.history()
     bills = [history.bill(s) for s in sessions]
     report = project(sessions, bills)
-    filters = {"from": since, "to": until, "bike_id": bike_id, "pricing_version": pricing_version}
+    filters = {
+        "from": None if start is None else iso(start),
+        "to": None if end is None else iso(end),
+        "bike_id": bike_id,
+        "pricing_version": pricing_version,
+    }
     return analytics_document(report, bills, filters)
 
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from domain.billing import BillingRecord
-from domain.session_values import FinalizedSession
+from domain.session_values import FinalizedSession, quantity_text, utc_text
 
 __all__ = [
     "billing_message",
@@ -20,14 +20,9 @@ __all__ = [
 ]
 
 
-def plain(value: Decimal) -> str:
-    """A decimal as plain digits: 1000, never 1E+3."""
-    return format(value, "f")
-
-
-def iso(value: datetime) -> str:
-    """RFC 3339 with Z for UTC."""
-    return value.isoformat().replace("+00:00", "Z")
+# The one published form of quantities and instants, on MQTT, over HTTP and in the CLI.
+plain = quantity_text
+iso = utc_text
 
 
 def _seconds(value: Decimal) -> int | float:

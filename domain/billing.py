@@ -16,7 +16,7 @@ from typing import Any
 from uuid import UUID
 
 from domain.errors import InvalidPricing, InvalidValue
-from domain.session_values import FinalizedSession, SessionKind
+from domain.session_values import FinalizedSession, SessionKind, quantity_text
 
 __all__ = [
     "BillableEnergy",
@@ -254,7 +254,7 @@ class BillingRecord:
             "session_id": str(self.session_id),
             "bike_id": self.bike_id,
             "kind": str(self.kind),
-            "billable_energy_wh": format(self.billable_energy.wh, "f"),
+            "billable_energy_wh": quantity_text(self.billable_energy.wh),
             "unit_price": format(self.unit_price.per_kwh, "f"),
             "currency": self.amount.currency,
             "amount": format(self.amount.amount, "f"),

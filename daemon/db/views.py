@@ -10,7 +10,7 @@ from uuid import UUID
 import asyncpg
 
 from daemon.db.store import Store, finalized_from_row
-from daemon.outbound import finalized_message, iso
+from daemon.outbound import finalized_message, iso, plain
 from domain.billing import PricingHistory
 from domain.session_values import FinalizedSession, SessionKind
 
@@ -69,7 +69,7 @@ async def _session_view(
         "kind": row["kind"],
         SessionKind(row["kind"]).party_field: row["party_id"],
         "state": row["state"],
-        "started_at": row["started_at"].isoformat(),
+        "started_at": iso(row["started_at"]),
         "stored_telemetry_count": int(stored),
     }
     if row["state"] == "finalized":
@@ -77,12 +77,12 @@ async def _session_view(
         view["finalized"] = json.loads(finalized_message(prefix, session)[1])
         view["billing"] = history.bill(session).to_payload()
     else:
-        view["last_heard_at"] = row["last_heard_at"].isoformat()
-        view["energy_wh_so_far"] = format(row["energy_wh"], "f")
+        view["last_heard_at"] = iso(row["last_heard_at"])
+        view["energy_wh_so_far"] = plain(row["energy_wh"])
         view["telemetry_count_so_far"] = row["telemetry_count"]
         if row["last_seq"] is not None:
             view["end"] = {
-                "occurred_at": row["ended_at"].isoformat(),
+                "occurred_at": iso(row["ended_at"]),
                 "last_seq": row["last_seq"],
             }
     return view

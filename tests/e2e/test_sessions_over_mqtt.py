@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -156,3 +157,26 @@ async def test_a_session_that_goes_dark_is_finalized_as_timed_out(
     assert finalized["energy_wh"] == "42"
     assert finalized["missing_samples"] == 1
     assert billing["amount"] == "0.01"  # 0.042 kWh x 0.30 = 0.0126
+
+
+async def test_a_session_reported_with_an_offset_has_one_form_on_mqtt_and_over_http(
+    daemon, bike, outbound
+):
+    india = timezone(timedelta(hours=5, minutes=30))
+    at = bike.t0.astimezone(india)
+    session_id = await bike.start("ride", at=at)
+    await bike.sample(session_id, 1, "1.50", at=at + timedelta(seconds=1), distance_m="2.000")
+    await bike.sample(session_id, 2, "1.00", at=at + timedelta(seconds=2), distance_m="0")
+    await bike.end(session_id, 2, at=at + timedelta(minutes=1))
+
+    (finalized,) = await outbound.wait_for(bike.bike_id, "sessions/finalized")
+    (billing,) = await outbound.wait_for(bike.bike_id, "billing")
+    status, view = await http_get(daemon, f"/sessions/{session_id}")
+
+    assert status == 200
+    assert view["finalized"] == finalized
+    assert view["billing"] == billing
+    assert view["started_at"] == finalized["started_at"]
+    assert finalized["started_at"] == bike.t0.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    assert (finalized["energy_wh"], finalized["distance_m"]) == ("2.5", "2")
+    assert billing["billable_energy_wh"] == "2.5"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+
+import pytest
 
 from daemon.config import DEFAULT_PRICING_FILE
 from daemon.outbound import billing_message, finalized_message, rejection_message
@@ -125,7 +127,18 @@ def test_energy_and_distance_are_published_as_decimal_strings():
     payload = payload_of(finalized_message(PREFIX, session))
 
     assert payload["energy_wh"] == "0.1"
-    assert payload["distance_m"] == "0.30"
+    assert payload["distance_m"] == "0.3"
+
+
+@pytest.mark.parametrize(
+    ("total", "published"),
+    [("2.500", "2.5"), ("2.5", "2.5"), ("1E+3", "1000"), ("1000", "1000"), ("0.000", "0"),
+     ("0E-6", "0"), ("120.000001", "120.000001")],
+)  # fmt: skip
+def test_equal_quantities_have_one_published_form_whatever_their_scale(total, published):
+    payload = payload_of(finalized_message(PREFIX, finalized(energy_wh=total, distance_m=total)))
+
+    assert (payload["energy_wh"], payload["distance_m"]) == (published, published)
 
 
 def test_an_energy_total_is_published_in_plain_decimal_notation():
@@ -148,6 +161,20 @@ def test_timestamps_with_another_offset_are_published_as_the_same_instant():
 
     assert datetime.fromisoformat(payload["started_at"]) == T0
     assert datetime.fromisoformat(payload["ended_at"]) == T0 + timedelta(minutes=30)
+
+
+@pytest.mark.parametrize(
+    "offset", [timedelta(hours=5, minutes=30), timedelta(hours=-7), timedelta(0)]
+)
+def test_every_published_timestamp_is_utc_with_z_whatever_offset_it_came_in(offset):
+    session = finalized(started_at=T0.astimezone(timezone(offset)))
+
+    payload = payload_of(finalized_message(PREFIX, session))
+
+    for field in ("started_at", "ended_at", "finalized_at"):
+        assert payload[field].endswith("Z"), payload[field]
+        assert "+" not in payload[field]
+    assert payload["started_at"] == T0.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # -- rejections ------------------------------------------------------------------------
