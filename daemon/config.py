@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +12,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from daemon.mqtt.topics import Topics
 from domain.billing import PricingRules, parse_pricing
 from domain.errors import InvalidPricing
 from domain.session_values import SessionPolicy
@@ -20,7 +20,6 @@ from domain.session_values import SessionPolicy
 __all__ = ["BrokerAddress", "ConfigError", "Settings", "load_settings"]
 
 DEFAULT_PRICING_FILE = Path(__file__).with_name("pricing.toml")
-_TOPIC_LEVEL = re.compile(r"[^#+]+")
 
 
 class ConfigError(Exception):
@@ -123,8 +122,7 @@ class Settings(BaseModel):
     @classmethod
     def _topic_prefix(cls, value: str) -> str:
         value = value.strip("/")
-        if not value or not all(_TOPIC_LEVEL.fullmatch(level) for level in value.split("/")):
-            raise ValueError("must be topic levels without wildcards, e.g. chargeflow/v1")
+        Topics(value)  # raises ValueError naming what is wrong
         return value
 
     @property

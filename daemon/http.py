@@ -22,7 +22,7 @@ from daemon.metrics import Metrics
 from daemon.outbound import iso, plain
 from domain.analytics import AnalyticsReport, KindFigures, project
 from domain.billing import BillingRecord
-from domain.commands import BIKE_ID_PATTERN
+from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
 
 __all__ = ["HttpServer", "analytics_document"]
 
@@ -103,7 +103,7 @@ async def _analytics_query(
 ) -> dict[str, Any]:
     """Analytics over Finalized sessions, each billed by its own pricing version."""
     if bike_id is not None and not BIKE_ID_PATTERN.fullmatch(bike_id):
-        raise ValueError("bike_id must match [A-Za-z0-9_-]{1,64}")
+        raise ValueError(f"bike_id must match {BIKE_ID_RULE}")
     start, end = _timestamp(since, "from"), _timestamp(until, "to")
     sessions = await reads.finalized_sessions(start, end, bike_id, pricing_version)
     history = await reads.history()

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from domain.errors import Reason
+
 __all__ = ["Metrics"]
 
-REJECTION_REASONS = (
-    "malformed_json",
-    "schema_violation",
-    "payload_too_large",
-    "unknown_topic",
-    "active_session_exists",
-    "unknown_session",
-    "session_finalized",
-    "session_kind_mismatch",
-    "session_id_conflict",
-    "timestamp_out_of_range",
-    "seq_beyond_end",
-)
+REJECTION_REASONS = tuple(str(reason) for reason in Reason)
 
 
 class Metrics:
@@ -117,7 +107,7 @@ class Metrics:
         self.ready = Gauge("chargeflow_ready", "1 while /readyz answers 200", registry=r)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
-        for outcome in ("applied", "unknown_session", "active_session_exists"):
+        for outcome in ("applied", Reason.UNKNOWN_SESSION, Reason.ACTIVE_SESSION_EXISTS):
             self.waiting_settled.labels(outcome)
         for kind in ("lifecycle", "telemetry", "unknown"):
             for counter in (self.received, self.accepted, self.duplicates, self.deferred):

@@ -7,7 +7,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from daemon.mqtt.topics import OutboundKind, topics_for
 from domain.billing import BillingRecord
+from domain.errors import Reason
 from domain.session_values import FinalizedSession, quantity_text, utc_text
 
 __all__ = [
@@ -16,7 +18,6 @@ __all__ = [
     "iso",
     "plain",
     "rejection_message",
-    "topic_for",
 ]
 
 
@@ -34,13 +35,9 @@ def encode(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def topic_for(prefix: str, bike_id: str, suffix: str) -> str:
-    return f"{prefix}/bikes/{bike_id}/{suffix}"
-
-
 def finalized_message(prefix: str, session: FinalizedSession) -> tuple[str, bytes]:
     duration = Decimal(str(session.duration.total_seconds()))
-    return topic_for(prefix, session.bike_id, "sessions/finalized"), encode(
+    return topics_for(prefix).bike(session.bike_id, OutboundKind.FINALIZED), encode(
         {
             "session_id": str(session.session_id),
             "bike_id": session.bike_id,
@@ -60,14 +57,14 @@ def finalized_message(prefix: str, session: FinalizedSession) -> tuple[str, byte
 
 
 def billing_message(prefix: str, record: BillingRecord) -> tuple[str, bytes]:
-    return topic_for(prefix, record.bike_id, "billing"), record.to_json()
+    return topics_for(prefix).bike(record.bike_id, OutboundKind.BILLING), record.to_json()
 
 
 def rejection_message(
     prefix: str,
     bike_id: str,
     topic: str,
-    reason: str,
+    reason: Reason,
     detail: str,
     received_at: datetime,
     session_id: object | None = None,
@@ -79,4 +76,4 @@ def rejection_message(
     if telemetry_id is not None:
         document["telemetry_id"] = str(telemetry_id)
     document["received_at"] = iso(received_at)
-    return topic_for(prefix, bike_id, "rejections"), encode(document)
+    return topics_for(prefix).bike(bike_id, OutboundKind.REJECTIONS), encode(document)

@@ -23,7 +23,9 @@ import structlog
 from daemon.db.unit_of_work import Arrival, Settled, UnitOfWork
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import Delivery
-from daemon.mqtt.schemas import Inbound, Rejection, TopicKind, decode
+from daemon.mqtt.schemas import Inbound, Rejection, decode
+from daemon.mqtt.topics import topics_for
+from domain.errors import Reason
 from domain.events import DeferredMessageSettled, Event, MessageDeferred, Outcome, SessionFinalized
 
 __all__ = ["Pipeline"]
@@ -66,6 +68,7 @@ class Pipeline:
         self.uow = unit_of_work
         self.metrics = metrics
         self.prefix = prefix
+        self.topics = topics_for(prefix)
         self.max_batch = max_batch
         self.max_payload_bytes = max_payload_bytes
         self.sweep_every_s = sweep_every_s
@@ -87,7 +90,7 @@ class Pipeline:
     def deliver(self, delivery: Delivery) -> None:
         """Called by the MQTT link for every message; after shutdown began, leave it unacked."""
         if self.accepting:
-            self.metrics.received.labels(decode_kind(delivery.topic, self.prefix)).inc()
+            self.metrics.received.labels(self.topics.kind_of(delivery.topic)).inc()
             self.inbox.append(delivery)
             self._arrived.set()
             if not self.intake_paused and len(self.inbox) >= self.max_inbox:
@@ -213,17 +216,26 @@ class Pipeline:
         log.warning("message kept as a rejection", topic=arrival.topic, error=repr(error))
         rejection = arrival.inbound.rejection
         if rejection is None:
-            rejection = Rejection(arrival.topic, arrival.inbound.bike_id, "schema_violation", why)
+            rejection = Rejection(
+                arrival.topic, arrival.inbound.bike_id, Reason.SCHEMA_VIOLATION, why
+            )
         self.on_commit()
         return [Settled(rejection=rejection)]
 
     def _decode(self, delivery: Delivery) -> Inbound:
         try:
-            return decode(delivery.topic, delivery.payload, self.prefix, self.max_payload_bytes)
-        except Exception:
-            # decode answers every bad payload with a rejection; reaching here is our bug.
+            return decode(delivery.topic, delivery.payload, self.topics, self.max_payload_bytes)
+        except Exception as exc:
+            # decode answers every bad payload with a rejection; reaching here is our bug. The
+            # message is still kept (with its raw payload, for replay once the bug is fixed).
             log.exception("message could not be decoded", topic=delivery.topic)
-            return Inbound(TopicKind.UNKNOWN, None)
+            parsed = self.topics.parse(delivery.topic)
+            why = f"payload could not be decoded ({type(exc).__name__}); kept for replay"
+            return Inbound(
+                parsed.kind,
+                parsed.bike_id,
+                rejection=Rejection(delivery.topic, parsed.bike_id, Reason.SCHEMA_VIOLATION, why),
+            )
 
     def _acknowledge(
         self, batch: Sequence[Delivery], arrivals: Sequence[Arrival], settled: Sequence[Settled]
@@ -313,11 +325,3 @@ class Pipeline:
             if isinstance(exc, _UNAVAILABLE):
                 self.metrics.database_up.set(0)
             log.warning("expiry sweep failed; will retry", error=repr(exc))
-
-
-def decode_kind(topic: str, prefix: str) -> str:
-    """The topic kind label for metrics, without decoding the payload."""
-    for kind in (TopicKind.LIFECYCLE, TopicKind.TELEMETRY):
-        if topic.startswith(f"{prefix}/bikes/") and topic.endswith(f"/{kind}"):
-            return str(kind)
-    return str(TopicKind.UNKNOWN)

@@ -19,6 +19,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from daemon.mqtt.topics import TopicKind, topics_for
 from daemon.outbound import iso
 
 __all__ = ["FleetPlan", "json_payload", "messages", "publish"]
@@ -65,7 +66,7 @@ def messages(plan: FleetPlan, start: datetime) -> Iterator[tuple[str, dict[str, 
 def _bike(
     plan: FleetPlan, rng: random.Random, bike: str, start: datetime
 ) -> Iterator[tuple[str, dict[str, object]]]:
-    base = f"{plan.prefix}/bikes/{bike}"
+    topics = topics_for(plan.prefix)
     at = start
     for n in range(plan.sessions_per_bike):
         ride = n % 2 == 0
@@ -77,7 +78,7 @@ def _bike(
             else {"station_id": f"station-{rng.randint(1, 99)}"}
         )
         yield (
-            f"{base}/lifecycle",
+            topics.bike(bike, TopicKind.LIFECYCLE),
             {"event": f"{kind}_started", "session_id": sid, "occurred_at": iso(at), **party},
         )
         for seq in range(1, plan.samples_per_session + 1):
@@ -92,10 +93,10 @@ def _bike(
             }
             if ride:
                 sample["distance_m"] = Decimal(rng.randint(0, 2000)) / 10
-            yield f"{base}/telemetry", sample
+            yield topics.bike(bike, TopicKind.TELEMETRY), sample
         at += timedelta(milliseconds=100)
         yield (
-            f"{base}/lifecycle",
+            topics.bike(bike, TopicKind.LIFECYCLE),
             {
                 "event": f"{kind}_ended",
                 "session_id": sid,

@@ -11,15 +11,24 @@ from domain.errors import InvalidValue
 from domain.session_values import SessionKind, require_aware
 from domain.telemetry import TelemetrySample
 
-__all__ = ["BIKE_ID_PATTERN", "Command", "EndSession", "RecordTelemetry", "StartSession"]
+__all__ = [
+    "BIKE_ID_PATTERN",
+    "BIKE_ID_RULE",
+    "Command",
+    "EndSession",
+    "RecordTelemetry",
+    "StartSession",
+]
 
-BIKE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# SPEC §2: the one definition of a bike id, and the words every message uses for it.
+BIKE_ID_RULE = "[A-Za-z0-9_-]{1,64}"
+BIKE_ID_PATTERN = re.compile(BIKE_ID_RULE)
 _PARTY_ID_MAX = 128
 
 
 def _check_bike_id(bike_id: str) -> None:
     if not BIKE_ID_PATTERN.fullmatch(bike_id):
-        raise InvalidValue(f"bike_id must match [A-Za-z0-9_-]{{1,64}}, got {bike_id!r}")
+        raise InvalidValue(f"bike_id must match {BIKE_ID_RULE}, got {bike_id!r}")
 
 
 @dataclass(frozen=True, slots=True)

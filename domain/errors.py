@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import ClassVar
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "DomainError",
     "InvalidPricing",
     "InvalidValue",
+    "Reason",
     "SeqBeyondEnd",
     "SessionAlreadyFinalized",
     "SessionIdConflict",
@@ -18,10 +20,27 @@ __all__ = [
 ]
 
 
+class Reason(StrEnum):
+    """The rejection reason codes of SPEC §2: the one list the edge, the domain's errors, the
+    metrics and the AsyncAPI document use."""
+
+    MALFORMED_JSON = "malformed_json"
+    SCHEMA_VIOLATION = "schema_violation"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_TOPIC = "unknown_topic"
+    ACTIVE_SESSION_EXISTS = "active_session_exists"
+    UNKNOWN_SESSION = "unknown_session"
+    SESSION_FINALIZED = "session_finalized"
+    SESSION_KIND_MISMATCH = "session_kind_mismatch"
+    SESSION_ID_CONFLICT = "session_id_conflict"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+    SEQ_BEYOND_END = "seq_beyond_end"
+
+
 class DomainError(Exception):
     """A business rule would break; ``reason`` becomes the rejection reason code."""
 
-    reason: ClassVar[str] = "domain_error"
+    reason: ClassVar[Reason]
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -31,49 +50,49 @@ class DomainError(Exception):
 class InvalidValue(DomainError):
     """A value object was given a value it cannot hold (negative energy, naive time, …)."""
 
-    reason = "schema_violation"
+    reason = Reason.SCHEMA_VIOLATION
 
 
 class ActiveSessionExists(DomainError):
     """The bike already has an Active session that has not ended."""
 
-    reason = "active_session_exists"
+    reason = Reason.ACTIVE_SESSION_EXISTS
 
 
 class UnknownSession(DomainError):
     """The message names a session the bike does not have."""
 
-    reason = "unknown_session"
+    reason = Reason.UNKNOWN_SESSION
 
 
 class SessionAlreadyFinalized(DomainError):
     """The session is Finalized: nothing new may change it."""
 
-    reason = "session_finalized"
+    reason = Reason.SESSION_FINALIZED
 
 
 class SessionKindMismatch(DomainError):
     """A ride message for a charging session, or the reverse."""
 
-    reason = "session_kind_mismatch"
+    reason = Reason.SESSION_KIND_MISMATCH
 
 
 class SessionIdConflict(DomainError):
     """An id already known with different content."""
 
-    reason = "session_id_conflict"
+    reason = Reason.SESSION_ID_CONFLICT
 
 
 class TimestampOutOfRange(DomainError):
     """A timestamp outside the session, or beyond now plus the allowed clock skew."""
 
-    reason = "timestamp_out_of_range"
+    reason = Reason.TIMESTAMP_OUT_OF_RANGE
 
 
 class SeqBeyondEnd(DomainError):
     """A sample numbered past the ``last_seq`` its session's end announced."""
 
-    reason = "seq_beyond_end"
+    reason = Reason.SEQ_BEYOND_END
 
 
 class InvalidPricing(ValueError):

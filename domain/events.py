@@ -8,6 +8,7 @@ from enum import StrEnum
 from uuid import UUID
 
 from domain.commands import Command
+from domain.errors import Reason
 from domain.session_values import FinalizedSession, SessionKind
 from domain.telemetry import TelemetrySample
 
@@ -89,7 +90,7 @@ class DeferredMessageSettled:
 
     bike_id: str
     waiting: Waiting
-    reason: str | None = None
+    reason: Reason | None = None
     detail: str | None = None
 
 

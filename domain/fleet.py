@@ -21,7 +21,6 @@ from domain.errors import (
     ActiveSessionExists,
     DomainError,
     SessionIdConflict,
-    TimestampOutOfRange,
     UnknownSession,
 )
 from domain.events import (
@@ -33,7 +32,7 @@ from domain.events import (
     Waiting,
 )
 from domain.session import Session, session_for
-from domain.session_values import SessionPolicy
+from domain.session_values import SessionPolicy, require_not_future
 from domain.telemetry import TelemetrySample
 
 __all__ = ["Bike", "Decision", "Fleet"]
@@ -59,11 +58,7 @@ class Bike:
     @staticmethod
     def check_start(command: StartSession, now: datetime, policy: SessionPolicy) -> None:
         """What a start must satisfy whatever order it arrives in."""
-        if command.occurred_at > now + policy.clock_skew:
-            raise TimestampOutOfRange(
-                f"occurred_at {command.occurred_at.isoformat()} is in the future "
-                f"(now {now.isoformat()})"
-            )
+        require_not_future(command.occurred_at, now, policy.clock_skew, "occurred_at")
 
     def start(
         self, command: StartSession, now: datetime, policy: SessionPolicy

@@ -31,6 +31,7 @@ from domain.session_values import (
     SessionPolicy,
     SessionState,
     require_aware,
+    require_not_future,
 )
 from domain.telemetry import TelemetrySample
 
@@ -137,11 +138,7 @@ class Session:
                 f"occurred_at {command.occurred_at.isoformat()} is before the session started "
                 f"({self.started_at.isoformat()})"
             )
-        if command.occurred_at > now + policy.clock_skew:
-            raise TimestampOutOfRange(
-                f"occurred_at {command.occurred_at.isoformat()} is in the future "
-                f"(now {now.isoformat()})"
-            )
+        require_not_future(command.occurred_at, now, policy.clock_skew, "occurred_at")
         if self.seqs.highest > command.last_seq:
             raise SeqBeyondEnd(
                 f"last_seq {command.last_seq} is below sample seq {self.seqs.highest} "

@@ -8,7 +8,7 @@ from decimal import Decimal
 from enum import StrEnum
 from uuid import UUID
 
-from domain.errors import InvalidValue
+from domain.errors import InvalidValue, TimestampOutOfRange
 
 __all__ = [
     "EndReason",
@@ -18,6 +18,7 @@ __all__ = [
     "SessionPolicy",
     "SessionState",
     "quantity_text",
+    "require_not_future",
     "utc_text",
 ]
 
@@ -58,6 +59,15 @@ def require_aware(value: datetime, what: str) -> None:
     """Naive timestamps are ambiguous across a fleet's time zones; refuse them."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidValue(f"{what} must carry a UTC offset, got naive {value.isoformat()}")
+
+
+def require_not_future(at: datetime, now: datetime, skew: timedelta, what: str) -> None:
+    """The one rule for every publisher's clock: no time later than now plus the allowed skew."""
+    if at > now + skew:
+        raise TimestampOutOfRange(
+            f"{what} {at.isoformat()} is in the future (now {now.isoformat()}, "
+            f"allowed clock skew {skew.total_seconds():g} s)"
+        )
 
 
 @dataclass(frozen=True, slots=True)

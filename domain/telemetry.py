@@ -8,7 +8,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from domain.errors import InvalidValue, TimestampOutOfRange
-from domain.session_values import require_aware
+from domain.session_values import require_aware, require_not_future
 
 __all__ = ["Distance", "EmissionTime", "EnergyDelta", "StateOfCharge", "TelemetrySample"]
 
@@ -77,11 +77,7 @@ class EmissionTime:
             raise TimestampOutOfRange(
                 f"emitted_at {self.at.isoformat()} is after the session ended ({end.isoformat()})"
             )
-        if self.at > now + skew:
-            raise TimestampOutOfRange(
-                f"emitted_at {self.at.isoformat()} is in the future (now {now.isoformat()}, "
-                f"allowed clock skew {skew.total_seconds():g} s)"
-            )
+        require_not_future(self.at, now, skew, "emitted_at")
 
 
 @dataclass(frozen=True, slots=True)

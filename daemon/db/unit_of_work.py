@@ -18,10 +18,11 @@ import structlog
 
 from daemon.db.store import Conn, OutboxEntry, RejectionRow, Store, WaitingRow
 from daemon.mqtt.schemas import Inbound, Rejection, decode
-from daemon.outbound import billing_message, finalized_message, rejection_message, topic_for
+from daemon.mqtt.topics import TopicKind, topics_for
+from daemon.outbound import billing_message, finalized_message, rejection_message
 from domain.billing import PricingRules, bill
 from domain.commands import Command, RecordTelemetry
-from domain.errors import DomainError
+from domain.errors import DomainError, Reason
 from domain.events import (
     DeferredMessageSettled,
     Event,
@@ -112,7 +113,7 @@ class UnitOfWork:
                 Rejection(
                     a.topic,
                     a.inbound.bike_id,
-                    "schema_violation",
+                    Reason.SCHEMA_VIOLATION,
                     why,
                     a.inbound.command.session_id if a.inbound.command else None,
                 ),
@@ -225,12 +226,16 @@ class UnitOfWork:
                 entries.append(OutboxEntry(s.finalized_at, "billing", topic, payload))
             elif isinstance(event, DeferredMessageSettled) and event.reason is not None:
                 w = event.waiting
-                kind = "telemetry" if isinstance(w.command, RecordTelemetry) else "lifecycle"
+                kind = (
+                    TopicKind.TELEMETRY
+                    if isinstance(w.command, RecordTelemetry)
+                    else TopicKind.LIFECYCLE
+                )
                 sample = w.command.sample if isinstance(w.command, RecordTelemetry) else None
                 topic, payload = rejection_message(
                     self.prefix,
                     event.bike_id,
-                    topic_for(self.prefix, event.bike_id, kind),
+                    topics_for(self.prefix).bike(event.bike_id, kind),
                     event.reason,
                     event.detail or "",
                     w.received_at,

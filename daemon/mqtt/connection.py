@@ -18,6 +18,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from daemon.config import Settings
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import ManualAcks, PausableClient
+from daemon.mqtt.topics import topics_for
 
 __all__ = ["Delivery", "MqttLink"]
 
@@ -49,12 +50,6 @@ def _refused(code: object) -> bool:
     if isinstance(code, ReasonCode):
         return bool(code.is_failure)
     return isinstance(code, int) and code >= 0x80
-
-
-def inbound_filters(prefix: str, share_group: str | None = None) -> list[str]:
-    """The daemon's subscriptions; with a share group, MQTT v5 shared subscriptions."""
-    share = f"$share/{share_group}/" if share_group else ""
-    return [f"{share}{prefix}/bikes/+/lifecycle", f"{share}{prefix}/bikes/+/telemetry"]
 
 
 class MqttLink:
@@ -142,8 +137,8 @@ class MqttLink:
                     )
                     backoff = 0.5
                     options = SubscribeOptions(qos=1, noLocal=True)
-                    filters = inbound_filters(
-                        self._settings.topic_prefix, self._settings.share_group
+                    filters = topics_for(self._settings.topic_prefix).filters(
+                        self._settings.share_group
                     )
                     granted = await client.subscribe([(f, options) for f in filters])
                     refused = [

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from decimal import Decimal
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -24,18 +23,13 @@ from pydantic import (
     ValidationError,
 )
 
-from domain.commands import BIKE_ID_PATTERN, Command, EndSession, RecordTelemetry, StartSession
-from domain.errors import InvalidValue
+from daemon.mqtt.topics import TopicKind, Topics, topics_for
+from domain.commands import Command, EndSession, RecordTelemetry, StartSession
+from domain.errors import InvalidValue, Reason
 from domain.session_values import SessionKind
 from domain.telemetry import Distance, EmissionTime, EnergyDelta, StateOfCharge, TelemetrySample
 
-__all__ = ["Inbound", "Rejection", "TopicKind", "decode", "parse_topic"]
-
-
-class TopicKind(StrEnum):
-    LIFECYCLE = "lifecycle"
-    TELEMETRY = "telemetry"
-    UNKNOWN = "unknown"
+__all__ = ["Inbound", "Rejection", "TopicKind", "decode"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +38,7 @@ class Rejection:
 
     topic: str
     bike_id: str | None
-    reason: str
+    reason: Reason
     detail: str
     session_id: UUID | None = None
     telemetry_id: UUID | None = None
@@ -155,24 +149,6 @@ class Telemetry(_Payload):
     soc_pct: Percent | None = None
 
 
-def parse_topic(topic: str, prefix: str) -> tuple[TopicKind, str | None, str | None]:
-    """(kind, bike_id, problem) of an inbound topic ``{prefix}/bikes/{bike_id}/{kind}``."""
-    head = f"{prefix}/bikes/"
-    if not topic.startswith(head):
-        return TopicKind.UNKNOWN, None, f"topic is not under {head}"
-    rest = topic[len(head) :].split("/")
-    bike_id = rest[0] if rest and rest[0] else None
-    if len(rest) != 2 or rest[1] not in (TopicKind.LIFECYCLE, TopicKind.TELEMETRY):
-        return (
-            TopicKind.UNKNOWN,
-            bike_id,
-            (f"expected {head}{{bike_id}}/lifecycle or {head}{{bike_id}}/telemetry"),
-        )
-    if bike_id is None or not BIKE_ID_PATTERN.fullmatch(bike_id):
-        return TopicKind.UNKNOWN, bike_id, "bike_id in the topic must match [A-Za-z0-9_-]{1,64}"
-    return TopicKind(rest[1]), bike_id, None
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -204,40 +180,43 @@ def _ids(document: Any) -> tuple[UUID | None, UUID | None]:
     return found[0], found[1]
 
 
-def decode(topic: str, payload: bytes, prefix: str, max_bytes: int) -> Inbound:
+def decode(topic: str, payload: bytes, topics: Topics | str, max_bytes: int) -> Inbound:
     """Turn one MQTT message into a domain command, or a rejection that says why not."""
-    kind, bike_id, problem = parse_topic(topic, prefix)
+    parsed = (topics if isinstance(topics, Topics) else topics_for(topics)).parse(topic)
+    kind, bike_id, problem = parsed.kind, parsed.bike_id, parsed.problem
 
     def reject(
-        reason: str, detail: str, session_id: UUID | None = None, tid: UUID | None = None
+        reason: Reason, detail: str, session_id: UUID | None = None, tid: UUID | None = None
     ) -> Inbound:
         return Inbound(
             kind, bike_id, rejection=Rejection(topic, bike_id, reason, detail, session_id, tid)
         )
 
     if problem is not None:
-        return reject("unknown_topic", problem)
+        return reject(Reason.UNKNOWN_TOPIC, problem)
     assert bike_id is not None
     if len(payload) > max_bytes:
         return reject(
-            "payload_too_large", f"payload is {len(payload)} bytes; the limit is {max_bytes}"
+            Reason.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_bytes}"
         )
     try:
         document = json.loads(
             payload.decode("utf-8"), parse_float=Decimal, parse_constant=_reject_constant
         )
     except UnicodeDecodeError as exc:
-        return reject("malformed_json", f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
+        return reject(
+            Reason.MALFORMED_JSON, f"payload is not UTF-8: {exc.reason} at byte {exc.start}"
+        )
     except ValueError as exc:
-        return reject("malformed_json", f"payload is not JSON: {exc}")
+        return reject(Reason.MALFORMED_JSON, f"payload is not JSON: {exc}")
     except ArithmeticError:  # decimal.InvalidOperation: a number no decimal can hold
-        return reject("schema_violation", "payload holds a number beyond any decimal")
+        return reject(Reason.SCHEMA_VIOLATION, "payload holds a number beyond any decimal")
     except RecursionError:
-        return reject("malformed_json", "payload is nested too deeply to be read")
+        return reject(Reason.MALFORMED_JSON, "payload is nested too deeply to be read")
     session_id, telemetry_id = _ids(document)
     if not isinstance(document, dict):
         return reject(
-            "schema_violation", f"payload must be a JSON object, got {type(document).__name__}"
+            Reason.SCHEMA_VIOLATION, f"payload must be a JSON object, got {type(document).__name__}"
         )
     try:
         if kind is TopicKind.TELEMETRY:
@@ -245,7 +224,7 @@ def decode(topic: str, payload: bytes, prefix: str, max_bytes: int) -> Inbound:
         else:
             command = _lifecycle(bike_id, _LIFECYCLE.validate_python(document))
     except ValidationError as exc:
-        return reject("schema_violation", _explain(exc), session_id, telemetry_id)
+        return reject(Reason.SCHEMA_VIOLATION, _explain(exc), session_id, telemetry_id)
     except InvalidValue as exc:
         return reject(exc.reason, exc.detail, session_id, telemetry_id)
     return Inbound(kind, bike_id, command=command)

@@ -233,3 +233,23 @@ async def test_a_batch_that_met_another_writer_is_decided_again_not_taken_apart(
     await p.process([bike.start(), bike.sample(1)])
     assert log == ["reset", "reset", "reset", "commit 2 events", "ack 1", "ack 2"]
     assert store.kept == []
+
+
+async def test_a_message_decoding_fails_on_is_kept_as_a_rejection_not_dropped(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the edge")
+
+    monkeypatch.setattr("daemon.pipeline.decode", broken)
+    log: list[str] = []
+    bike = Bike(log)
+    p = pipeline(FakeUnitOfWork(log))
+    delivery = bike.sample(1)
+
+    await p.process([delivery])
+
+    assert log[-1] == f"ack {delivery.message.mid}"
+    assert p.metrics.rejected.labels("schema_violation")._value.get() == 1
+    assert (
+        sum(p.metrics.dropped.labels(r)._value.get() for r in ("internal_error", "commit_failed"))
+        == 0
+    )

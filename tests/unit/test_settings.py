@@ -264,10 +264,10 @@ def test_the_pricing_file_is_read_from_the_variable(tmp_path):
 
 
 def test_a_share_group_turns_the_subscriptions_into_shared_ones():
-    from daemon.mqtt.connection import inbound_filters
+    from daemon.mqtt.topics import Topics
 
     settings = load_settings({"CHARGEFLOW_SHARE_GROUP": "fleet-a"}, env_file=None)
-    assert inbound_filters(settings.topic_prefix, settings.share_group) == [
+    assert Topics(settings.topic_prefix).filters(settings.share_group) == [
         "$share/fleet-a/chargeflow/v1/bikes/+/lifecycle",
         "$share/fleet-a/chargeflow/v1/bikes/+/telemetry",
     ]

@@ -1,0 +1,130 @@
+"""The topic layout of SPEC §2, in one place: ``{prefix}/bikes/{bike_id}/{suffix}``.
+
+``Topics`` is a value object for one prefix: it validates itself (as aiomqtt's ``Topic`` does),
+builds every topic the daemon publishes and subscribes to, and reads inbound topics back into
+their kind and bike id. Nothing else in the code writes a topic out by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import lru_cache
+
+from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
+
+__all__ = ["OutboundKind", "ParsedTopic", "TopicKind", "Topics", "topics_for"]
+
+# One topic level: no wildcards, no separator, no NUL (MQTT 3.1.1 §4.7.3, MQTT 5 §4.7.3).
+_LEVEL = re.compile(r"[^#+/\x00]+")
+_TOPIC_MAX_BYTES = 65_535
+
+
+class TopicKind(StrEnum):
+    """What an inbound topic carries; UNKNOWN for anything outside the layout."""
+
+    LIFECYCLE = "lifecycle"
+    TELEMETRY = "telemetry"
+    UNKNOWN = "unknown"
+
+
+class OutboundKind(StrEnum):
+    """What the daemon publishes, per bike."""
+
+    FINALIZED = "sessions/finalized"
+    BILLING = "billing"
+    REJECTIONS = "rejections"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """An inbound topic read back: its kind, the bike it names (when it names one) and, for a
+    topic outside the layout, what is wrong with it."""
+
+    kind: TopicKind
+    bike_id: str | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The topics of one deployment, under ``prefix`` (e.g. ``chargeflow/v1``)."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        levels = self.prefix.split("/")
+        if not self.prefix or not all(_LEVEL.fullmatch(level) for level in levels):
+            raise ValueError(
+                f"topic prefix {self.prefix!r} must be topic levels without wildcards, "
+                "empty levels or NUL, e.g. chargeflow/v1"
+            )
+
+    @property
+    def _bikes(self) -> str:
+        return f"{self.prefix}/bikes/"
+
+    def bike(self, bike_id: str, suffix: TopicKind | OutboundKind) -> str:
+        """The topic of one bike's inbound or outbound messages.
+
+        Any single topic level is taken, so that a message on a topic with a bike id outside
+        the pattern can still be answered on that same (mistaken) bike's rejections topic."""
+        if not _LEVEL.fullmatch(bike_id):
+            raise ValueError(f"bike id {bike_id!r} is not one topic level")
+        if suffix is TopicKind.UNKNOWN:
+            raise ValueError("no topic carries unknown messages")
+        return f"{self._bikes}{bike_id}/{suffix}"
+
+    def filters(self, share_group: str | None = None) -> list[str]:
+        """The daemon's inbound subscriptions; with a share group, MQTT v5 shared ones."""
+        if share_group is not None and not _LEVEL.fullmatch(share_group):
+            raise ValueError(f"share group {share_group!r} must be one topic level")
+        share = f"$share/{share_group}/" if share_group else ""
+        return [
+            f"{share}{self._bikes}+/{kind}" for kind in (TopicKind.LIFECYCLE, TopicKind.TELEMETRY)
+        ]
+
+    def parse(self, topic: str) -> ParsedTopic:
+        """Read an inbound topic; one outside the layout is UNKNOWN with the problem named."""
+        # A fleet's topics repeat with every message: cache the short ones (a bounded cache of
+        # bounded keys, so hostile topics cannot grow memory).
+        if len(topic) <= _CACHED_TOPIC_MAX:
+            return _parse_cached(self._bikes, topic)
+        return _parse(self._bikes, topic)
+
+    def kind_of(self, topic: str) -> TopicKind:
+        """The kind of an inbound topic, for metric labels."""
+        return self.parse(topic).kind
+
+
+_CACHED_TOPIC_MAX = 160
+
+
+def _parse(head: str, topic: str) -> ParsedTopic:
+    if len(topic.encode("utf-8", "surrogatepass")) > _TOPIC_MAX_BYTES:
+        return ParsedTopic(TopicKind.UNKNOWN, None, "topic is longer than MQTT allows")
+    if not topic.startswith(head):
+        return ParsedTopic(TopicKind.UNKNOWN, None, f"topic is not under {head}")
+    rest = topic[len(head) :].split("/")
+    bike_id = rest[0] or None
+    if len(rest) != 2 or rest[1] not in (TopicKind.LIFECYCLE, TopicKind.TELEMETRY):
+        return ParsedTopic(
+            TopicKind.UNKNOWN,
+            bike_id,
+            f"expected {head}{{bike_id}}/lifecycle or {head}{{bike_id}}/telemetry",
+        )
+    if bike_id is None or not BIKE_ID_PATTERN.fullmatch(bike_id):
+        return ParsedTopic(
+            TopicKind.UNKNOWN, bike_id, f"bike_id in the topic must match {BIKE_ID_RULE}"
+        )
+    return ParsedTopic(TopicKind(rest[1]), bike_id)
+
+
+_parse_cached = lru_cache(maxsize=16_384)(_parse)
+
+
+@lru_cache(maxsize=8)
+def topics_for(prefix: str) -> Topics:
+    """The (validated, shared) layout of a prefix."""
+    return Topics(prefix)
