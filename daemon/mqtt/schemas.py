@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -60,6 +62,15 @@ def _rfc3339(value: Any) -> Any:
     return value
 
 
+def _in_utc(value: datetime) -> datetime:
+    # Every instant is held in UTC from the edge on; one whose UTC time falls outside years
+    # 1-9999 (0001-01-01T00:00:00+14:00) has no datetime, and no PostgreSQL row either.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must fall between years 0001 and 9999 in UTC") from None
+
+
 def _json_number(value: Any) -> Any:
     # JSON numbers only: "12.5" (a string) is not energy, whatever pydantic would coerce.
     if isinstance(value, bool) or not isinstance(value, int | Decimal):
@@ -79,7 +90,7 @@ def _storable_text(value: Any) -> Any:
     return value
 
 
-Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_in_utc)]
 # What a real meter reports, and what every sum keeps exactly (README, "Precision"): up to
 # 1,000,000,000 with at most 6 decimal places.
 QUANTITY_MAX = 1_000_000_000

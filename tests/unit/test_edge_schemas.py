@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -524,3 +524,25 @@ def test_decode_never_raises_for_any_payload_on_a_telemetry_topic(payload):
     assert isinstance(inbound, Inbound)
     assert inbound.kind is TopicKind.TELEMETRY
     assert (inbound.command is None) != (inbound.rejection is None)
+
+
+@pytest.mark.parametrize("at", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_a_timestamp_whose_utc_time_no_datetime_holds_is_a_schema_violation(at):
+    document = lifecycle_document("ride_started", occurred_at=at)
+
+    reason, detail = rejected(decode_json(f"{PREFIX}/bikes/{bike_id()}/lifecycle", document))
+
+    assert (reason, detail) == (
+        "schema_violation",
+        "occurred_at: Value error, must fall between years 0001 and 9999 in UTC",
+    )
+
+
+def test_an_accepted_timestamp_is_held_in_utc_from_the_edge_on():
+    document = lifecycle_document("ride_started", occurred_at="2026-03-01T17:30:00+05:30")
+
+    inbound = decode_json(f"{PREFIX}/bikes/{bike_id()}/lifecycle", document)
+
+    assert isinstance(inbound.command, StartSession)
+    assert inbound.command.occurred_at.utcoffset() == timedelta(0)
+    assert inbound.command.occurred_at == datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
