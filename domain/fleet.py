@@ -109,6 +109,9 @@ class Fleet:
     # Batch-scoped: sessions of other bikes that messages name, stored samples at taken seqs.
     _foreign: dict[UUID, Session] = field(default_factory=dict)
     _stored: dict[tuple[UUID, int], TelemetrySample] = field(default_factory=dict)
+    # Batch-scoped, only when the caller asks for it (``load_telemetry_owners``): whose sample
+    # each (telemetry_id, emitted_at) already is, stored or earlier in the batch.
+    _owners: dict[tuple[UUID, datetime], tuple[UUID, int]] | None = None
     _changed: dict[UUID, Session] = field(default_factory=dict)
     _events: list[Event] = field(default_factory=list)
 
@@ -152,6 +155,23 @@ class Fleet:
         """Know the stored samples at taken seqs (``samples_to_load``)."""
         for sample in samples:
             self._stored[(sample.session_id, sample.seq)] = sample
+
+    def load_telemetry_owners(
+        self, owners: Iterable[tuple[UUID, datetime, UUID, int]] = ()
+    ) -> None:
+        """Know which session and seq already hold these (telemetry_id, emitted_at) pairs, and
+        check every sample of this batch against them and against each other: a telemetry id
+        is one sample's, whichever session another message claims it for."""
+        self._owners = {(tid, at): (sid, seq) for tid, at, sid, seq in owners}
+
+    @staticmethod
+    def telemetry_keys(commands: Iterable[Command]) -> list[tuple[UUID, datetime]]:
+        """(telemetry_id, emitted_at) of the samples among these commands."""
+        return [
+            (c.sample.telemetry_id, c.sample.emitted_at.at)
+            for c in commands
+            if isinstance(c, RecordTelemetry)
+        ]
 
     def sessions_to_load(self, commands: Iterable[Command]) -> set[UUID]:
         """Session ids these commands name that are neither a bike's current nor cached."""
@@ -210,6 +230,7 @@ class Fleet:
         events, self._events = self._events, []
         self._foreign.clear()
         self._stored.clear()
+        self._owners = None
         self._changed.clear()
         return events
 
@@ -263,11 +284,22 @@ class Fleet:
         else:
             assert isinstance(command, RecordTelemetry)
             sample = command.sample
+            owners, key = self._owners, (sample.telemetry_id, sample.emitted_at.at)
+            if owners is not None:
+                owner = owners.get(key)
+                if owner is not None and owner != (sample.session_id, sample.seq):
+                    raise SessionIdConflict(
+                        f"telemetry_id {sample.telemetry_id} emitted at "
+                        f"{sample.emitted_at.at.isoformat()} is already sample {owner[1]} of "
+                        f"session {owner[0]}"
+                    )
             outcome, events = session.record_sample(
                 sample, now, self.policy, self._stored.get((sample.session_id, sample.seq))
             )
             if outcome is Outcome.ACCEPTED:
                 self._stored[(sample.session_id, sample.seq)] = sample
+                if owners is not None:
+                    owners[key] = (sample.session_id, sample.seq)
         if outcome is Outcome.ACCEPTED:
             self._changed[session.session_id] = session
             self._settle_current(bike)

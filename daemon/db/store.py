@@ -303,6 +303,20 @@ class Store:
         )
         return [_sample(r) for r in rows]
 
+    async def telemetry_owners(
+        self, conn: Conn, keys: Sequence[tuple[UUID, datetime]]
+    ) -> list[tuple[UUID, datetime, UUID, int]]:
+        """Stored samples holding these (telemetry_id, emitted_at) keys: the rare path of a
+        telemetry id claimed by two sessions."""
+        rows = await conn.fetch(
+            "SELECT t.telemetry_id, t.emitted_at, t.session_id, t.seq FROM telemetry t"
+            " JOIN unnest($1::uuid[], $2::timestamptz[]) AS k(id, at)"
+            " ON t.telemetry_id = k.id AND t.emitted_at = k.at",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+        return [(r["telemetry_id"], r["emitted_at"], r["session_id"], r["seq"]) for r in rows]
+
     async def due_bikes(self, grace_cutoff: datetime, abandon_cutoff: datetime) -> list[str]:
         """Bikes with a session whose grace ran out or that went dark, or an overdue message."""
         rows = await self.pool.fetch(

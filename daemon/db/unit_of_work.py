@@ -9,11 +9,13 @@ number of daemon instances do, each bike's decisions are serialized by PostgreSQ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import asyncpg
 import structlog
 
 from daemon.db.store import Conn, OutboxEntry, RejectionRow, Store, WaitingRow
@@ -62,6 +64,17 @@ class Settled:
     dropped: str | None = None
 
 
+def storable(text: str) -> str:
+    """Text PostgreSQL can hold and UTF-8 can encode: NUL and lone surrogates escaped."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class UnitOfWork:
     """Owns the fleet (a cache of the store) and commits batches and expiry sweeps."""
 
@@ -88,12 +101,32 @@ class UnitOfWork:
         self.fleet = Fleet(self.policy, self.finalized_cache)
 
     async def commit_batch(self, arrivals: Sequence[Arrival]) -> tuple[list[Settled], list[Event]]:
-        """Decide and commit a batch; returns what each message came to and the events."""
+        """Decide and commit a batch; returns what each message came to and the events.
+
+        A telemetry id that another session's sample already holds is refused by the store's
+        key; rather than look every id up on every batch, that refusal makes the batch be
+        decided once more with the owners of its ids known, so the domain rejects the clash.
+        """
+        try:
+            return await self._commit_batch(arrivals, check_telemetry_ids=False)
+        except asyncpg.UniqueViolationError as exc:
+            if "telemetry_pkey" not in (exc.constraint_name or ""):
+                raise
+            self.reset()
+            log.info("a telemetry id is claimed twice; deciding the batch again", error=str(exc))
+            return await self._commit_batch(arrivals, check_telemetry_ids=True)
+
+    async def _commit_batch(
+        self, arrivals: Sequence[Arrival], check_telemetry_ids: bool
+    ) -> tuple[list[Settled], list[Event]]:
         commands = [a.inbound.command for a in arrivals if a.inbound.command is not None]
         pool = self.store.pool
         async with pool.acquire() as conn, conn.transaction():
             await self._take(conn, {c.bike_id for c in commands})
             await self._load(conn, commands)
+            if check_telemetry_ids:
+                keys = Fleet.telemetry_keys(commands)
+                self.fleet.load_telemetry_owners(await self.store.telemetry_owners(conn, keys))
             settled = [self._decide(a) for a in arrivals]
             rejections = [
                 self._rejection_row(a, s.rejection)
@@ -246,6 +279,14 @@ class UnitOfWork:
         return entries
 
     def _rejection_row(self, arrival: Arrival, r: Rejection) -> RejectionRow:
+        # Details can quote what the publisher sent (pydantic names the character it found):
+        # keep them storable and publishable, whatever that was.
+        r = dataclasses.replace(
+            r,
+            topic=storable(r.topic),
+            bike_id=None if r.bike_id is None else storable(r.bike_id),
+            detail=storable(r.detail),
+        )
         answer = None
         if r.bike_id:
             topic, payload = rejection_message(

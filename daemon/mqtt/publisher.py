@@ -16,7 +16,7 @@ import aiomqtt
 import asyncpg
 import structlog
 
-from daemon.db.store import Conn, Store
+from daemon.db.store import Conn, OutboxRow, Store
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 
@@ -33,8 +33,8 @@ class OutboxPublisher:
         link: MqttLink,
         metrics: Metrics,
         *,
-        batch: int = 200,
-        in_flight: int = 50,
+        batch: int = 1000,
+        in_flight: int = 100,
         poll_s: float = 1.0,
         keep_published: timedelta = timedelta(days=7),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -49,6 +49,7 @@ class OutboxPublisher:
         self.clock = clock
         self._wake = asyncio.Event()
         self._last_prune = float("-inf")
+        self._last_count = float("-inf")
 
     def notify(self) -> None:
         """New rows were committed: publish them now rather than at the next poll."""
@@ -92,17 +93,44 @@ class OutboxPublisher:
                 continue
             done: list[int] = []
             try:
-                for start in range(0, len(rows), self.in_flight):
-                    chunk = rows[start : start + self.in_flight]
-                    # Sent in call order on one connection; PUBACKs awaited together.
-                    await asyncio.gather(*(self.link.publish(r.topic, r.payload) for r in chunk))
-                    done.extend(r.id for r in chunk)
-                    for r in chunk:
-                        self.metrics.outbox_published.labels(r.event).inc()
+                await self._publish_window(rows, done)
             finally:
                 if done:
                     await self.store.mark_published(conn, done, self.clock())
-            self.metrics.outbox_pending.set(await self.store.outbox_pending_count())
+            if len(rows) < self.batch:
+                self.metrics.outbox_pending.set(0)
+            elif time.monotonic() - self._last_count >= 1.0:
+                self._last_count = time.monotonic()
+                self.metrics.outbox_pending.set(await self.store.outbox_pending_count())
+
+    async def _publish_window(self, rows: list[OutboxRow], done: list[int]) -> None:
+        """Publish in order with up to ``in_flight`` PUBACKs outstanding (a sliding window, not
+        stop-and-wait per chunk: a rejection storm's answers keep pace with its intake)."""
+        window = asyncio.Semaphore(self.in_flight)
+        failure: BaseException | None = None
+
+        async def one(row: OutboxRow) -> None:
+            nonlocal failure
+            try:
+                await self.link.publish(row.topic, row.payload)
+                done.append(row.id)
+                self.metrics.outbox_published.labels(row.event).inc()
+            except Exception as exc:
+                failure = failure or exc
+            finally:
+                window.release()
+
+        tasks = []
+        for row in rows:
+            await window.acquire()
+            if failure is not None:
+                window.release()
+                break
+            # Tasks start in creation order, so paho sends the rows in order.
+            tasks.append(asyncio.create_task(one(row)))
+        await asyncio.gather(*tasks)
+        if failure is not None:
+            raise failure
 
     async def _prune(self) -> None:
         if time.monotonic() - self._last_prune < 3600:

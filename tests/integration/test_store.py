@@ -983,3 +983,43 @@ async def test_sessions_finalized_before_versions_were_kept_get_their_published_
         await pool.close()
     assert named == {billed: "2026-01", unbilled: "2025-12"}
     assert validated is True
+
+
+async def test_a_telemetry_id_another_session_holds_is_a_conflict_not_a_refused_batch(uow, pool):
+    first, second = start(bike_id()), start(bike_id())
+    shared = uuid.uuid4()
+    at = T0 + timedelta(seconds=5)
+    await commit(uow, first, second, sample(first, 1, "7", at=at, telemetry_id=shared))
+
+    settled, _ = await commit_settled(
+        uow,
+        sample(second, 1, "9", at=at, telemetry_id=shared),  # claimed by another session
+        sample(second, 2, "4"),
+    )
+
+    assert settled[0].rejection is not None
+    assert settled[0].rejection.reason == "session_id_conflict"
+    assert f"already sample 1 of session {first.session_id}" in settled[0].rejection.detail
+    assert settled[1].outcome is Outcome.ACCEPTED
+    energy = await pool.fetchval(
+        "SELECT energy_wh FROM sessions WHERE session_id = $1", second.session_id
+    )
+    assert energy == Decimal(4)
+
+
+async def test_two_sessions_claiming_one_telemetry_id_in_one_batch_keep_the_first(uow, pool):
+    first, second = start(bike_id()), start(bike_id())
+    shared, at = uuid.uuid4(), T0 + timedelta(seconds=5)
+    await commit(uow, first, second)
+
+    settled, _ = await commit_settled(
+        uow,
+        sample(first, 1, "7", at=at, telemetry_id=shared),
+        sample(second, 1, "9", at=at, telemetry_id=shared),
+    )
+
+    assert settled[0].outcome is Outcome.ACCEPTED
+    assert settled[1].rejection is not None
+    assert settled[1].rejection.reason == "session_id_conflict"
+    rows = await pool.fetch("SELECT session_id FROM telemetry WHERE telemetry_id = $1", shared)
+    assert [r["session_id"] for r in rows] == [first.session_id]

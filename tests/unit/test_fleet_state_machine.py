@@ -7,12 +7,13 @@ from collections import defaultdict
 from datetime import timedelta
 from decimal import Decimal
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from domain.commands import Command, StartSession
-from domain.errors import DomainError
+from domain.errors import DomainError, SessionIdConflict
 from domain.events import (
     Outcome,
     SessionFinalized,
@@ -21,7 +22,7 @@ from domain.events import (
 )
 from domain.fleet import Fleet
 from domain.session_values import SessionKind, SessionPolicy
-from tests.builders import T0, end, sample, start
+from tests.builders import T0, bike_id, end, sample, start
 from tests.unit.harness import FleetHarness, reloaded
 
 BIKES = ["bike-a", "bike-b"]
@@ -138,3 +139,22 @@ class FleetMachine(RuleBasedStateMachine):
 FleetMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                           deadline=None)  # fmt: skip
 test_the_fleet_keeps_its_rules_under_any_sequence = FleetMachine.TestCase
+
+
+def test_a_telemetry_id_is_one_samples_whichever_session_another_message_claims_it_for():
+    fleet = Fleet()
+    now = T0 + timedelta(hours=1)
+    first, second = start(bike_id()), start(bike_id())
+    for begun in (first, second):
+        fleet.load_bike(begun.bike_id, None)
+        fleet.handle(begun, now)
+    held = sample(first, 3, at=T0 + timedelta(seconds=9))
+    claim = sample(second, 1, at=held.sample.emitted_at.at, telemetry_id=held.sample.telemetry_id)
+    fleet.load_telemetry_owners(
+        [(held.sample.telemetry_id, held.sample.emitted_at.at, first.session_id, 3)]
+    )
+
+    with pytest.raises(SessionIdConflict, match=f"already sample 3 of session {first.session_id}"):
+        fleet.handle(claim, now)
+    fleet.handle(held, now)  # its own owner: taken as that sample
+    assert fleet.bikes[first.bike_id].current.telemetry_count == 1
