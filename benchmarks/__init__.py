@@ -1,0 +1,1 @@
+"""Benchmarks and the fuzz runner; each prints numbers (see the README, "Measured")."""
