@@ -15,6 +15,7 @@ dropped (must be 0), the daemon's peak RSS in each phase, and the settle rate of
 valid traffic from the same run.
 
     python benchmarks/fuzz.py [--messages 100000] [--valid 100000] [--seed 7]
+        [--daemon-pythonpath /path/to/another/checkout]
         [--database-url postgresql://postgres@127.0.0.1:5432/chargeflow_fuzz]
 """
 
@@ -310,6 +311,8 @@ async def main(args: argparse.Namespace) -> int:
         "CHARGEFLOW_LOG_FORMAT": "json",
         "CHARGEFLOW_FINALIZE_GRACE_S": "2",
     }
+    if args.daemon_pythonpath:  # another checkout's daemon, for a side-by-side comparison
+        env["PYTHONPATH"] = args.daemon_pythonpath
     fleet_url = f"mqtt://{FLEET[0]}:{FLEET[1]}@127.0.0.1:{port}"
     answered: Counter[str] = Counter()
     stop_listening = asyncio.Event()
@@ -406,6 +409,9 @@ if __name__ == "__main__":
     parser.add_argument("--valid", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--finalize-wait", type=float, default=4.0)
+    parser.add_argument(
+        "--daemon-pythonpath", help="run the daemon from another checkout (e.g. a git worktree)"
+    )
     parser.add_argument(
         "--database-url", default="postgresql://postgres@127.0.0.1:5432/chargeflow_fuzz"
     )

@@ -1,7 +1,11 @@
 """Start a Mosquitto with the repository's mosquitto.conf on a chosen port (tests, local runs).
 
 The config is used as it is, but for three lines: the listener (port, loopback only), the
-persistence directory, and the password/ACL paths made absolute so any working directory works.
+persistence directory, and the password/ACL paths. Mosquitto started as root drops to the
+``mosquitto`` user before it reads its password and ACL files and writes its database, and that
+user may not be able to enter the repository (a clone in root's 0700 home). So everything it
+reads or writes after that (copies of the password and ACL files, the persistence database) lives
+in the data directory, which is handed to that user; the repository itself is only read here.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,18 +31,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def render_config(text: str, port: int, data_dir: Path, root: Path = REPO_ROOT) -> str:
+_COPIED = ("password_file", "acl_file")
+
+
+def render_config(text: str, port: int, data_dir: Path) -> str:
+    """The config for a broker on ``port`` whose files are in ``data_dir`` (see ``_copy_files``)."""
+
     def rewrite(line: str) -> str:
         key, _, value = line.partition(" ")
         if key == "listener":
             return f"listener {port} 127.0.0.1"
         if key == "persistence_location":
             return f"persistence_location {data_dir}/"
-        if key in {"password_file", "acl_file"} and not value.startswith("/"):
-            return f"{key} {root / value.strip()}"
+        if key in _COPIED:
+            return f"{key} {data_dir / Path(value.strip()).name}"
         return line
 
     return "\n".join(rewrite(line) for line in text.splitlines()) + "\n"
+
+
+def _copy_files(text: str, data_dir: Path, root: Path) -> None:
+    """Copy the password and ACL files the config names into the data directory."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key in _COPIED:
+            source = Path(value.strip())
+            shutil.copyfile(source if source.is_absolute() else root / source,
+                            data_dir / source.name)  # fmt: skip
+
+
+def _hand_over(data_dir: Path) -> None:
+    """Run as root, mosquitto becomes user ``mosquitto``: give it the directory and its files
+    (owner-only, as mosquitto 2.0 wants for a password file)."""
+    if os.geteuid() != 0:
+        return
+    for path in [data_dir, *data_dir.iterdir()]:
+        shutil.chown(path, user="mosquitto", group="mosquitto")
+        path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def _listening(port: int) -> bool:
@@ -51,12 +81,11 @@ def start_broker(
     """Start mosquitto in the background and wait until it listens."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     data_dir.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        # Run as root, mosquitto drops to the mosquitto user before it writes its database.
-        shutil.chown(data_dir, user="mosquitto")
-        data_dir.chmod(0o755)
+    text = config.read_text()
+    _copy_files(text, data_dir, config.parent)
     conf = data_dir / "mosquitto.conf"
-    conf.write_text(render_config(config.read_text(), port, data_dir))
+    conf.write_text(render_config(text, port, data_dir))
+    _hand_over(data_dir)
     out = open(log_file or data_dir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by Popen
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=out)
     deadline = time.monotonic() + 10
@@ -71,8 +100,16 @@ def start_broker(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=1884)
-    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / ".mosquitto-data")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the broker keeps its files (default: a directory under the system's temp "
+        "directory, one per port, kept across runs; not the repository, which the mosquitto "
+        "user may not be able to enter)",
+    )
     args = parser.parse_args()
+    if args.data_dir is None:
+        args.data_dir = Path(tempfile.gettempdir()) / f"chargeflow-mosquitto-{args.port}"
     if _listening(args.port):
         print(f"a broker already listens on 127.0.0.1:{args.port}")
         return
