@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 import asyncpg
 import structlog
 
-from daemon.config import ConfigError, Settings
-from daemon.db.migrate import ensure_database, migrate
+from daemon.config import ConfigError, DatabaseUnavailable, Settings
+from daemon.db.migrate import TimescaleUnavailable, ensure_database, migrate
 from daemon.db.store import Store
 from daemon.db.unit_of_work import UnitOfWork
 from daemon.db.views import ReadModel
@@ -39,12 +39,31 @@ async def open_store(settings: Settings, *, create: bool = True) -> Store:
             await ensure_database(settings.database_url)
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=6)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ConfigError(
+        raise DatabaseUnavailable(
             f"CHARGEFLOW_DATABASE_URL: cannot use {settings.database_display}: {exc}"
         ) from None
     assert pool is not None
-    async with pool.acquire() as conn:
-        await migrate(conn, settings.redelivery_window_days, settings.telemetry_retention_days)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(
+                conn,
+                settings.redelivery_window_days,
+                settings.telemetry_retention_days,
+                settings.timescaledb,
+            )
+    except TimescaleUnavailable as exc:
+        await pool.close()
+        raise ConfigError(str(exc)) from None
+    except asyncpg.PostgresError as exc:
+        await pool.close()
+        raise ConfigError(
+            f"the schema of {settings.database_display} cannot be migrated: {exc}"
+        ) from None
+    except (OSError, asyncpg.InterfaceError) as exc:
+        await pool.close()
+        raise DatabaseUnavailable(
+            f"lost {settings.database_display} while migrating: {exc}"
+        ) from None
     return Store(pool)
 
 
@@ -77,7 +96,7 @@ class Daemon:
                 self.database_ok = True
                 self.metrics.database_up.set(1)
                 return store
-            except ConfigError as exc:
+            except DatabaseUnavailable as exc:
                 log.error(
                     "database unavailable at start-up; retrying", error=str(exc), retry_in_s=backoff
                 )

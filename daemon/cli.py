@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Ingestion daemon for e-bike fleets. Configuration: CHARGEFLOW_* variables "
         "or a .env file (see README).",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an unexpected failure"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
     sub.add_parser("migrate", help="create the database if needed and apply migrations")
@@ -142,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        log.exception("chargeflow failed", error=repr(exc))
+        if args.debug:
+            log.exception("chargeflow failed", error=repr(exc))
+        else:
+            print(f"chargeflow: {type(exc).__name__}: {exc} (--debug shows where)", file=sys.stderr)
         return 1
     return 0
 

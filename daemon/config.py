@@ -26,6 +26,10 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the variable and what to fix."""
 
 
+class DatabaseUnavailable(ConfigError):
+    """The database cannot be reached (yet): the daemon waits for it, the CLI says so."""
+
+
 class BrokerAddress(BaseModel):
     """Where the MQTT broker is, parsed from CHARGEFLOW_MQTT_URL."""
 
@@ -80,6 +84,9 @@ class Settings(BaseModel):
     session_expiry_s: int = Field(default=7 * 86_400, ge=0)
     redelivery_window_days: int = Field(default=7, ge=1)
     telemetry_retention_days: int = Field(default=400, ge=1)
+    # auto: a hypertable when the extension can be loaded, plain tables otherwise; on: refuse
+    # to start without it; off: never touch it.
+    timescaledb: Literal["auto", "on", "off"] = "auto"
     mqtt_ca_file: Path | None = None
     simulator_mqtt_url: str | None = Field(default=None, repr=False)
     share_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")

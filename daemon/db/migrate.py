@@ -11,12 +11,37 @@ import structlog
 
 from daemon.db.store import Conn
 
-__all__ = ["ensure_database", "migrate"]
+__all__ = ["TimescaleUnavailable", "ensure_database", "migrate", "timescale_problem"]
 
 log = structlog.get_logger(__name__)
 _LOCK = 0x43_46_4C_57  # "CFLW": one migrator at a time across daemon instances
 _DB_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
 TIMESCALE_STEP = "timescale"
+
+
+class TimescaleUnavailable(Exception):
+    """CHARGEFLOW_TIMESCALEDB=on, and the extension cannot be used; the message says why."""
+
+
+async def timescale_problem(conn: Conn) -> str | None:
+    """Why TimescaleDB cannot be used on this server, or None when it can.
+
+    ``pg_available_extensions`` only says the extension's files are installed; it is usable
+    only when the server also preloads its library (right after installing the package it
+    does not, and ``CREATE EXTENSION`` then fails with "must be preloaded").
+    """
+    installed = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
+    )
+    if not installed:
+        return "the timescaledb extension is not installed on the database server"
+    preload = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+    if "timescaledb" not in [name.strip().strip('"') for name in preload.split(",")]:
+        return (
+            "the timescaledb extension is installed but not preloaded: add timescaledb to "
+            "shared_preload_libraries in postgresql.conf and restart PostgreSQL"
+        )
+    return None
 
 
 def _timescale_sql(redelivery_window_days: int, retention_days: int) -> list[str]:
@@ -71,9 +96,22 @@ def _sql_files() -> list[tuple[str, str]]:
 
 
 async def migrate(
-    conn: Conn, redelivery_window_days: int = 7, retention_days: int = 400
+    conn: Conn,
+    redelivery_window_days: int = 7,
+    retention_days: int = 400,
+    timescaledb: str = "auto",
 ) -> list[str]:
-    """Apply what is not applied yet, under an advisory lock; returns the steps applied."""
+    """Apply what is not applied yet, under an advisory lock; returns the steps applied.
+
+    ``timescaledb`` (CHARGEFLOW_TIMESCALEDB): ``auto`` makes telemetry a hypertable once the
+    extension can be loaded (at this start or a later one: a database of plain tables moves
+    over when the operator preloads the extension), ``on`` refuses to migrate without it,
+    ``off`` never touches it.
+    """
+    problem = None if timescaledb == "off" else await timescale_problem(conn)
+    if timescaledb == "on" and problem is not None:
+        raise TimescaleUnavailable(f"CHARGEFLOW_TIMESCALEDB=on, but {problem}")
+    use_timescale = timescaledb != "off" and problem is None
     applied_now: list[str] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK)
@@ -87,17 +125,16 @@ async def migrate(
                 await conn.execute(sql)
                 await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
                 applied_now.append(name)
-        has_timescale = await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
-        )
-        if has_timescale and TIMESCALE_STEP not in done:
+        if use_timescale and TIMESCALE_STEP not in done:
             for statement in _timescale_sql(redelivery_window_days, retention_days):
                 await conn.execute(statement)
             await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", TIMESCALE_STEP)
             applied_now.append(TIMESCALE_STEP)
+    if timescaledb == "auto" and problem is not None and "preloaded" in problem:
+        log.warning("telemetry stays a plain table", reason=problem)
     log.info(
         "migrations applied" if applied_now else "schema up to date",
         applied=applied_now,
-        timescaledb=bool(has_timescale),
+        timescaledb=use_timescale or TIMESCALE_STEP in done,
     )
     return applied_now

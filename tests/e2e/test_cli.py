@@ -81,3 +81,23 @@ def test_migrate_says_which_database_it_cannot_reach():
     assert "CHARGEFLOW_DATABASE_URL" in run.stderr
     assert "127.0.0.1:9" in run.stderr
     assert ":pw@" not in run.stderr
+
+
+async def test_run_with_timescaledb_on_where_it_cannot_load_fails_in_one_line(database_url, pool):
+    from daemon.db.migrate import timescale_problem
+
+    async with pool.acquire() as conn:
+        problem = await timescale_problem(conn)
+    if problem is None:
+        pytest.skip("this PostgreSQL loads TimescaleDB: `on` starts (tested in integration)")
+
+    run = await asyncio.to_thread(
+        chargeflow, "run", CHARGEFLOW_DATABASE_URL=database_url, CHARGEFLOW_TIMESCALEDB="on",
+        CHARGEFLOW_HTTP_PORT="0",
+    )  # fmt: skip
+
+    assert run.returncode == 2
+    said = [line for line in run.stderr.splitlines() if "TIMESCALEDB" in line]
+    assert said == [f"chargeflow: configuration error: CHARGEFLOW_TIMESCALEDB=on, but {problem}"]
+    assert run.stderr.splitlines()[-1] == said[0]
+    assert "Traceback" not in run.stdout + run.stderr
