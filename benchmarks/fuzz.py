@@ -87,7 +87,16 @@ def _valid_start(at: datetime) -> dict[str, object]:
     }
 
 
-def bad_messages(count: int, seed: int, prefix: str = PREFIX) -> Iterator[tuple[str, bytes, str]]:
+KINDS = (
+    "truncated", "mutated", "wrong_type", "exotic_number", "deep_nesting", "long_string",
+    "invalid_utf8", "nul_or_surrogate", "oversized", "bad_bike_id", "bad_timestamp",
+    "not_an_object", "unknown_event", "unknown_session",
+)  # fmt: skip
+
+
+def bad_messages(
+    count: int, seed: int, prefix: str = PREFIX, kinds: tuple[str, ...] = KINDS
+) -> Iterator[tuple[str, bytes, str]]:
     """``count`` bad messages (topic, payload, what kind of bad), deterministic for a seed; each
     payload differs from every other, so that each is kept as its own rejection."""
     rng = random.Random(seed)
@@ -98,13 +107,7 @@ def bad_messages(count: int, seed: int, prefix: str = PREFIX) -> Iterator[tuple[
         suffix = "telemetry" if telemetry else "lifecycle"
         doc = _valid_sample(at) if telemetry else _valid_start(at)
         raw = json.dumps(doc).encode()
-        kind = rng.choice(
-            [
-                "truncated", "mutated", "wrong_type", "exotic_number", "deep_nesting",
-                "long_string", "invalid_utf8", "nul_or_surrogate", "oversized", "bad_bike_id",
-                "bad_timestamp", "not_an_object", "unknown_event", "unknown_session",
-            ]
-        )  # fmt: skip
+        kind = rng.choice(kinds)
         if kind == "truncated":
             payload = raw[: rng.randrange(1, len(raw) - 1)]
         elif kind == "mutated":
@@ -325,7 +328,7 @@ async def main(args: argparse.Namespace) -> int:
         kinds: Counter[str] = Counter()
 
         def bad() -> Iterator[tuple[str, bytes]]:
-            for topic, payload, kind in bad_messages(args.messages, args.seed):
+            for topic, payload, kind in bad_messages(args.messages, args.seed, kinds=args.kinds):
                 kinds[kind] += 1
                 yield topic, payload
 
@@ -409,6 +412,12 @@ if __name__ == "__main__":
     parser.add_argument("--valid", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--finalize-wait", type=float, default=4.0)
+    parser.add_argument(
+        "--kinds",
+        type=lambda text: tuple(text.split(",")),
+        default=KINDS,
+        help=f"comma-separated kinds of bad to send (default: all of {', '.join(KINDS)})",
+    )
     parser.add_argument(
         "--daemon-pythonpath", help="run the daemon from another checkout (e.g. a git worktree)"
     )

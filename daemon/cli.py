@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from uuid import UUID
 
 import structlog
@@ -65,16 +66,28 @@ async def _migrate(settings: Settings) -> None:
 
 async def _analytics(settings: Settings, args: argparse.Namespace) -> None:
     from daemon.app import open_store, read_model
-    from daemon.http import _analytics_query
 
+    since, until = _timestamp(args.since, "--from"), _timestamp(args.until, "--to")
     store = await open_store(settings, create=False)
     try:
-        document = await _analytics_query(
-            read_model(settings, store), args.since, args.until, args.bike_id, args.pricing_version
+        document = await read_model(settings, store).analytics(
+            since, until, args.bike_id, args.pricing_version
         )
     finally:
         await store.pool.close()
     print(json.dumps(document, indent=2))
+
+
+def _timestamp(raw: str | None, option: str) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        value = None
+    if value is None or value.tzinfo is None:
+        raise ConfigError(f"{option} must be an RFC 3339 timestamp with an offset, got {raw!r}")
+    return value
 
 
 async def _pricing(settings: Settings) -> None:

@@ -1,124 +1,202 @@
-"""One HTTP port: /metrics, /healthz, /readyz and read-only JSON (/analytics, /sessions/{id}).
+"""One HTTP port: /metrics, /healthz, /readyz and the read-only JSON of the read model.
 
-A deliberately small HTTP/1.1 server on asyncio streams: GET only, one request per connection.
+FastAPI, served by uvicorn inside the daemon's TaskGroup: operators get an OpenAPI description
+(/openapi.json, /docs), query parameters validated with messages that name them, errors as
+RFC 9457 problem details, keep-alive, and prometheus-client's own exposition app on /metrics.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
-from decimal import Decimal
-from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+import contextlib
+import socket
+from collections.abc import Callable, Generator
+from typing import Annotated, Any
+from urllib.parse import urlencode
 from uuid import UUID
 
+import asyncpg
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import uvicorn
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+from pydantic import AwareDatetime
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from daemon.db.views import ReadModel
+from daemon.config import ConfigError
+from daemon.db.views import ReadModel, RejectionFilter
 from daemon.metrics import Metrics
-from daemon.outbound import iso, plain
-from domain.analytics import AnalyticsReport, KindFigures, project
-from domain.billing import BillingRecord
-from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
+from domain.commands import BIKE_ID_RULE
+from domain.errors import Reason
 
-__all__ = ["HttpServer", "analytics_document"]
+__all__ = ["HttpServer", "build_app"]
 
 log = structlog.get_logger(__name__)
-Response = tuple[int, str, bytes]
+PROBLEM = "application/problem+json"
+
+Since = Annotated[
+    AwareDatetime | None,
+    Query(alias="from", description="RFC 3339 with an offset; at or after"),
+]
+Until = Annotated[AwareDatetime | None, Query(alias="to", description="RFC 3339; before")]
+BikeId = Annotated[str | None, Query(pattern=f"^{BIKE_ID_RULE}$")]
 
 
-def _json(status: int, document: Any) -> Response:
-    body = json.dumps(document, indent=2, default=str).encode() + b"\n"
-    return status, "application/json", body
+def problem(status: int, title: str, detail: str, instance: str, **extra: Any) -> JSONResponse:
+    """An RFC 9457 problem details response."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    body |= {"instance": instance, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
-def _figures(f: KindFigures) -> dict[str, Any]:
-    def dec(value: Decimal | None) -> str | None:
-        return None if value is None else plain(value)
-
-    return {
-        "count": f.count,
-        "energy_wh": plain(f.energy_wh),
-        "distance_m": plain(f.distance_m),
-        "duration_s": f.duration.total_seconds(),
-        "average_energy_wh": dec(f.average_energy_wh),
-        "average_duration_s": dec(f.average_duration_s),
-        "revenue": {cur: str(v) for cur, v in f.revenue.items()},
-        "average_amount": {cur: str(v) for cur, v in f.average_amount.items()},
-        "timed_out": f.timed_out,
-        "missing_samples": f.missing_samples,
-        "session_ids": [str(i) for i in f.session_ids],
-    }
+class _Unavailable(Exception):
+    """The read model is not there (yet): no database."""
 
 
-def analytics_document(
-    report: AnalyticsReport,
-    bills: Sequence[BillingRecord],
-    filters: dict[str, str | None],
-) -> dict[str, Any]:
-    by_version: dict[str, dict[str, Any]] = {}
-    for record in bills:
-        figures = by_version.setdefault(record.pricing_version, {"sessions": 0, "revenue": {}})
-        figures["sessions"] += 1
-        revenue = figures["revenue"]
-        currency = record.amount.currency
-        revenue[currency] = revenue.get(currency, Decimal(0)) + record.amount.amount
-    return {
-        "filters": filters,
-        # Each session is billed by the pricing version it was finalized under.
-        "by_pricing_version": {
-            version: {
-                "sessions": f["sessions"],
-                "revenue": {cur: str(v) for cur, v in f["revenue"].items()},
-            }
-            for version, f in sorted(by_version.items())
-        },
-        "rides": _figures(report.rides),
-        "charging": _figures(report.charging),
-        "revenue": {cur: str(v) for cur, v in report.revenue.items()},
-    }
+class _Metrics:
+    """prometheus-client's ASGI app, with the ready gauge brought up to date first."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], dict[str, bool]]) -> None:
+        self.metrics, self.ready = metrics, ready
+        self.app = make_asgi_app(metrics.registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.metrics.ready.set(1 if all(self.ready().values()) else 0)
+        await self.app(scope, receive, send)
 
 
-def _timestamp(raw: str | None, name: str) -> datetime | None:
-    if raw is None:
-        return None
+def build_app(server: HttpServer) -> FastAPI:
+    app = FastAPI(
+        title="ChargeFlow",
+        summary="Read-only views of finalized sessions, bills, pricing and kept rejections",
+        version=_version(),
+    )
+    app.router.routes.append(Route("/metrics", _Metrics(server.metrics, server.ready)))
+
+    def reads() -> ReadModel:
+        if server.reads is None:
+            raise _Unavailable
+        return server.reads
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        title = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, "Error")
+        detail = exc.detail if exc.status_code != 404 else f"no such path {request.url.path}"
+        return problem(exc.status_code, title, str(detail), request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"parameter": str(e["loc"][-1]), "message": e["msg"].removeprefix("Value error, ")}
+            for e in exc.errors()
+        ]
+        detail = "; ".join(f"{e['parameter']}: {e['message']}" for e in errors)
+        return problem(400, "Invalid request", detail, request.url.path, errors=errors)
+
+    @app.exception_handler(ValueError)
+    async def _bad_value(request: Request, exc: ValueError) -> JSONResponse:
+        return problem(400, "Invalid request", str(exc), request.url.path)
+
+    @app.exception_handler(_Unavailable)
+    @app.exception_handler(asyncpg.PostgresError)
+    @app.exception_handler(asyncpg.InterfaceError)
+    @app.exception_handler(OSError)
+    async def _no_database(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, _Unavailable):
+            log.warning("http request failed", path=request.url.path, error=repr(exc))
+        return problem(
+            503, "Service Unavailable", "the database is unavailable; try again", request.url.path
+        )
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get(
+        "/readyz",
+        summary="Ready to ingest: database, broker and intake",
+        responses={503: {"description": "Not ready; `checks` says what is missing"}},
+    )
+    async def readyz() -> JSONResponse:
+        checks = server.ready()
+        ok = all(checks.values())
+        server.metrics.ready.set(1 if ok else 0)
+        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/analytics", summary="Totals, counts, averages and revenue of finalized sessions")
+    async def analytics(
+        since: Since = None,
+        until: Until = None,
+        bike_id: BikeId = None,
+        pricing_version: str | None = None,
+    ) -> dict[str, Any]:
+        return await reads().analytics(since, until, bike_id, pricing_version)
+
+    @app.get("/pricing", summary="Every pricing version recorded, its prices and first use")
+    async def pricing() -> dict[str, Any]:
+        return {"pricing_versions": await reads().pricing()}
+
+    @app.get(
+        "/sessions/{session_id}",
+        summary="A session, its stored telemetry count and, once finalized, its bill",
+        responses={404: {"description": "No such session"}},
+    )
+    async def session(session_id: Annotated[UUID, Path()], request: Request) -> Any:
+        view = await reads().session_view(session_id)
+        if view is None:
+            return problem(404, "Not Found", f"no session {session_id}", request.url.path)
+        return view
+
+    @app.get("/rejections", summary="Kept rejections, newest first, a page at a time")
+    async def rejections(
+        request: Request,
+        bike_id: BikeId = None,
+        reason: Reason | None = None,
+        since: Since = None,
+        until: Until = None,
+        before: Annotated[int | None, Query(ge=1, description="id from `next`")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict[str, Any]:
+        f = RejectionFilter(bike_id, reason, since, until, before, limit)
+        page = await reads().rejections(f)
+        following = None
+        if len(page) == limit:
+            query = {k: v for k, v in request.query_params.items() if k != "before"}
+            following = f"{request.url.path}?{urlencode({**query, 'before': page[-1].id})}"
+        return {"rejections": [r.to_document() for r in page], "next": following}
+
+    if server.asyncapi is not None:
+        document = server.asyncapi
+
+        @app.get("/asyncapi.json", summary="The MQTT contract as an AsyncAPI 3.0 document")
+        async def asyncapi() -> dict[str, Any]:
+            return document
+
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        value = None
-    if value is None or value.tzinfo is None:
-        raise ValueError(f"{name} must be an RFC 3339 timestamp with an offset, got {raw!r}")
-    return value
+        return version("chargeflow")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
-async def _analytics_query(
-    reads: ReadModel,
-    since: str | None,
-    until: str | None,
-    bike_id: str | None,
-    pricing_version: str | None = None,
-) -> dict[str, Any]:
-    """Analytics over Finalized sessions, each billed by its own pricing version."""
-    if bike_id is not None and not BIKE_ID_PATTERN.fullmatch(bike_id):
-        raise ValueError(f"bike_id must match {BIKE_ID_RULE}")
-    start, end = _timestamp(since, "from"), _timestamp(until, "to")
-    sessions = await reads.finalized_sessions(start, end, bike_id, pricing_version)
-    history = await reads.history()
-    bills = [history.bill(s) for s in sessions]
-    report = project(sessions, bills)
-    filters = {
-        "from": None if start is None else iso(start),
-        "to": None if end is None else iso(end),
-        "bike_id": bike_id,
-        "pricing_version": pricing_version,
-    }
-    return analytics_document(report, bills, filters)
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # The daemon owns SIGTERM and SIGINT (they drain the pipeline); uvicorn must not take them.
+        yield
 
 
 class HttpServer:
+    """The HTTP port, served inside the daemon's TaskGroup until cancelled."""
+
     def __init__(
         self,
         metrics: Metrics,
@@ -126,138 +204,44 @@ class HttpServer:
         ready: Callable[[], dict[str, bool]],
         host: str,
         port: int,
+        asyncapi: dict[str, Any] | None = None,
     ) -> None:
         self.metrics = metrics
         self.reads = reads
         self.ready = ready
         self.host = host
         self.port = port
+        self.asyncapi = asyncapi
         self.bound_port: int | None = None
-        self._routes: dict[str, Callable[[dict[str, list[str]]], Awaitable[Response]]] = {
-            "/metrics": self._metrics,
-            "/healthz": self._healthz,
-            "/readyz": self._readyz,
-            "/analytics": self._analytics,
-            "/pricing": self._pricing,
-        }
+        self.app = build_app(self)
 
     async def serve(self) -> None:
-        server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.bound_port = server.sockets[0].getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
+        server = _Server(config)
+        try:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            raise ConfigError(
+                f"CHARGEFLOW_HTTP_HOST/CHARGEFLOW_HTTP_PORT: cannot listen on "
+                f"{self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
+        self.bound_port = sock.getsockname()[1]
         log.info("http listening", host=self.host, port=self.bound_port)
-        async with server:
-            await server.serve_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        finished = False
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
-            method, target, _ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            status, ctype, body = await self._respond(method, target)
-        except (
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            TimeoutError,
-            ValueError,
-            ConnectionError,
-        ):
-            status, ctype, body = 400, "text/plain", b"bad request\n"
-        try:
-            head = (
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except ConnectionError:
-            pass
+            await server.serve(sockets=[sock])
+            finished = True
         finally:
-            writer.close()
-
-    async def _respond(self, method: str, target: str) -> Response:
-        if method not in {"GET", "HEAD"}:
-            return 405, "text/plain", b"only GET\n"
-        url = urlsplit(target)
-        query = parse_qs(url.query)
-        route = self._routes.get(url.path)
-        try:
-            if route is not None:
-                return await route(query)
-            if url.path.startswith("/sessions/"):
-                return await self._session(unquote(url.path.removeprefix("/sessions/")))
-        except ValueError as exc:
-            return _json(400, {"error": str(exc)})
-        except Exception as exc:
-            log.warning("http request failed", path=url.path, error=repr(exc))
-            return _json(503, {"error": "the database is unavailable; try again"})
-        return _json(
-            404,
-            {
-                "error": f"no such path {url.path}",
-                "paths": [
-                    "/metrics",
-                    "/healthz",
-                    "/readyz",
-                    "/analytics",
-                    "/pricing",
-                    "/sessions/{session_id}",
-                ],
-            },
-        )
-
-    async def _metrics(self, _: dict[str, list[str]]) -> Response:
-        self.metrics.ready.set(1 if all(self.ready().values()) else 0)
-        return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
-
-    async def _healthz(self, _: dict[str, list[str]]) -> Response:
-        return _json(200, {"status": "alive"})
-
-    async def _readyz(self, _: dict[str, list[str]]) -> Response:
-        checks = self.ready()
-        ok = all(checks.values())
-        self.metrics.ready.set(1 if ok else 0)
-        return _json(200 if ok else 503, {"ready": ok, "checks": checks})
-
-    async def _analytics(self, query: dict[str, list[str]]) -> Response:
-        if self.reads is None:
-            return _json(503, {"error": "no database"})
-        args = {k: v[-1] for k, v in query.items()}
-        known = ("from", "to", "bike_id", "pricing_version")
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise ValueError(f"unknown parameters {', '.join(unknown)}; use {', '.join(known)}")
-        return _json(
-            200,
-            await _analytics_query(
-                self.reads,
-                args.get("from"),
-                args.get("to"),
-                args.get("bike_id"),
-                args.get("pricing_version"),
-            ),
-        )
-
-    async def _pricing(self, _: dict[str, list[str]]) -> Response:
-        if self.reads is None:
-            return _json(503, {"error": "no database"})
-        return _json(200, {"pricing_versions": await self.reads.pricing()})
-
-    async def _session(self, raw: str) -> Response:
-        if self.reads is None:
-            return _json(503, {"error": "no database"})
-        try:
-            session_id = UUID(raw)
-        except ValueError:
-            raise ValueError(f"session id must be a UUID, got {raw!r}") from None
-        view = await self.reads.session_view(session_id)
-        if view is None:
-            return _json(404, {"error": f"no session {session_id}"})
-        return _json(200, view)
-
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    503: "Service Unavailable",
-}
+            if not finished and server.started:  # cancelled: the daemon is stopping
+                server.should_exit = True
+                await server.shutdown(sockets=[sock])
+            sock.close()

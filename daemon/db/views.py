@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -11,10 +15,66 @@ import asyncpg
 
 from daemon.db.store import Store, finalized_from_row
 from daemon.outbound import finalized_message, iso, plain
-from domain.billing import PricingHistory
+from domain.analytics import AnalyticsReport, KindFigures, project
+from domain.billing import BillingRecord, PricingHistory
+from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
+from domain.errors import Reason
 from domain.session_values import FinalizedSession, SessionKind
 
-__all__ = ["ReadModel"]
+__all__ = ["KeptRejection", "ReadModel", "RejectionFilter", "analytics_document"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeptRejection:
+    """A rejected message as it is kept: why, and its raw payload (capped at 64 KiB)."""
+
+    id: int
+    received_at: datetime
+    topic: str
+    bike_id: str | None
+    reason: str
+    detail: str
+    session_id: UUID | None
+    telemetry_id: UUID | None
+    payload: bytes
+    payload_size: int
+
+    def to_document(self) -> dict[str, Any]:
+        try:
+            text: str | None = self.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        return {
+            "id": self.id,
+            "received_at": iso(self.received_at),
+            "topic": self.topic,
+            "bike_id": self.bike_id,
+            "reason": self.reason,
+            "detail": self.detail,
+            "session_id": None if self.session_id is None else str(self.session_id),
+            "telemetry_id": None if self.telemetry_id is None else str(self.telemetry_id),
+            "payload_size": self.payload_size,
+            "payload_text": text,
+            "payload_base64": base64.b64encode(self.payload).decode("ascii"),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionFilter:
+    """Which kept rejections to read: newest first, ``before`` an id for the next page."""
+
+    bike_id: str | None = None
+    reason: Reason | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    before: int | None = None
+    limit: int = 100
+
+    def __post_init__(self) -> None:
+        if self.bike_id is not None and not BIKE_ID_PATTERN.fullmatch(self.bike_id):
+            raise ValueError(f"bike_id must match {BIKE_ID_RULE}")
+        if not 1 <= self.limit <= 1000:
+            raise ValueError("limit must be between 1 and 1000")
 
 
 class ReadModel:
@@ -44,6 +104,45 @@ class ReadModel:
 
     async def session_view(self, session_id: UUID) -> dict[str, Any] | None:
         return await _session_view(self.pool, self.prefix, await self.history(), session_id)
+
+    async def rejections(self, f: RejectionFilter) -> list[KeptRejection]:
+        """Kept rejections, newest first, one page of ``f.limit``."""
+        rows = await self.pool.fetch(
+            "SELECT id, received_at, topic, bike_id, reason, detail, session_id, telemetry_id,"
+            " payload, payload_size FROM rejected_messages"
+            " WHERE ($1::text IS NULL OR bike_id = $1) AND ($2::text IS NULL OR reason = $2)"
+            " AND ($3::timestamptz IS NULL OR received_at >= $3)"
+            " AND ($4::timestamptz IS NULL OR received_at < $4)"
+            " AND ($5::bigint IS NULL OR id < $5) ORDER BY id DESC LIMIT $6",
+            f.bike_id,
+            None if f.reason is None else str(f.reason),
+            f.since,
+            f.until,
+            f.before,
+            f.limit,
+        )
+        return [KeptRejection(**{**dict(r), "payload": bytes(r["payload"])}) for r in rows]
+
+    async def analytics(
+        self,
+        since: datetime | None,
+        until: datetime | None,
+        bike_id: str | None,
+        pricing_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Analytics over Finalized sessions, each billed by its own pricing version."""
+        if bike_id is not None and not BIKE_ID_PATTERN.fullmatch(bike_id):
+            raise ValueError(f"bike_id must match {BIKE_ID_RULE}")
+        sessions = await self.finalized_sessions(since, until, bike_id, pricing_version)
+        history = await self.history()
+        bills = [history.bill(s) for s in sessions]
+        filters = {
+            "from": None if since is None else iso(since),
+            "to": None if until is None else iso(until),
+            "bike_id": bike_id,
+            "pricing_version": pricing_version,
+        }
+        return analytics_document(project(sessions, bills), bills, filters)
 
     async def finalized_sessions(
         self,
@@ -107,3 +206,50 @@ async def _finalized_sessions(
         pricing_version,
     )
     return [finalized_from_row(r) for r in rows]
+
+
+def _figures(f: KindFigures) -> dict[str, Any]:
+    def dec(value: Decimal | None) -> str | None:
+        return None if value is None else plain(value)
+
+    return {
+        "count": f.count,
+        "energy_wh": plain(f.energy_wh),
+        "distance_m": plain(f.distance_m),
+        "duration_s": f.duration.total_seconds(),
+        "average_energy_wh": dec(f.average_energy_wh),
+        "average_duration_s": dec(f.average_duration_s),
+        "revenue": {cur: str(v) for cur, v in f.revenue.items()},
+        "average_amount": {cur: str(v) for cur, v in f.average_amount.items()},
+        "timed_out": f.timed_out,
+        "missing_samples": f.missing_samples,
+        "session_ids": [str(i) for i in f.session_ids],
+    }
+
+
+def analytics_document(
+    report: AnalyticsReport,
+    bills: Sequence[BillingRecord],
+    filters: dict[str, str | None],
+) -> dict[str, Any]:
+    by_version: dict[str, dict[str, Any]] = {}
+    for record in bills:
+        figures = by_version.setdefault(record.pricing_version, {"sessions": 0, "revenue": {}})
+        figures["sessions"] += 1
+        revenue = figures["revenue"]
+        currency = record.amount.currency
+        revenue[currency] = revenue.get(currency, Decimal(0)) + record.amount.amount
+    return {
+        "filters": filters,
+        # Each session is billed by the pricing version it was finalized under.
+        "by_pricing_version": {
+            version: {
+                "sessions": f["sessions"],
+                "revenue": {cur: str(v) for cur, v in f["revenue"].items()},
+            }
+            for version, f in sorted(by_version.items())
+        },
+        "rides": _figures(report.rides),
+        "charging": _figures(report.charging),
+        "revenue": {cur: str(v) for cur, v in report.revenue.items()},
+    }

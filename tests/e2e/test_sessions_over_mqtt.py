@@ -124,7 +124,8 @@ async def test_the_session_endpoint_traces_a_session_to_its_bill(daemon, bike, o
     assert report["revenue"] == {"EUR": "0.37"}
     status, error = await http_get(daemon, "/analytics?from=yesterday")
     assert status == 400
-    assert "from" in error["error"]
+    assert (error["status"], error["title"]) == (400, "Invalid request")
+    assert error["errors"][0]["parameter"] == "from"
 
 
 async def test_a_daemon_in_a_share_group_ingests_through_a_shared_subscription(
