@@ -1,80 +1,138 @@
-"""`chargeflow`: run, migrate, simulate, analytics, session, bench."""
+"""`chargeflow`: the daemon and the operator's commands, on Typer with Rich.
+
+Tables on a terminal, JSON for machines (``--json``, or whenever stdout is not a terminal),
+progress bars on a terminal, shell completion (``--install-completion``), and exit codes that
+scripts can rely on:
+
+- 0: done;
+- 1: an unexpected failure (one line; ``--debug`` shows the traceback);
+- 2: a usage or configuration error (one line saying what to fix);
+- 3: nothing found (``session`` of an unknown id).
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 import structlog
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
+from domain.errors import Reason
 
-__all__ = ["main"]
+__all__ = ["app", "main"]
 
+EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
+T = TypeVar("T")
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="chargeflow",
-        description="Ingestion daemon for e-bike fleets. Configuration: CHARGEFLOW_* variables "
-        "or a .env file (see README).",
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an unexpected failure"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
-    sub.add_parser("migrate", help="create the database if needed and apply migrations")
-    sim = sub.add_parser("simulate", help="a fleet of bikes riding and charging over MQTT")
-    sim.add_argument("--bikes", type=int, default=10)
-    sim.add_argument("--sessions", type=int, default=2, help="sessions per bike")
-    sim.add_argument("--samples", type=int, default=20, help="telemetry samples per session")
-    sim.add_argument("--rate", type=float, default=0.0, help="messages per second (0: max)")
-    sim.add_argument("--seed", type=int, default=None)
-    sim.add_argument(
-        "--mqtt-url",
-        default=None,
-        help="broker URL of a publisher allowed to write bike topics "
-        "(default: CHARGEFLOW_SIMULATOR_MQTT_URL or CHARGEFLOW_MQTT_URL)",
-    )
-    ana = sub.add_parser("analytics", help="totals, counts, averages and revenue (JSON)")
-    ana.add_argument("--from", dest="since", help="RFC 3339; sessions started at or after")
-    ana.add_argument("--to", dest="until", help="RFC 3339; sessions started before")
-    ana.add_argument("--bike-id")
-    ana.add_argument("--pricing-version", help="only sessions finalized under this version")
-    sub.add_parser("pricing", help="every pricing version recorded, its prices, first use")
-    ses = sub.add_parser("session", help="a session, its billing and its telemetry count")
-    ses.add_argument("session_id")
-    bench = sub.add_parser("bench", help="ingest a backlog end to end and print msg/s")
-    bench.add_argument("--messages", type=int, default=50_000, help="telemetry messages")
-    bench.add_argument("--bikes", type=int, default=50)
-    bench.add_argument("--mqtt-url", default=None, help="publisher URL (as for simulate)")
-    return parser
+app = typer.Typer(
+    name="chargeflow",
+    help="Ingestion daemon for e-bike fleets. Configuration: CHARGEFLOW_* variables or a .env "
+    "file (see README).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+rejections_app = typer.Typer(help="Kept rejections: list them, replay them.", no_args_is_help=True)
+app.add_typer(rejections_app, name="rejections")
+
+out = Console()
+err = Console(stderr=True)
 
 
-async def _migrate(settings: Settings) -> None:
-    from daemon.app import open_store
-
-    store = await open_store(settings)
-    await store.pool.close()
+def _say(line: str) -> None:
+    """One line on stderr, never wrapped (scripts and log collectors read it whole)."""
+    print(line, file=sys.stderr)
 
 
-async def _analytics(settings: Settings, args: argparse.Namespace) -> None:
-    from daemon.app import open_store, read_model
+class _Stop(Exception):
+    """Leave with this exit code, having said why."""
 
-    since, until = _timestamp(args.since, "--from"), _timestamp(args.until, "--to")
-    store = await open_store(settings, create=False)
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+_state = _State()
+
+Json = Annotated[bool, typer.Option("--json", help="JSON output even on a terminal")]
+Since = Annotated[str | None, typer.Option("--from", help="RFC 3339 with an offset; at or after")]
+Until = Annotated[str | None, typer.Option("--to", help="RFC 3339 with an offset; before")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"chargeflow {version('chargeflow')}")
+        except PackageNotFoundError:
+            print("chargeflow (not installed)")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show the traceback of an unexpected failure")
+    ] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = None,
+) -> None:
+    _state.debug = debug
+
+
+# -- plumbing ------------------------------------------------------------------------------
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+def _run(work: Callable[[], Awaitable[T]]) -> T:
+    """Run a command's coroutine; every failure becomes one line and an exit code."""
     try:
-        document = await read_model(settings, store).analytics(
-            since, until, args.bike_id, args.pricing_version
-        )
-    finally:
-        await store.pool.close()
+        return asyncio.run(work())  # type: ignore[arg-type]
+    except _Stop as stop:
+        raise typer.Exit(stop.code) from None
+    except (ConfigError, ValueError) as exc:
+        _say(f"chargeflow: configuration error: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if _state.debug:
+            structlog.get_logger("chargeflow").exception("chargeflow failed", error=repr(exc))
+        else:
+            _say(f"chargeflow: {type(exc).__name__}: {exc} (--debug shows where)")
+        raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _as_json(json_flag: bool) -> bool:
+    return json_flag or not out.is_terminal
+
+
+def _print_json(document: Any) -> None:
     print(json.dumps(document, indent=2))
 
 
@@ -90,81 +148,352 @@ def _timestamp(raw: str | None, option: str) -> datetime | None:
     return value
 
 
-async def _pricing(settings: Settings) -> None:
-    from daemon.app import open_store, read_model
+@contextmanager
+def _progress(what: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal (stderr); elsewhere, nothing until the summary line."""
+    if not err.is_terminal:
+        yield lambda done: None
+        return
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda done: bar.update(task, completed=done)
 
-    store = await open_store(settings, create=False)
-    try:
-        versions = await read_model(settings, store).pricing()
-    finally:
+
+async def _store(settings: Settings, create: bool = False) -> Any:
+    from daemon.app import open_store
+
+    return await open_store(settings, create=create)
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out.print(table)
+
+
+# -- the daemon ----------------------------------------------------------------------------
+
+
+@app.command()
+def run() -> None:
+    """Run the daemon until SIGTERM/SIGINT (which commit the batch in hand and disconnect)."""
+    from daemon.app import run_daemon
+
+    async def work() -> None:
+        settings = _settings()
+        settings.load_pricing()  # fail fast on a bad pricing file
+        await run_daemon(settings)
+
+    _run(work)
+
+
+@app.command()
+def migrate() -> None:
+    """Create the database if needed and apply the migrations (`run` does it too)."""
+
+    async def work() -> None:
+        store = await _store(_settings(), create=True)
         await store.pool.close()
-    print(json.dumps({"pricing_versions": versions}, indent=2))
+
+    _run(work)
 
 
-async def _session(settings: Settings, raw: str) -> int:
-    from daemon.app import open_store, read_model
+@app.command()
+def simulate(
+    bikes: int = 10,
+    sessions: Annotated[int, typer.Option(help="sessions per bike")] = 2,
+    samples: Annotated[int, typer.Option(help="telemetry samples per session")] = 20,
+    rate: Annotated[float, typer.Option(help="messages per second (0: as fast as possible)")] = 0,
+    seed: int | None = None,
+    mqtt_url: Annotated[
+        str | None,
+        typer.Option(
+            help="broker URL of a publisher allowed to write bike topics "
+            "(default: CHARGEFLOW_SIMULATOR_MQTT_URL or CHARGEFLOW_MQTT_URL)"
+        ),
+    ] = None,
+) -> None:
+    """A fleet of bikes riding and charging over MQTT."""
+    from daemon.simulate import FleetPlan, publish
+
+    async def work() -> None:
+        settings = _settings()
+        url = mqtt_url or settings.simulator_mqtt_url or settings.mqtt_url
+        plan = FleetPlan(bikes, sessions, samples, settings.topic_prefix, seed)
+        with _progress("publishing", plan.total) as step:
+            await publish(url, plan, rate, progress=step)
+
+    _run(work)
+
+
+@app.command()
+def bench(
+    messages: Annotated[int, typer.Option(help="telemetry messages")] = 50_000,
+    bikes: int = 50,
+    mqtt_url: Annotated[str | None, typer.Option(help="publisher URL (as for simulate)")] = None,
+) -> None:
+    """Ingest a backlog end to end and print msg/s, batch sizes and CPU per message."""
+    from daemon.bench import run_bench
+
+    async def work() -> None:
+        settings = _settings()
+        url = mqtt_url or settings.simulator_mqtt_url or settings.mqtt_url
+        await run_bench(settings, url, messages, bikes)
+
+    _run(work)
+
+
+# -- the read side -------------------------------------------------------------------------
+
+
+@app.command()
+def analytics(
+    since: Since = None,
+    until: Until = None,
+    bike_id: str | None = None,
+    pricing_version: Annotated[
+        str | None, typer.Option(help="only sessions finalized under this version")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Totals, counts, averages and revenue of finalized sessions."""
+    from daemon.app import read_model
+
+    async def work() -> dict[str, Any]:
+        settings = _settings()
+        start, end = _timestamp(since, "--from"), _timestamp(until, "--to")
+        store = await _store(settings)
+        try:
+            return await read_model(settings, store).analytics(start, end, bike_id, pricing_version)
+        finally:
+            await store.pool.close()
+
+    document = _run(work)
+    if _as_json(as_json):
+        _print_json(document)
+        return
+    fields = (
+        "count",
+        "energy_wh",
+        "distance_m",
+        "duration_s",
+        "average_energy_wh",
+        "timed_out",
+        "missing_samples",
+    )
+    rows = [(k, *(document[kind][k] for kind in ("rides", "charging"))) for k in fields]
+    rows += [
+        (
+            f"revenue {c}",
+            document["rides"]["revenue"].get(c, "0"),
+            document["charging"]["revenue"].get(c, "0"),
+        )
+        for c in document["revenue"]
+    ]
+    _table("Finalized sessions", ("", "rides", "charging"), rows)
+    by_version = document["by_pricing_version"]
+    _table(
+        "By pricing version",
+        ("version", "sessions", "revenue"),
+        [
+            (v, f["sessions"], ", ".join(f"{a} {c}" for c, a in f["revenue"].items()))
+            for v, f in by_version.items()
+        ],
+    )
+
+
+@app.command()
+def pricing(as_json: Json = False) -> None:
+    """Every pricing version recorded, its prices and when it was first used."""
+    from daemon.app import read_model
+
+    async def work() -> list[dict[str, Any]]:
+        settings = _settings()
+        store = await _store(settings)
+        try:
+            return await read_model(settings, store).pricing()
+        finally:
+            await store.pool.close()
+
+    versions = _run(work)
+    if _as_json(as_json):
+        _print_json({"pricing_versions": versions})
+        return
+    _table(
+        "Pricing versions",
+        ("version", "currency", "rounding", "prices", "first used"),
+        [
+            (
+                v["version"],
+                v["currency"],
+                v["rounding"],
+                "; ".join(
+                    f"{k}: {r['unit_price']}/kWh + {r['session_fee']}"
+                    for k, r in v["rules"].items()
+                ),
+                v["first_used_at"],
+            )
+            for v in versions
+        ],
+    )
+
+
+@app.command()
+def session(
+    session_id: Annotated[str, typer.Argument(metavar="SESSION_ID")], as_json: Json = False
+) -> None:
+    """A session, its billing record and its stored telemetry count."""
+    from daemon.app import read_model
 
     try:
-        session_id = UUID(raw)
+        wanted = UUID(session_id)
     except ValueError:
-        raise ConfigError(f"SESSION_ID must be a UUID, got {raw!r}") from None
-    store = await open_store(settings, create=False)
+        _say(f"chargeflow: SESSION_ID must be a UUID, got {session_id!r}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+    async def work() -> dict[str, Any]:
+        settings = _settings()
+        store = await _store(settings)
+        try:
+            view = await read_model(settings, store).session_view(wanted)
+        finally:
+            await store.pool.close()
+        if view is None:
+            _say(f"no session {wanted}")
+            raise _Stop(EXIT_NOT_FOUND)
+        return view
+
+    view = _run(work)
+    if _as_json(as_json):
+        _print_json(view)
+        return
+    flat = {k: v for k, v in view.items() if not isinstance(v, dict)}
+    for part in ("finalized", "billing", "end"):
+        flat |= {f"{part}.{k}": v for k, v in view.get(part, {}).items()}
+    _table(f"Session {wanted}", ("field", "value"), sorted(flat.items()))
+
+
+# -- rejections ----------------------------------------------------------------------------
+
+
+def _selection(
+    bike_id: str | None, reason: str | None, since: str | None, until: str | None, limit: int
+) -> Any:
+    from daemon.db.views import RejectionFilter
+
     try:
-        view = await read_model(settings, store).session_view(session_id)
-    finally:
-        await store.pool.close()
-    if view is None:
-        print(f"no session {session_id}", file=sys.stderr)
-        return 1
-    print(json.dumps(view, indent=2))
-    return 0
+        code = None if reason is None else Reason(reason)
+    except ValueError:
+        raise ConfigError(
+            f"--reason must be one of {', '.join(r.value for r in Reason)}, got {reason!r}"
+        ) from None
+    return RejectionFilter(
+        bike_id, code, _timestamp(since, "--from"), _timestamp(until, "--to"), limit=limit
+    )
+
+
+@rejections_app.command("list")
+def rejections_list(
+    bike_id: str | None = None,
+    reason: Annotated[str | None, typer.Option(help=", ".join(r.value for r in Reason))] = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    as_json: Json = False,
+) -> None:
+    """Kept rejections, newest first."""
+    from daemon.app import read_model
+
+    async def work() -> list[Any]:
+        settings = _settings()
+        selection = _selection(bike_id, reason, since, until, limit)
+        store = await _store(settings)
+        try:
+            return await read_model(settings, store).rejections(selection)
+        finally:
+            await store.pool.close()
+
+    kept = _run(work)
+    if _as_json(as_json):
+        _print_json({"rejections": [r.to_document() for r in kept]})
+        return
+    _table(
+        "Kept rejections (newest first)",
+        ("id", "received", "bike", "reason", "detail", "bytes"),
+        [
+            (
+                r.id,
+                r.received_at.isoformat(timespec="seconds"),
+                r.bike_id,
+                r.reason,
+                r.detail,
+                r.payload_size,
+            )
+            for r in kept
+        ],
+    )
+
+
+@rejections_app.command("replay")
+def rejections_replay(
+    bike_id: str | None = None,
+    reason: Annotated[str | None, typer.Option(help=", ".join(r.value for r in Reason))] = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 1000,
+    as_json: Json = False,
+) -> None:
+    """Decide selected kept rejections again (oldest first), as if they had just arrived."""
+    from daemon.replay import replay
+
+    async def work() -> list[Any]:
+        settings = _settings()
+        selection = _selection(bike_id, reason, since, until, min(limit, 1000))
+        store = await _store(settings)
+        try:
+            with _progress("replaying", None) as step:
+                return await replay(settings, store, selection, limit, step)
+        finally:
+            await store.pool.close()
+
+    results = _run(work)
+    if _as_json(as_json):
+        _print_json({"replayed": [r.to_document() for r in results]})
+    else:
+        _table(
+            "Replayed",
+            ("id", "topic", "was", "now", "reason", "detail"),
+            [
+                (
+                    r.rejection.id,
+                    r.rejection.topic,
+                    r.rejection.reason,
+                    r.outcome,
+                    r.reason,
+                    r.detail,
+                )
+                for r in results
+            ],
+        )
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "nothing"
+    _say(f"replayed {len(results)}: {summary}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    log = structlog.get_logger("chargeflow")
+    """The console script: run the app, return its exit code."""
     try:
-        settings = load_settings()
-        configure_logging(settings.log_format, settings.log_level)
-        if args.command == "run":
-            from daemon.app import run_daemon
-
-            settings.load_pricing()  # fail fast on a bad pricing file
-            asyncio.run(run_daemon(settings))
-        elif args.command == "migrate":
-            asyncio.run(_migrate(settings))
-        elif args.command == "simulate":
-            from daemon.simulate import FleetPlan, publish
-
-            url = args.mqtt_url or settings.simulator_mqtt_url or settings.mqtt_url
-            plan = FleetPlan(
-                args.bikes, args.sessions, args.samples, settings.topic_prefix, args.seed
-            )
-            asyncio.run(publish(url, plan, args.rate))
-        elif args.command == "analytics":
-            asyncio.run(_analytics(settings, args))
-        elif args.command == "pricing":
-            asyncio.run(_pricing(settings))
-        elif args.command == "session":
-            return asyncio.run(_session(settings, args.session_id))
-        elif args.command == "bench":
-            from daemon.bench import run_bench
-
-            url = args.mqtt_url or settings.simulator_mqtt_url or settings.mqtt_url
-            asyncio.run(run_bench(settings, url, args.messages, args.bikes))
-    except ConfigError as exc:
-        print(f"chargeflow: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        if args.debug:
-            log.exception("chargeflow failed", error=repr(exc))
-        else:
-            print(f"chargeflow: {type(exc).__name__}: {exc} (--debug shows where)", file=sys.stderr)
-        return 1
+        app(args=list(argv) if argv is not None else None, prog_name="chargeflow")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -60,6 +60,7 @@ class Pipeline:
         max_payload_bytes: int = 16_384,
         sweep_every_s: float = 0.5,
         max_inbox: int = 1000,
+        max_inbox_bytes: int = 8 * 1024 * 1024,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_commit: Callable[[], None] = lambda: None,
         pause_intake: Callable[[], None] = lambda: None,
@@ -74,9 +75,12 @@ class Pipeline:
         self.sweep_every_s = sweep_every_s
         self.clock = clock
         self.on_commit = on_commit
-        # Bounded memory whatever the broker sends: past max_inbox, stop reading the broker
-        # until half of it is taken.
+        # Bounded memory whatever the broker sends: past max_inbox messages or max_inbox_bytes
+        # of payload (a stream of 60 KiB garbage is 60 times a stream of samples), stop
+        # reading the broker until half of both is taken.
         self.max_inbox = max_inbox
+        self.max_inbox_bytes = max_inbox_bytes
+        self._inbox_bytes = 0
         self.pause_intake = pause_intake
         self.resume_intake = resume_intake
         self.intake_paused = False
@@ -92,8 +96,11 @@ class Pipeline:
         if self.accepting:
             self.metrics.received.labels(self.topics.kind_of(delivery.topic)).inc()
             self.inbox.append(delivery)
+            self._inbox_bytes += len(delivery.payload)
             self._arrived.set()
-            if not self.intake_paused and len(self.inbox) >= self.max_inbox:
+            if not self.intake_paused and (
+                len(self.inbox) >= self.max_inbox or self._inbox_bytes >= self.max_inbox_bytes
+            ):
                 self.intake_paused = True
                 self.metrics.intake_paused.set(1)
                 self.pause_intake()
@@ -116,7 +123,12 @@ class Pipeline:
         """What has arrived, in arrival order, up to max_batch."""
         count = min(len(self.inbox), self.max_batch)
         batch = [self.inbox.popleft() for _ in range(count)]
-        if self.intake_paused and len(self.inbox) <= self.max_inbox // 2:
+        self._inbox_bytes -= sum(len(d.payload) for d in batch)
+        if (
+            self.intake_paused
+            and len(self.inbox) <= self.max_inbox // 2
+            and self._inbox_bytes <= self.max_inbox_bytes // 2
+        ):
             self.intake_paused = False
             self.metrics.intake_paused.set(0)
             self.resume_intake()

@@ -9,7 +9,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -45,6 +45,11 @@ class FleetPlan:
     samples_per_session: int = 20
     prefix: str = "chargeflow/v1"
     seed: int | None = None
+
+    @property
+    def total(self) -> int:
+        """How many messages the plan publishes: each session's start, samples and end."""
+        return self.bikes * self.sessions_per_bike * (self.samples_per_session + 2)
 
 
 def messages(plan: FleetPlan, start: datetime) -> Iterator[tuple[str, dict[str, object]]]:
@@ -130,12 +135,19 @@ def mqtt_client(
     )
 
 
-async def publish(url: str, plan: FleetPlan, rate: float = 0.0, progress: bool = True) -> int:
-    """Publish the plan's messages with QoS 1 (rate 0: as fast as the broker takes them)."""
+async def publish(
+    url: str,
+    plan: FleetPlan,
+    rate: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+    summary: bool = True,
+) -> int:
+    """Publish the plan's messages with QoS 1 (rate 0: as fast as the broker takes them);
+    ``progress`` hears how many are sent, and a summary line goes to stderr at the end."""
     start = datetime.now(UTC) - timedelta(
         seconds=plan.sessions_per_bike * (plan.samples_per_session + 2) * 0.1 + 60
     )
-    total = plan.bikes * plan.sessions_per_bike * (plan.samples_per_session + 2)
+    total = plan.total
     sent = 0
     began = time.perf_counter()
     async with mqtt_client(url) as client:
@@ -151,16 +163,12 @@ async def publish(url: str, plan: FleetPlan, rate: float = 0.0, progress: bool =
                 pending.clear()
             if rate > 0:
                 await asyncio.sleep(max(0.0, sent / rate - (time.perf_counter() - began)))
-            if progress and sent % 1000 == 0:
-                elapsed = time.perf_counter() - began
-                print(
-                    f"\r{sent}/{total} messages  {sent / elapsed:,.0f} msg/s",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            if progress is not None and sent % 200 == 0:
+                progress(sent)
         await asyncio.gather(*pending)
-    if progress:
+    if progress is not None:
+        progress(sent)
+    if summary:
         elapsed = time.perf_counter() - began
         print(
             f"\r{sent}/{total} messages in {elapsed:.1f} s ({sent / elapsed:,.0f} msg/s)",

@@ -8,7 +8,9 @@ import os
 import random
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import pytest
 
@@ -101,3 +103,111 @@ async def test_run_with_timescaledb_on_where_it_cannot_load_fails_in_one_line(da
     assert said == [f"chargeflow: configuration error: CHARGEFLOW_TIMESCALEDB=on, but {problem}"]
     assert run.stderr.splitlines()[-1] == said[0]
     assert "Traceback" not in run.stdout + run.stderr
+
+
+def on_a_terminal(*args: str, **env: str) -> tuple[int, str]:
+    """Run chargeflow with stdout and stderr on a pseudo-terminal; (exit code, what it showed)."""
+    import pty
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEFLOW_")}
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", *args],
+        env={**clean, "CHARGEFLOW_LOG_LEVEL": "warning", "COLUMNS": "160", "TERM": "xterm", **env},
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, close_fds=True,
+    )  # fmt: skip
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal is gone: the process closed it
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    return proc.wait(timeout=60), shown.decode(errors="replace")
+
+
+async def test_on_a_terminal_analytics_is_a_table_and_with_json_it_is_json(daemon, bike, outbound,
+                                                                          database_url):  # fmt: skip
+    session_id = await bike.start("ride")
+    await bike.sample(session_id, 1, "1234.5")
+    await bike.end(session_id, 1)
+    await outbound.wait_for(bike.bike_id, "billing")
+    env = {"CHARGEFLOW_DATABASE_URL": database_url}
+
+    code, shown = await asyncio.to_thread(on_a_terminal, "analytics", "--bike-id", bike.bike_id,
+                                          **env)  # fmt: skip
+    assert code == 0, shown
+    assert "Finalized sessions" in shown
+    assert "━" in shown or "─" in shown  # a drawn table, not JSON
+    assert "1234.5" in shown and "0.37" in shown
+
+    code, shown = await asyncio.to_thread(
+        on_a_terminal, "analytics", "--bike-id", bike.bike_id, "--json", **env
+    )
+    assert code == 0, shown
+    assert json.loads(shown)["rides"]["energy_wh"] == "1234.5"
+
+
+def test_exit_codes_scripts_can_rely_on(database_url):
+    env = {"CHARGEFLOW_DATABASE_URL": database_url}
+    assert chargeflow("--version").stdout.startswith("chargeflow ")
+    missing = chargeflow("session", "00000000-0000-4000-8000-000000000000", **env)
+    assert (missing.returncode, missing.stderr.splitlines()[-1]) == (
+        3, "no session 00000000-0000-4000-8000-000000000000"
+    )  # fmt: skip
+    assert chargeflow("analytics", "--no-such-option", **env).returncode == 2
+    bad = chargeflow("rejections", "list", "--reason", "bad_mood", **env)
+    assert bad.returncode == 2
+    assert "--reason must be one of malformed_json" in bad.stderr
+
+
+async def test_a_sample_rejected_before_its_late_start_is_replayed_once_into_its_session(
+    daemon, bike, outbound, database_url, pool
+):
+    session_id = str(uuid.uuid4())
+    await bike.sample(session_id, 1, "42")  # its start is late: past the 1 s grace period
+    (rejection,) = await outbound.wait_for(bike.bike_id, "rejections")
+    assert rejection["reason"] == "unknown_session"
+    await bike.send("telemetry", b"{not json")
+    await outbound.wait_for(bike.bike_id, "rejections", count=2)
+    await bike.start("ride", session_id=session_id)  # the start, at last
+    await wait_until(lambda: pool.fetchval(
+        "SELECT count(*) = 1 FROM sessions WHERE session_id = $1", uuid.UUID(session_id)),
+        what="the late start accepted")  # fmt: skip
+    env = {"CHARGEFLOW_DATABASE_URL": database_url}
+    kept_before = await pool.fetchval(
+        "SELECT count(*) FROM rejected_messages WHERE bike_id = $1", bike.bike_id
+    )
+
+    first = await asyncio.to_thread(
+        chargeflow, "rejections", "replay", "--bike-id", bike.bike_id, "--json", **env
+    )
+    again = await asyncio.to_thread(
+        chargeflow, "rejections", "replay", "--bike-id", bike.bike_id, "--json", **env
+    )
+
+    assert first.returncode == 0, first.stderr
+    became = [(r["was"], r["now"], r["reason"]) for r in json.loads(first.stdout)["replayed"]]
+    assert became == [
+        ("unknown_session", "accepted", None),
+        ("malformed_json", "rejected", "malformed_json"),
+    ]
+    assert "replayed 2: 1 accepted, 1 rejected" in first.stderr
+    assert [r["now"] for r in json.loads(again.stdout)["replayed"]] == ["duplicate", "rejected"]
+    stored = await pool.fetch(
+        "SELECT energy_wh FROM telemetry WHERE session_id = $1", uuid.UUID(session_id)
+    )
+    assert [r["energy_wh"] for r in stored] == [Decimal(42)]
+    kept_after = await pool.fetchval(
+        "SELECT count(*) FROM rejected_messages WHERE bike_id = $1", bike.bike_id
+    )
+    assert kept_after == kept_before  # still-invalid ones are not kept twice
+    listed = await asyncio.to_thread(
+        chargeflow, "rejections", "list", "--bike-id", bike.bike_id, "--reason",
+        "unknown_session", "--json", **env,
+    )  # fmt: skip
+    assert [r["session_id"] for r in json.loads(listed.stdout)["rejections"]] == [session_id]

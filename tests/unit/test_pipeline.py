@@ -224,6 +224,24 @@ async def test_intake_pauses_when_the_inbox_is_full_and_resumes_once_half_is_tak
     assert p.metrics.intake_paused._value.get() == 0
 
 
+async def test_intake_pauses_on_payload_bytes_too_so_large_garbage_cannot_fill_memory():
+    log: list[str] = []
+    bike = Bike(log)
+    p = Pipeline(FakeUnitOfWork(log), Metrics(), prefix=PREFIX, max_inbox=1000, max_batch=1,
+                 max_inbox_bytes=3 * 1024, pause_intake=lambda: log.append("pause"),
+                 resume_intake=lambda: log.append("resume"))  # type: ignore[arg-type]  # fmt: skip
+    big = bike.sample(1)
+    big = type(big)(aiomqtt.Message(big.topic, b"x" * 1024, qos=1, retain=False, mid=1,
+                                    properties=None), big.acks, big.received_at)  # fmt: skip
+    for _ in range(3):
+        p.deliver(big)
+    assert log == ["pause"]  # 3 messages, far below 1000, but 3 KiB
+    p._take()
+    assert log == ["pause"]  # 2 KiB left: above half
+    p._take()
+    assert log == ["pause", "resume"]
+
+
 async def test_a_batch_that_met_another_writer_is_decided_again_not_taken_apart():
     log: list[str] = []
     store = FakeUnitOfWork(log)

@@ -1,0 +1,114 @@
+"""`chargeflow rejections replay`: kept rejections fed again through decide-and-commit.
+
+Once the cause of a rejection is fixed (a start that came after the grace period has arrived
+since, a firmware bug is fixed on the bike's side, a pricing file is corrected), its raw
+payload can be decided again, as if it had just arrived, through the same unit of work the
+daemon uses (not over MQTT). Replaying is idempotent: a message that is now accepted is stored
+once (a second replay is a duplicate), and one that is still invalid stays one kept rejection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from daemon.config import ConfigError, Settings
+from daemon.db.store import Store
+from daemon.db.unit_of_work import Arrival, UnitOfWork
+from daemon.db.views import KeptRejection, ReadModel, RejectionFilter
+from daemon.mqtt.schemas import decode
+from daemon.mqtt.topics import topics_for
+from domain.events import Outcome
+
+__all__ = ["Replayed", "replay"]
+
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """What a kept rejection became when it was decided again."""
+
+    rejection: KeptRejection
+    outcome: str  # accepted, duplicate, deferred, rejected, not_replayed
+    reason: str | None = None
+    detail: str | None = None
+
+    def to_document(self) -> dict[str, object]:
+        return {
+            "id": self.rejection.id,
+            "topic": self.rejection.topic,
+            "was": self.rejection.reason,
+            "now": self.outcome,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+
+async def _unit_of_work(settings: Settings, store: Store) -> UnitOfWork:
+    pricing = settings.load_pricing()
+    recorded = await store.record_pricing(pricing, datetime.now(UTC))
+    if recorded is None:
+        raise ConfigError(
+            f"pricing version {pricing.version} is already recorded with other prices;"
+            " give the new prices a new version"
+        )
+    return UnitOfWork(
+        store,
+        replace(settings.policy, pricing_version=recorded.version),
+        recorded,
+        prefix=settings.topic_prefix,
+        max_payload_bytes=settings.max_payload_bytes,
+    )
+
+
+async def replay(
+    settings: Settings,
+    store: Store,
+    selection: RejectionFilter,
+    most: int,
+    progress: Callable[[int], None] = lambda n: None,
+) -> list[Replayed]:
+    """Decide the (at most ``most``) selected kept rejections again, oldest first, in batches;
+    what each became. ``selection.limit`` is the page size they are read with."""
+    reads = ReadModel(store.pool, settings.topic_prefix)
+    chosen: list[KeptRejection] = []
+    page = selection
+    while True:
+        found = await reads.rejections(page)
+        chosen += found
+        if len(found) < page.limit or len(chosen) >= most:
+            break
+        page = replace(page, before=found[-1].id)
+    chosen = sorted(chosen[:most], key=lambda r: r.id)  # in arrival order
+    uow = await _unit_of_work(settings, store)
+    topics = topics_for(settings.topic_prefix)
+    results: list[Replayed] = []
+    for start in range(0, len(chosen), _CHUNK):
+        chunk, arrivals = [], []
+        now = datetime.now(UTC)
+        for kept in chosen[start : start + _CHUNK]:
+            if len(kept.payload) < kept.payload_size:
+                results.append(
+                    Replayed(kept, "not_replayed", None,
+                             f"only {len(kept.payload)} of its {kept.payload_size} bytes are kept")
+                )  # fmt: skip
+                continue
+            inbound = decode(kept.topic, kept.payload, topics, settings.max_payload_bytes)
+            chunk.append(kept)
+            arrivals.append(Arrival(kept.topic, kept.payload, now, inbound))
+        if arrivals:
+            settled, _ = await uow.commit_batch(arrivals)
+            for kept, s in zip(chunk, settled, strict=True):
+                if s.rejection is not None:
+                    results.append(
+                        Replayed(kept, "rejected", str(s.rejection.reason), s.rejection.detail)
+                    )
+                elif s.dropped is not None:
+                    results.append(Replayed(kept, "not_replayed", None, s.dropped))
+                else:
+                    outcome = s.outcome or Outcome.ACCEPTED
+                    results.append(Replayed(kept, str(outcome)))
+        progress(len(results))
+    return sorted(results, key=lambda r: r.rejection.id)
