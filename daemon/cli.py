@@ -30,6 +30,7 @@ from rich.table import Table
 
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
+from daemon.outbound import iso
 from domain.errors import Reason
 
 __all__ = ["app", "main"]
@@ -427,7 +428,7 @@ def rejections_list(
         [
             (
                 r.id,
-                r.received_at.isoformat(timespec="seconds"),
+                iso(r.received_at),
                 r.bike_id,
                 r.reason,
                 r.detail,
