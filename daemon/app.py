@@ -19,6 +19,7 @@ from daemon.db.views import ReadModel
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
+from daemon.mqtt.contract import asyncapi_document
 from daemon.mqtt.publisher import OutboxPublisher
 from daemon.pipeline import Pipeline
 
@@ -124,7 +125,14 @@ class Daemon:
     async def run(self) -> None:
         s = self.settings
         pricing = s.load_pricing()  # fail at once: retrying cannot fix it
-        self.http = HttpServer(self.metrics, None, self.ready, s.http_host, s.http_port)
+        self.http = HttpServer(
+            self.metrics,
+            None,
+            self.ready,
+            s.http_host,
+            s.http_port,
+            asyncapi=asyncapi_document(s.topic_prefix),
+        )
         async with asyncio.TaskGroup() as tg:
             http_task = tg.create_task(self.http.serve())
             store = await self._start_store()

@@ -248,6 +248,24 @@ def bench(
     _run(work)
 
 
+@app.command()
+def asyncapi(
+    prefix: Annotated[
+        str | None, typer.Option(help="topic prefix (default: CHARGEFLOW_TOPIC_PREFIX)")
+    ] = None,
+) -> None:
+    """Print the MQTT contract as an AsyncAPI 3.0 document (JSON)."""
+    from daemon.mqtt.contract import asyncapi_document
+    from daemon.mqtt.topics import Topics
+
+    try:
+        chosen = Topics(prefix).prefix if prefix is not None else load_settings().topic_prefix
+    except (ConfigError, ValueError) as exc:
+        _say(f"chargeflow: configuration error: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    _print_json(asyncapi_document(chosen))
+
+
 # -- the read side -------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
 )
 
 from daemon.mqtt.topics import TopicKind, Topics, topics_for
@@ -95,15 +96,27 @@ Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_
 # 1,000,000,000 with at most 6 decimal places.
 QUANTITY_MAX = 1_000_000_000
 QUANTITY_PLACES = 6
+
+
+def _number_schema(maximum: int) -> WithJsonSchema:
+    # What the contract says (and the AsyncAPI document shows): a JSON number, never a string.
+    return WithJsonSchema(
+        {"type": "number", "minimum": 0, "maximum": maximum,
+         "description": f"a JSON number, at most {QUANTITY_PLACES} decimal places"}
+    )  # fmt: skip
+
+
 Quantity = Annotated[
     Decimal,
     BeforeValidator(_json_number),
     Field(ge=0, le=QUANTITY_MAX, decimal_places=QUANTITY_PLACES, allow_inf_nan=False),
+    _number_schema(QUANTITY_MAX),
 ]
 Percent = Annotated[
     Decimal,
     BeforeValidator(_json_number),
     Field(ge=0, le=100, decimal_places=QUANTITY_PLACES, allow_inf_nan=False),
+    _number_schema(100),
 ]
 # Seqs are PostgreSQL integers.
 SEQ_MAX = 2**31 - 1

@@ -100,3 +100,13 @@ async def test_metrics_are_prometheus_text_and_ready_is_current(daemon):
     assert ctype.startswith("text/plain")
     assert "chargeflow_ready 1.0" in text
     assert "# TYPE chargeflow_messages_received_total counter" in text
+
+
+async def test_the_asyncapi_document_is_served_for_the_daemons_prefix(daemon):
+    from daemon.mqtt.contract import asyncapi_document
+
+    status, ctype, document = await fetch(daemon, "/asyncapi.json")
+
+    assert (status, ctype) == (200, "application/json")
+    assert document == asyncapi_document(daemon.settings.topic_prefix)
+    assert document["channels"]["telemetry"]["address"] == "chargeflow/v1/bikes/{bike_id}/telemetry"
