@@ -384,7 +384,7 @@ def session(
         if view is None:
             _say(f"no session {wanted}")
             raise _Stop(EXIT_NOT_FOUND)
-        return view
+        return view.to_document(settings.topic_prefix)
 
     view = _run(work)
     if _as_json(as_json):

@@ -145,10 +145,11 @@ def build_app(server: HttpServer) -> FastAPI:
         responses={404: {"description": "No such session"}},
     )
     async def session(session_id: Annotated[UUID, Path()], request: Request) -> Any:
-        view = await reads().session_view(session_id)
+        model = reads()
+        view = await model.session_view(session_id)
         if view is None:
             return problem(404, "Not Found", f"no session {session_id}", request.url.path)
-        return view
+        return view.to_document(model.prefix)
 
     @app.get("/rejections", summary="Kept rejections, newest first, a page at a time")
     async def rejections(

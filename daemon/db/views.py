@@ -21,7 +21,7 @@ from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
 from domain.errors import Reason
 from domain.session_values import FinalizedSession, SessionKind
 
-__all__ = ["KeptRejection", "ReadModel", "RejectionFilter", "analytics_document"]
+__all__ = ["KeptRejection", "ReadModel", "RejectionFilter", "SessionView", "analytics_document"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,49 @@ class KeptRejection:
             "payload_text": text,
             "payload_base64": base64.b64encode(self.payload).decode("ascii"),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """A session as operators look it up: Active with its running totals, or Finalized with
+    its fixed record and its bill (by the pricing version it was finalized under)."""
+
+    session_id: UUID
+    bike_id: str
+    kind: SessionKind
+    party_id: str
+    state: str
+    started_at: datetime
+    stored_telemetry_count: int
+    last_heard_at: datetime
+    energy_wh_so_far: Decimal
+    telemetry_count_so_far: int
+    ended_at: datetime | None
+    last_seq: int | None
+    finalized: FinalizedSession | None
+    bill: BillingRecord | None
+
+    def to_document(self, prefix: str) -> dict[str, Any]:
+        """The JSON of HTTP and the CLI; a finalized record as it was published on MQTT."""
+        view: dict[str, Any] = {
+            "session_id": str(self.session_id),
+            "bike_id": self.bike_id,
+            "kind": str(self.kind),
+            self.kind.party_field: self.party_id,
+            "state": self.state,
+            "started_at": iso(self.started_at),
+            "stored_telemetry_count": self.stored_telemetry_count,
+        }
+        if self.finalized is not None and self.bill is not None:
+            view["finalized"] = json.loads(finalized_message(prefix, self.finalized)[1])
+            view["billing"] = self.bill.to_payload()
+            return view
+        view["last_heard_at"] = iso(self.last_heard_at)
+        view["energy_wh_so_far"] = plain(self.energy_wh_so_far)
+        view["telemetry_count_so_far"] = self.telemetry_count_so_far
+        if self.last_seq is not None and self.ended_at is not None:
+            view["end"] = {"occurred_at": iso(self.ended_at), "last_seq": self.last_seq}
+        return view
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +145,35 @@ class ReadModel:
             for p in history.versions
         ]
 
-    async def session_view(self, session_id: UUID) -> dict[str, Any] | None:
-        return await _session_view(self.pool, self.prefix, await self.history(), session_id)
+    async def session_view(self, session_id: UUID) -> SessionView | None:
+        """A session, its stored sample count and (once finalized) its record and bill."""
+        row = await self.pool.fetchrow(
+            "SELECT s.*, (SELECT count(*) FROM telemetry t WHERE t.session_id = s.session_id)"
+            " AS stored FROM sessions s WHERE s.session_id = $1",
+            session_id,
+        )
+        if row is None:
+            return None
+        finalized = bill = None
+        if row["state"] == "finalized":
+            finalized = finalized_from_row(row)
+            bill = (await self.history()).bill(finalized)
+        return SessionView(
+            session_id=row["session_id"],
+            bike_id=row["bike_id"],
+            kind=SessionKind(row["kind"]),
+            party_id=row["party_id"],
+            state=row["state"],
+            started_at=row["started_at"],
+            stored_telemetry_count=int(row["stored"]),
+            last_heard_at=row["last_heard_at"],
+            energy_wh_so_far=row["energy_wh"],
+            telemetry_count_so_far=row["telemetry_count"],
+            ended_at=row["ended_at"],
+            last_seq=row["last_seq"],
+            finalized=finalized,
+            bill=bill,
+        )
 
     async def rejections(self, f: RejectionFilter) -> list[KeptRejection]:
         """Kept rejections, newest first, one page of ``f.limit``."""
@@ -152,39 +222,6 @@ class ReadModel:
         pricing_version: str | None = None,
     ) -> list[FinalizedSession]:
         return await _finalized_sessions(self.pool, since, until, bike_id, pricing_version)
-
-
-async def _session_view(
-    pool: asyncpg.Pool, prefix: str, history: PricingHistory, session_id: UUID
-) -> dict[str, Any] | None:
-    """A session, its stored sample count and (when finalized) its billing record."""
-    row = await pool.fetchrow("SELECT * FROM sessions WHERE session_id = $1", session_id)
-    if row is None:
-        return None
-    stored = await pool.fetchval("SELECT count(*) FROM telemetry WHERE session_id = $1", session_id)
-    view: dict[str, Any] = {
-        "session_id": str(row["session_id"]),
-        "bike_id": row["bike_id"],
-        "kind": row["kind"],
-        SessionKind(row["kind"]).party_field: row["party_id"],
-        "state": row["state"],
-        "started_at": iso(row["started_at"]),
-        "stored_telemetry_count": int(stored),
-    }
-    if row["state"] == "finalized":
-        session = finalized_from_row(row)
-        view["finalized"] = json.loads(finalized_message(prefix, session)[1])
-        view["billing"] = history.bill(session).to_payload()
-    else:
-        view["last_heard_at"] = iso(row["last_heard_at"])
-        view["energy_wh_so_far"] = plain(row["energy_wh"])
-        view["telemetry_count_so_far"] = row["telemetry_count"]
-        if row["last_seq"] is not None:
-            view["end"] = {
-                "occurred_at": iso(row["ended_at"]),
-                "last_seq": row["last_seq"],
-            }
-    return view
 
 
 async def _finalized_sessions(
