@@ -232,9 +232,12 @@ class Daemon:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> float:
+        # `python -m` puts the working directory first on sys.path: run from the checkout
+        # whose daemon is wanted (PYTHONPATH alone would still find this one's).
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daemon", "run", env=self.env
-        )
+            sys.executable, "-m", "daemon", "run", env=self.env,
+            cwd=self.env.get("PYTHONPATH") or None,
+        )  # fmt: skip
         for _ in range(600):
             if self.proc.returncode is not None:
                 raise RuntimeError("the daemon exited at start-up")

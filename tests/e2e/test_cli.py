@@ -106,7 +106,8 @@ async def test_run_with_timescaledb_on_where_it_cannot_load_fails_in_one_line(da
 
 
 def on_a_terminal(*args: str, **env: str) -> tuple[int, str]:
-    """Run chargeflow with stdout and stderr on a pseudo-terminal; (exit code, what it showed)."""
+    """Run chargeflow with stdout on a pseudo-terminal; (exit code, what it showed there).
+    stderr (logs, progress) goes elsewhere, as a terminal user's would scroll by."""
     import pty
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEFLOW_")}
@@ -114,7 +115,7 @@ def on_a_terminal(*args: str, **env: str) -> tuple[int, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", *args],
         env={**clean, "CHARGEFLOW_LOG_LEVEL": "warning", "COLUMNS": "160", "TERM": "xterm", **env},
-        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, close_fds=True,
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.DEVNULL, close_fds=True,
     )  # fmt: skip
     os.close(terminal)
     shown = b""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
+from decimal import Decimal
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -20,17 +22,24 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def fresh(postgres_url: str) -> AsyncIterator[asyncpg.Connection]:
+async def fresh_url(postgres_url: str) -> AsyncIterator[str]:
     name = f"chargeflow_ts_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(postgres_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
-    conn = await asyncpg.connect(urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}")))
+    try:
+        yield urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def fresh(fresh_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(fresh_url)
     try:
         yield conn
     finally:
         await conn.close()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def _hypertable(conn: asyncpg.Connection) -> bool:
@@ -89,3 +98,47 @@ async def test_plain_tables_move_to_a_hypertable_once_the_extension_is_usable(fr
 
     assert applied == ([TIMESCALE_STEP] if problem is None else [])
     assert await _hypertable(fresh) == (problem is None)
+
+
+async def test_stored_sessions_keep_their_telemetry_and_guards_when_moved_to_a_hypertable(
+    fresh, fresh_url
+):
+    """An operator ran on plain tables for a while, then preloaded TimescaleDB: finalized and
+    Active sessions' samples move into chunks, and the append-only guard still holds."""
+    from daemon.db.store import Store
+    from tests.builders import bike_id, end, sample, start
+    from tests.conftest import shipped_pricing
+    from tests.integration.test_store import NOW, commit, unit_of_work
+
+    await migrate(fresh, timescaledb="off")
+    pool = await asyncpg.create_pool(fresh_url, min_size=1, max_size=2)
+    try:
+        store = Store(pool)
+        await store.record_pricing(shipped_pricing(), NOW)
+        uow = unit_of_work(store, shipped_pricing())
+        done, active = start(bike_id()), start(bike_id())
+        await commit(uow, done, sample(done, 1, "1.5"), sample(done, 2, "2"), end(done, 2))
+        await uow.expire([done.bike_id], NOW + timedelta(minutes=5))
+        await commit(uow, active, sample(active, 1, "4"))
+        problem = await timescale_problem(fresh)
+
+        applied = await migrate(fresh, timescaledb="auto")
+
+        assert applied == ([TIMESCALE_STEP] if problem is None else [])
+        assert await _hypertable(fresh) == (problem is None)
+        sums = dict(await fresh.fetch(
+            "SELECT session_id, sum(energy_wh) FROM telemetry GROUP BY session_id"))  # fmt: skip
+        assert sums == {done.session_id: Decimal("3.5"), active.session_id: Decimal(4)}
+        with pytest.raises(asyncpg.PostgresError, match="not active"):
+            await fresh.execute(
+                "INSERT INTO telemetry (telemetry_id, session_id, bike_id, seq, emitted_at,"
+                " energy_wh, received_at) VALUES ($1, $2, $3, 3, $4, 1, $4)",
+                uuid.uuid4(), done.session_id, done.bike_id, NOW,
+            )  # fmt: skip
+        uow.reset()
+        await commit(uow, sample(active, 2, "1"))  # the Active one goes on taking samples
+        assert await fresh.fetchval(
+            "SELECT energy_wh FROM sessions WHERE session_id = $1", active.session_id
+        ) == Decimal(5)
+    finally:
+        await pool.close()
