@@ -1,20 +1,45 @@
-"""The one place that reaches into aiomqtt and paho: manual acks, and pausing the reader.
+"""The one place that reaches into aiomqtt and paho (both pinned in pyproject.toml).
 
-aiomqtt 2.5 has no public manual acknowledgement (its issue #345); paho, underneath, does
-(``manual_ack_set(True)`` and ``ack(mid, qos)``). Inbound QoS 1 messages are acknowledged
-only after what they caused is committed. aiomqtt has no way to stop reading either; the
-daemon needs one to bound what it holds (``PausableClient``).
+- Manual acks: aiomqtt 2.5 has no public manual acknowledgement (its issue #345; its
+  development branch has ``Client.puback()``); paho, underneath, does (``manual_ack_set(True)``
+  and ``ack(mid, qos)``), reached as ``client._client``. Inbound QoS 1 messages are
+  acknowledged only after what they caused is committed.
+- Pausing the reader (``PausableClient``): aiomqtt cannot stop reading its socket; the daemon
+  needs that to bound what it holds.
+- The hand-off (``handoff_queue``): aiomqtt puts each message in its queue with
+  ``put_nowait`` from paho's callback; a queue whose ``put_nowait`` hands the message straight
+  to the pipeline saves a task and an ``asyncio.wait`` per message.
+- Leaving (``disconnect``): paho's ``disconnect()`` ends aiomqtt's message iterator at once.
+
+``tests/integration/test_manual_acks.py`` fails loudly (naming what moved) when an upgrade
+changes any of these.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 
-__all__ = ["ManualAcks", "PausableClient"]
+__all__ = ["ManualAcks", "PausableClient", "disconnect", "handoff_queue"]
+
+
+def handoff_queue(receive: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[Any]]:
+    """A ``queue_type`` for aiomqtt whose ``put_nowait`` calls ``receive`` instead of queueing."""
+
+    class Handoff(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            receive(item)
+
+    return Handoff
+
+
+def disconnect(client: aiomqtt.Client) -> None:
+    """Send DISCONNECT now (the broker keeps the session); aiomqtt's iterator then ends."""
+    client._client.disconnect()
 
 
 class ManualAcks:

@@ -17,7 +17,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import Settings
 from daemon.metrics import Metrics
-from daemon.mqtt.acks import ManualAcks, PausableClient
+from daemon.mqtt.acks import ManualAcks, PausableClient, disconnect, handoff_queue
 from daemon.mqtt.topics import topics_for
 
 __all__ = ["Delivery", "MqttLink"]
@@ -89,15 +89,8 @@ class MqttLink:
             )
         deliver, clock = self._deliver, self._clock
 
-        class Handoff(asyncio.Queue[aiomqtt.Message]):
-            """aiomqtt's incoming queue, replaced: each message goes straight to the pipeline.
-
-            aiomqtt's own iterator spends a task and an asyncio.wait per message; handing off
-            in the receive callback keeps the hot path to one call.
-            """
-
-            def put_nowait(self, item: aiomqtt.Message) -> None:
-                deliver(Delivery(item, holder[0], clock()))
+        # Each message goes straight to the pipeline from paho's receive callback.
+        handoff = handoff_queue(lambda item: deliver(Delivery(item, holder[0], clock())))
 
         client = PausableClient(
             broker.host,
@@ -112,7 +105,7 @@ class MqttLink:
             timeout=10,
             tls_context=tls_context,
             max_inflight_messages=100,
-            queue_type=Handoff,
+            queue_type=handoff,
         )
         client.pending_calls_threshold = 1000  # the outbox publisher keeps many PUBACKs pending
         return client
@@ -190,8 +183,7 @@ class MqttLink:
         self.stopping = True
         client = self._client
         if client is not None:
-            # paho's disconnect() makes aiomqtt's message iterator end with an MqttError.
-            client._client.disconnect()
+            disconnect(client)
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish with QoS 1 and wait for the broker's PUBACK; raises MqttError when down."""

@@ -109,3 +109,41 @@ async def test_a_paused_client_takes_nothing_until_it_resumes(broker):
         reader.cancel()
     assert while_paused == 0
     assert sorted(got, key=int) == [b"%d" % i for i in range(200)]
+
+
+async def test_the_internals_the_edge_relies_on_are_where_it_expects_them():
+    """Each line names what an aiomqtt or paho upgrade moved, and which part of
+    daemon/mqtt/acks.py must follow it."""
+    import inspect
+
+    import paho.mqtt.client as paho
+    from paho.mqtt import __version__ as paho_version
+
+    import daemon.mqtt.acks as acks
+
+    assert aiomqtt.__version__.startswith("2.5."), f"aiomqtt {aiomqtt.__version__}: review acks.py"
+    assert paho_version.startswith("2.2."), f"paho-mqtt {paho_version}: review acks.py"
+    client = aiomqtt.Client("127.0.0.1", 1, queue_type=acks.handoff_queue(lambda m: None))
+    assert isinstance(client._client, paho.Client), "aiomqtt no longer keeps paho as _client"
+    for method in ("manual_ack_set", "ack", "disconnect", "loop_read"):
+        assert callable(getattr(client._client, method, None)), f"paho lost {method}()"
+    on_message = inspect.getsource(aiomqtt.Client._on_message)
+    assert "self._queue.put_nowait(" in on_message, (
+        "aiomqtt no longer hands messages to its queue with put_nowait: handoff_queue is dead"
+    )
+    assert isinstance(client._queue, acks.handoff_queue(lambda m: None).__mro__[1]), (
+        "aiomqtt no longer builds its queue from queue_type"
+    )
+
+
+def test_a_handoff_queue_passes_each_message_on_at_once():
+    from daemon.mqtt.acks import handoff_queue
+
+    got: list[aiomqtt.Message] = []
+    queue = handoff_queue(got.append)()
+    message = aiomqtt.Message("t/1", b"x", qos=1, retain=False, mid=3, properties=None)
+
+    queue.put_nowait(message)
+
+    assert got == [message]
+    assert queue.empty()
