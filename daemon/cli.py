@@ -180,16 +180,31 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) ->
 
 
 @app.command()
-def run() -> None:
+def run(
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="processes in one share group on this machine (worker i: client id "
+            "CHARGEFLOW_CLIENT_ID-i, HTTP port CHARGEFLOW_HTTP_PORT+i)",
+        ),
+    ] = 1,
+) -> None:
     """Run the daemon until SIGTERM/SIGINT (which commit the batch in hand and disconnect)."""
     from daemon.app import run_daemon
+    from daemon.workers import run_workers
 
-    async def work() -> None:
+    async def work() -> int:
         settings = _settings()
         settings.load_pricing()  # fail fast on a bad pricing file
+        if workers > 1:
+            return await run_workers(settings, workers)
         await run_daemon(settings)
+        return 0
 
-    _run(work)
+    code = _run(work)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -1,0 +1,75 @@
+"""`chargeflow run --workers N`: N daemon processes in one share group on this machine.
+
+One Python process uses one core. N processes subscribe as one MQTT v5 share group, so the
+broker spreads the bikes' messages over them, and PostgreSQL serializes each bike's decisions
+(scale-safe sessions): together they do exactly what one process would. Worker ``i`` gets the
+client id ``{CHARGEFLOW_CLIENT_ID}-{i}`` (each its own persistent session) and the HTTP port
+``CHARGEFLOW_HTTP_PORT + i`` (each its own /metrics and /readyz). The supervisor forwards
+SIGTERM and SIGINT, and when one worker dies, it stops the others and exits with its code, so
+that whatever restarts the service (systemd, Docker) restarts them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+
+import structlog
+
+from daemon.config import Settings
+
+__all__ = ["run_workers", "worker_environment"]
+
+log = structlog.get_logger(__name__)
+DEFAULT_GROUP = "chargeflow"
+
+
+def worker_environment(settings: Settings, index: int) -> dict[str, str]:
+    """The CHARGEFLOW_* overrides of worker ``index`` (counting from 0)."""
+    return {
+        "CHARGEFLOW_SHARE_GROUP": settings.share_group or DEFAULT_GROUP,
+        "CHARGEFLOW_CLIENT_ID": f"{settings.client_id}-{index}",
+        "CHARGEFLOW_HTTP_PORT": str(settings.http_port + index if settings.http_port else 0),
+    }
+
+
+async def run_workers(settings: Settings, count: int) -> int:
+    """Run ``count`` workers until a signal or the first one to exit; their exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "daemon",
+            "run",
+            env={**os.environ, **worker_environment(settings, i)},
+        )
+        for i in range(count)
+    ]
+    log.info(
+        "workers started",
+        workers=count,
+        share_group=settings.share_group or DEFAULT_GROUP,
+        pids=[w.pid for w in workers],
+    )
+    exits = {asyncio.ensure_future(w.wait()): w for w in workers}
+    stopping = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+    first = next((exits[f] for f in done if f in exits), None)
+    if first is not None:
+        log.error("a worker exited; stopping the others", pid=first.pid, code=first.returncode)
+    for worker in workers:
+        if worker.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.send_signal(signal.SIGTERM)
+    codes = await asyncio.gather(*(w.wait() for w in workers))
+    stopping.cancel()
+    if first is not None:
+        return first.returncode or 1
+    return max(codes, key=abs, default=0)

@@ -1,0 +1,85 @@
+"""`chargeflow run --workers 2`: two processes in one share group, exactly what one would do."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from daemon.devbroker import free_port
+from tests.e2e.helpers import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_two_workers_share_the_load_and_finalize_every_session_once(
+    broker, database_url, pool, bike, outbound
+):
+    base = _two_free_ports()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEFLOW_")}
+    env = {**clean, "CHARGEFLOW_MQTT_URL": broker.daemon_url,
+           "CHARGEFLOW_DATABASE_URL": database_url, "CHARGEFLOW_HTTP_PORT": str(base),
+           "CHARGEFLOW_HTTP_HOST": "127.0.0.1", "CHARGEFLOW_FINALIZE_GRACE_S": "1",
+           "CHARGEFLOW_CLIENT_ID": f"cf-workers-{uuid.uuid4().hex[:6]}",
+           "CHARGEFLOW_LOG_LEVEL": "warning"}  # fmt: skip
+    proc = await asyncio.to_thread(
+        subprocess.Popen, [sys.executable, "-m", "daemon", "run", "--workers", "2"], env=env
+    )
+    try:
+        for port in (base, base + 1):
+            await wait_until(
+                lambda p=port: _ready(p), timeout=30, what=f"worker on port {port} ready"
+            )
+        sessions = []
+        for _ in range(6):
+            session_id = await bike.start("ride")
+            for seq in range(1, 11):
+                await bike.sample(session_id, seq, "1.5")
+            await bike.end(session_id, 10)
+            sessions.append(session_id)
+        finalized = await outbound.wait_for(bike.bike_id, "sessions/finalized", count=6, timeout=30)
+
+        assert sorted(f["session_id"] for f in finalized) == sorted(sessions)
+        assert {f["energy_wh"] for f in finalized} == {"15"}
+        received = [_metric(p, "chargeflow_messages_received_total") for p in (base, base + 1)]
+        assert all(n > 0 for n in received), received  # both workers took messages
+        rows = await pool.fetch(
+            "SELECT energy_wh FROM sessions WHERE bike_id = $1 AND state = 'finalized'",
+            bike.bike_id,
+        )
+        assert [r["energy_wh"] for r in rows] == [Decimal(15)] * 6
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 60)
+    assert code == 0
+
+
+def _two_free_ports() -> int:
+    """A port whose next one is free too."""
+    while True:
+        base = free_port()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", base + 1)) != 0:
+                return base
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
