@@ -14,7 +14,7 @@ Prints messages sent, rejections kept (rows) and answered (on the rejections top
 dropped (must be 0), the daemon's peak RSS in each phase, and the settle rate of bad against
 valid traffic from the same run.
 
-    python benchmarks/fuzz.py [--messages 100000] [--valid 100000] [--seed 7]
+    python -m benchmarks.fuzz [--messages 100000] [--valid 100000] [--seed 7]
         [--daemon-pythonpath /path/to/another/checkout]
         [--database-url postgresql://postgres@127.0.0.1:5432/chargeflow_fuzz]
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import signal
@@ -37,17 +36,15 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.harness import daemon_environment, fleet_url, fresh_database
 from daemon.devbroker import free_port, start_broker
 from daemon.simulate import FleetPlan, json_payload, messages, mqtt_client
 
 PREFIX = "chargeflow/v1"
-DAEMON = ("chargeflow-daemon", "daemon-example-password")
-FLEET = ("fleet-simulator", "simulator-example-password")
 MAX_PAYLOAD = 16_384  # the daemon's default CHARGEFLOW_MAX_PAYLOAD_BYTES
 
 # -- the generator ------------------------------------------------------------------------
@@ -292,37 +289,20 @@ async def listen(url: str, answered: Counter[str], stop: asyncio.Event) -> None:
                     return
 
 
-async def fresh_database(url: str) -> None:
-    parts = urlsplit(url)
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{parts.path.strip("/")}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 async def main(args: argparse.Namespace) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="cf-fuzz-"))
     port, http_port = free_port(), free_port()
     broker = start_broker(port, data_dir)
     await fresh_database(args.database_url)
-    env = {
-        **os.environ,
-        "CHARGEFLOW_MQTT_URL": f"mqtt://{DAEMON[0]}:{DAEMON[1]}@127.0.0.1:{port}",
-        "CHARGEFLOW_DATABASE_URL": args.database_url,
-        "CHARGEFLOW_HTTP_PORT": str(http_port),
-        "CHARGEFLOW_HTTP_HOST": "127.0.0.1",
-        "CHARGEFLOW_CLIENT_ID": f"cf-fuzz-{uuid.uuid4().hex[:6]}",
-        "CHARGEFLOW_LOG_LEVEL": "warning",
-        "CHARGEFLOW_LOG_FORMAT": "json",
-        "CHARGEFLOW_FINALIZE_GRACE_S": "2",
-    }
+    env = daemon_environment(
+        port, args.database_url, http_port, "fuzz", CHARGEFLOW_FINALIZE_GRACE_S="2"
+    )
     if args.daemon_pythonpath:  # another checkout's daemon, for a side-by-side comparison
         env["PYTHONPATH"] = args.daemon_pythonpath
-    fleet_url = f"mqtt://{FLEET[0]}:{FLEET[1]}@127.0.0.1:{port}"
+    fleet = fleet_url(port)
     answered: Counter[str] = Counter()
     stop_listening = asyncio.Event()
-    listener = asyncio.create_task(listen(fleet_url, answered, stop_listening))
+    listener = asyncio.create_task(listen(fleet, answered, stop_listening))
     daemon = Daemon(env, http_port)
     pool = None
     try:
@@ -336,7 +316,7 @@ async def main(args: argparse.Namespace) -> int:
                 yield topic, payload
 
         print(f"phase 1: {args.messages:,} bad messages queued while the daemon is away")
-        sent_bad = await publish(fleet_url, bad(), args.messages, "bad")
+        sent_bad = await publish(fleet, bad(), args.messages, "bad")
         bad_s, bad_rss = await drain(daemon, sent_bad, "bad")
         pool = await asyncpg.create_pool(args.database_url, min_size=1, max_size=2)
         answered_in = await outbox_drained(pool)
@@ -350,7 +330,7 @@ async def main(args: argparse.Namespace) -> int:
         start = datetime.now(UTC) - timedelta(minutes=30)
         print(f"phase 2: {valid_total:,} valid messages queued while the daemon is away")
         sent_valid = await publish(
-            fleet_url,
+            fleet,
             ((t, json_payload(p)) for t, p in messages(plan, start)),
             valid_total,
             "valid",

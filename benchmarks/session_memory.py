@@ -5,7 +5,7 @@ as a separate process; opens N sessions (default 1,000), sends 1 sample to each 
 daemon's RSS, then sends samples until each session has taken M (default 1,000) and reads it
 again. Prints both, the growth, and the growth per stored sample.
 
-    python benchmarks/session_memory.py [--sessions 1000] [--samples 1000]
+    python -m benchmarks.session_memory [--sessions 1000] [--samples 1000]
         [--database-url postgresql://postgres@127.0.0.1:5432/chargeflow_memory_bench]
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -24,16 +23,14 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from benchmarks.harness import daemon_environment, fleet_url, fresh_database
 from daemon.devbroker import free_port, start_broker
 from daemon.simulate import mqtt_client
 
 PREFIX = "chargeflow/v1"
-DAEMON = ("chargeflow-daemon", "daemon-example-password")
-FLEET = ("fleet-simulator", "simulator-example-password")
 
 
 def rss_mib(pid: int) -> float:
@@ -43,15 +40,6 @@ def rss_mib(pid: int) -> float:
     anon, file = (int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
     print(f"  (RSS: {anon:.1f} MiB anonymous, {file:.1f} MiB file-backed)")
     return int(status["VmRSS"].split()[0]) / 1024
-
-
-async def fresh_database(url: str) -> None:
-    parts = urlsplit(url)
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{parts.path.strip("/")}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def publish(url: str, messages: Iterator[tuple[str, bytes]], total: int) -> None:
@@ -99,18 +87,9 @@ async def main(args: argparse.Namespace) -> None:
     port, http_port = free_port(), free_port()
     broker = start_broker(port, data_dir)
     await fresh_database(args.database_url)
-    env = {
-        **os.environ,
-        "CHARGEFLOW_MQTT_URL": f"mqtt://{DAEMON[0]}:{DAEMON[1]}@127.0.0.1:{port}",
-        "CHARGEFLOW_DATABASE_URL": args.database_url,
-        "CHARGEFLOW_HTTP_PORT": str(http_port),
-        "CHARGEFLOW_HTTP_HOST": "127.0.0.1",
-        "CHARGEFLOW_CLIENT_ID": f"cf-memory-{uuid.uuid4().hex[:6]}",
-        "CHARGEFLOW_LOG_LEVEL": "warning",
-        "CHARGEFLOW_LOG_FORMAT": "json",
-    }
+    env = daemon_environment(port, args.database_url, http_port, "memory")
     daemon = await asyncio.create_subprocess_exec(sys.executable, "-m", "daemon", "run", env=env)
-    fleet_url = f"mqtt://{FLEET[0]}:{FLEET[1]}@127.0.0.1:{port}"
+    fleet = fleet_url(port)
     pool = None
     try:
         for _ in range(300):
@@ -140,8 +119,8 @@ async def main(args: argparse.Namespace) -> None:
             for bike, sid in sessions
         )
         print(f"{args.sessions:,} sessions started, 1 sample each")
-        await publish(fleet_url, starts, args.sessions)
-        await publish(fleet_url, (sample(b, s, 1, t0) for b, s in sessions), args.sessions)
+        await publish(fleet, starts, args.sessions)
+        await publish(fleet, (sample(b, s, 1, t0) for b, s in sessions), args.sessions)
         await stored(pool, args.sessions, daemon)
         await asyncio.sleep(2)
         first = rss_mib(daemon.pid)
@@ -149,7 +128,7 @@ async def main(args: argparse.Namespace) -> None:
         total = args.sessions * rest
         print(f"then {args.samples:,} samples each ({total:,} more messages)")
         later = (sample(b, s, seq, t0) for seq in range(2, args.samples + 1) for b, s in sessions)
-        await publish(fleet_url, later, total)
+        await publish(fleet, later, total)
         await stored(pool, args.sessions * args.samples, daemon)
         await asyncio.sleep(2)
         second = rss_mib(daemon.pid)
