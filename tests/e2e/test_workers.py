@@ -35,6 +35,9 @@ async def test_two_workers_share_the_load_and_finalize_every_session_once(
            "CHARGEFLOW_DATABASE_URL": database_url, "CHARGEFLOW_HTTP_PORT": str(base),
            "CHARGEFLOW_HTTP_HOST": "127.0.0.1", "CHARGEFLOW_FINALIZE_GRACE_S": "2",
            "CHARGEFLOW_CLIENT_ID": f"cf-workers-{uuid.uuid4().hex[:6]}",
+           # A group of its own: on the shared broker, earlier tests' persistent members of
+           # another group would be handed (and keep, while offline) a share of the messages.
+           "CHARGEFLOW_SHARE_GROUP": f"workers-{uuid.uuid4().hex[:6]}",
            "CHARGEFLOW_LOG_LEVEL": "warning"}  # fmt: skip
     proc = await asyncio.to_thread(
         subprocess.Popen, [sys.executable, "-m", "daemon", "run", "--workers", "2"], env=env
