@@ -40,7 +40,7 @@ from pathlib import Path
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.harness import daemon_environment, fleet_url, fresh_database
+from benchmarks.harness import daemon_environment, fleet_url, fresh_database, publish
 from daemon.devbroker import free_port, start_broker
 from daemon.simulate import FleetPlan, json_payload, messages, mqtt_client
 
@@ -203,24 +203,6 @@ def settled(m: dict[str, dict[tuple[tuple[str, str], ...], float]]) -> float:
         + total("chargeflow_messages_rejected_total")
         - later
     )
-
-
-async def publish(url: str, stream: Iterator[tuple[str, bytes]], total: int, what: str) -> int:
-    sent, began = 0, time.perf_counter()
-    async with mqtt_client(url) as client:
-        client.pending_calls_threshold = 10_000
-        pending: list[asyncio.Task[None]] = []
-        for topic, payload in stream:
-            pending.append(asyncio.create_task(client.publish(topic, payload, qos=1, timeout=60)))
-            sent += 1
-            if len(pending) >= 500:
-                await asyncio.gather(*pending)
-                pending.clear()
-                print(f"\r  {what}: published {sent:,}/{total:,}", end="", flush=True)
-        await asyncio.gather(*pending)
-    rate = sent / (time.perf_counter() - began)
-    print(f"\r  {what}: published {sent:,}/{total:,} ({rate:,.0f} msg/s)" + " " * 10)
-    return sent
 
 
 class Daemon:

@@ -3,13 +3,18 @@ the daemon's environment, and the example users of the repo's Mosquitto config."
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-__all__ = ["DAEMON", "FLEET", "daemon_environment", "fleet_url", "fresh_database"]
+from daemon.simulate import mqtt_client
+
+__all__ = ["DAEMON", "FLEET", "daemon_environment", "fleet_url", "fresh_database", "publish"]
 
 DAEMON = ("chargeflow-daemon", "daemon-example-password")
 FLEET = ("fleet-simulator", "simulator-example-password")
@@ -45,3 +50,22 @@ def daemon_environment(
 def fleet_url(broker_port: int) -> str:
     """A publisher allowed to write every bike's inbound topics (and read bikes/#)."""
     return f"mqtt://{FLEET[0]}:{FLEET[1]}@127.0.0.1:{broker_port}"
+
+
+async def publish(url: str, stream: Iterator[tuple[str, bytes]], total: int, what: str) -> int:
+    """Publish (topic, payload) with QoS 1, 500 PUBACKs awaited at a time, with progress."""
+    sent, began = 0, time.perf_counter()
+    async with mqtt_client(url) as client:
+        client.pending_calls_threshold = 10_000
+        pending: list[asyncio.Task[None]] = []
+        for topic, payload in stream:
+            pending.append(asyncio.create_task(client.publish(topic, payload, qos=1, timeout=60)))
+            sent += 1
+            if len(pending) >= 500:
+                await asyncio.gather(*pending)
+                pending.clear()
+                print(f"\r  {what}: published {sent:,}/{total:,}", end="", flush=True)
+        await asyncio.gather(*pending)
+    rate = sent / (time.perf_counter() - began)
+    print(f"\r  {what}: published {sent:,}/{total:,} ({rate:,.0f} msg/s)" + " " * 10)
+    return sent

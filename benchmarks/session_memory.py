@@ -17,18 +17,15 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 
-from benchmarks.harness import daemon_environment, fleet_url, fresh_database
+from benchmarks.harness import daemon_environment, fleet_url, fresh_database, publish
 from daemon.devbroker import free_port, start_broker
-from daemon.simulate import mqtt_client
 
 PREFIX = "chargeflow/v1"
 
@@ -40,24 +37,6 @@ def rss_mib(pid: int) -> float:
     anon, file = (int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile"))
     print(f"  (RSS: {anon:.1f} MiB anonymous, {file:.1f} MiB file-backed)")
     return int(status["VmRSS"].split()[0]) / 1024
-
-
-async def publish(url: str, messages: Iterator[tuple[str, bytes]], total: int) -> None:
-    sent, began = 0, time.perf_counter()
-    async with mqtt_client(url) as client:
-        client.pending_calls_threshold = 10_000
-        pending: list[asyncio.Task[None]] = []
-        for topic, payload in messages:
-            pending.append(asyncio.create_task(client.publish(topic, payload, qos=1, timeout=60)))
-            sent += 1
-            if len(pending) >= 500:
-                await asyncio.gather(*pending)
-                pending.clear()
-                if sent % 50_000 < 500:
-                    rate = sent / (time.perf_counter() - began)
-                    print(f"\r  published {sent:,}/{total:,} ({rate:,.0f} msg/s)", end="")
-        await asyncio.gather(*pending)
-    print(f"\r  published {sent:,}/{total:,}" + " " * 20)
 
 
 async def stored(pool: asyncpg.Pool, want: int, daemon: asyncio.subprocess.Process) -> None:
@@ -119,8 +98,8 @@ async def main(args: argparse.Namespace) -> None:
             for bike, sid in sessions
         )
         print(f"{args.sessions:,} sessions started, 1 sample each")
-        await publish(fleet, starts, args.sessions)
-        await publish(fleet, (sample(b, s, 1, t0) for b, s in sessions), args.sessions)
+        await publish(fleet, starts, args.sessions, "sessions")
+        await publish(fleet, (sample(b, s, 1, t0) for b, s in sessions), args.sessions, "sessions")
         await stored(pool, args.sessions, daemon)
         await asyncio.sleep(2)
         first = rss_mib(daemon.pid)
@@ -128,7 +107,7 @@ async def main(args: argparse.Namespace) -> None:
         total = args.sessions * rest
         print(f"then {args.samples:,} samples each ({total:,} more messages)")
         later = (sample(b, s, seq, t0) for seq in range(2, args.samples + 1) for b, s in sessions)
-        await publish(fleet, later, total)
+        await publish(fleet, later, total, "sessions")
         await stored(pool, args.sessions * args.samples, daemon)
         await asyncio.sleep(2)
         second = rss_mib(daemon.pid)

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from daemon import installed_version
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
 from daemon.outbound import iso
@@ -79,12 +80,7 @@ Until = Annotated[str | None, typer.Option("--to", help="RFC 3339 with an offset
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            print(f"chargeflow {version('chargeflow')}")
-        except PackageNotFoundError:
-            print("chargeflow (not installed)")
+        print(f"chargeflow {installed_version()}")
         raise typer.Exit
 
 

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from daemon import installed_version
 from daemon.config import ConfigError
 from daemon.db.views import ReadModel, RejectionFilter
 from daemon.metrics import Metrics
@@ -72,7 +73,7 @@ def build_app(server: HttpServer) -> FastAPI:
     app = FastAPI(
         title="ChargeFlow",
         summary="Read-only views of finalized sessions, bills, pricing and kept rejections",
-        version=_version(),
+        version=installed_version(),
     )
     app.router.routes.append(Route("/metrics", _Metrics(server.metrics, server.ready)))
 
@@ -177,15 +178,6 @@ def build_app(server: HttpServer) -> FastAPI:
             return document
 
     return app
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("chargeflow")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class _Server(uvicorn.Server):

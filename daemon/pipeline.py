@@ -68,7 +68,6 @@ class Pipeline:
     ) -> None:
         self.uow = unit_of_work
         self.metrics = metrics
-        self.prefix = prefix
         self.topics = topics_for(prefix)
         self.max_batch = max_batch
         self.max_payload_bytes = max_payload_bytes
