@@ -87,7 +87,9 @@ async def ensure_database(url: str) -> bool:
     try:
         # An identifier cannot be a parameter; the name is checked above and quoted here.
         await admin.execute(f'CREATE DATABASE "{name}"')
-    except asyncpg.DuplicateDatabaseError:
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another instance created it first (workers starting together race to CREATE
+        # DATABASE; the loser of a close race sees pg_database's unique index, not 42P04).
         return False
     finally:
         await admin.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -314,6 +315,15 @@ async def test_ensure_database_creates_a_missing_database(postgres_url, spare_da
         await admin.close()
     assert created is True
     assert exists is True
+
+
+async def test_instances_starting_together_create_the_database_once(spare_database_url):
+    # `chargeflow run --workers N` starts N processes at once on a missing database: one
+    # creates it, the others find it there (PostgreSQL may answer them with a unique violation
+    # on pg_database rather than "already exists"), and none fails.
+    results = await asyncio.gather(*(ensure_database(spare_database_url) for _ in range(6)))
+
+    assert sorted(results) == [False] * 5 + [True]
 
 
 async def test_version_2_backfills_summaries_of_sessions_written_by_version_1(spare_database_url):
