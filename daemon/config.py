@@ -80,6 +80,9 @@ class Settings(BaseModel):
     clock_skew_s: float = Field(default=300.0, ge=0)
     max_batch: int = Field(default=1000, ge=1, le=65_535)
     receive_maximum: int = Field(default=1000, ge=1, le=65_535)
+    # The daemon's own connection: "5" (MQTT v5) or "3.1.1", which paho decodes at about
+    # two thirds of the CPU (README, "MQTT protocol level").
+    mqtt_protocol: Literal["5", "3.1.1"] = "5"
     max_payload_bytes: int = Field(default=16_384, ge=256)
     session_expiry_s: int = Field(default=7 * 86_400, ge=0)
     redelivery_window_days: int = Field(default=7, ge=1)

@@ -253,7 +253,7 @@ class Pipeline:
     ) -> None:
         m = self.metrics
         for delivery, arrival, item in zip(batch, arrivals, settled, strict=True):
-            delivery.acks.ack(delivery.message)
+            delivery.ack()
             kind = str(arrival.inbound.kind)
             if item.dropped is not None:
                 m.dropped.labels(item.dropped).inc()

@@ -6,9 +6,10 @@
   acknowledged only after what they caused is committed.
 - Pausing the reader (``PausableClient``): aiomqtt cannot stop reading its socket; the daemon
   needs that to bound what it holds.
-- The hand-off (``handoff_queue``): aiomqtt puts each message in its queue with
-  ``put_nowait`` from paho's callback; a queue whose ``put_nowait`` hands the message straight
-  to the pipeline saves a task and an ``asyncio.wait`` per message.
+- Receiving (``receive_directly``): aiomqtt turns each of paho's messages into its own
+  ``Message`` (validating the topic again) and queues it for ``async for``. The daemon sets
+  paho's public ``on_message`` callback instead and hands paho's message straight to the
+  pipeline: no second message object, no queue, no task wake-up per message.
 - Leaving (``disconnect``): paho's ``disconnect()`` ends aiomqtt's message iterator at once.
 
 ``tests/integration/test_manual_acks.py`` fails loudly (naming what moved) when an upgrade
@@ -17,24 +18,33 @@ changes any of these.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 import paho.mqtt.client as paho
 
-__all__ = ["ManualAcks", "PausableClient", "disconnect", "handoff_queue"]
+__all__ = ["Ackable", "ManualAcks", "PausableClient", "disconnect", "receive_directly"]
 
 
-def handoff_queue(receive: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[Any]]:
-    """A ``queue_type`` for aiomqtt whose ``put_nowait`` calls ``receive`` instead of queueing."""
+class Ackable(Protocol):
+    """What an acknowledgement needs of a message: its packet id and QoS."""
 
-    class Handoff(asyncio.Queue[aiomqtt.Message]):
-        def put_nowait(self, item: aiomqtt.Message) -> None:
-            receive(item)
+    @property
+    def mid(self) -> int: ...
+    @property
+    def qos(self) -> int: ...
 
-    return Handoff
+
+def receive_directly(client: aiomqtt.Client, receive: Callable[[paho.MQTTMessage], None]) -> None:
+    """Hand every inbound message to ``receive`` from paho's read callback, bypassing aiomqtt's
+    queue (its ``messages`` iterator then only ends, with MqttError, when the connection does).
+    """
+
+    def on_message(_client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        receive(message)
+
+    client._client.on_message = on_message
 
 
 def disconnect(client: aiomqtt.Client) -> None:
@@ -64,7 +74,7 @@ class ManualAcks:
         """The connection is gone: later acks would name packet ids of a dead session."""
         self._open = False
 
-    def ack(self, message: aiomqtt.Message) -> bool:
+    def ack(self, message: Ackable) -> bool:
         """Send the PUBACK of a settled message; False when its connection is gone."""
         if message.qos == 0:
             return True

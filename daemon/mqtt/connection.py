@@ -7,9 +7,11 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import aiomqtt
 import structlog
+from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -17,7 +19,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import Settings
 from daemon.metrics import Metrics
-from daemon.mqtt.acks import ManualAcks, PausableClient, disconnect, handoff_queue
+from daemon.mqtt.acks import ManualAcks, PausableClient, disconnect, receive_directly
 from daemon.mqtt.topics import topics_for
 
 __all__ = ["Delivery", "MqttLink"]
@@ -29,20 +31,16 @@ log = structlog.get_logger(__name__)
 class Delivery:
     """An inbound message, the connection that will acknowledge it, and when it arrived."""
 
-    message: aiomqtt.Message
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
     acks: ManualAcks
     received_at: datetime
 
-    @property
-    def topic(self) -> str:
-        return self.message.topic.value
-
-    @property
-    def payload(self) -> bytes:
-        payload = self.message.payload
-        if isinstance(payload, bytes | bytearray):
-            return bytes(payload)
-        return str(payload).encode() if payload is not None else b""
+    def ack(self) -> bool:
+        """Send its PUBACK (after its batch is committed); False if its connection is gone."""
+        return self.acks.ack(self)
 
 
 def _refused(code: object) -> bool:
@@ -55,9 +53,9 @@ def _refused(code: object) -> bool:
 class MqttLink:
     """Keeps one connection up; hands inbound messages to ``deliver``; publishes for the outbox.
 
-    MQTT v5 with a fixed client id, CleanStart=0 on every connect and a Session Expiry Interval,
-    so the broker keeps queueing while the daemon is away; Receive Maximum bounds how many
-    unacknowledged messages the broker sends, which bounds the daemon's memory.
+    A fixed client id and a persistent session (MQTT v5: CleanStart=0 and a Session Expiry
+    Interval; MQTT 3.1.1: CleanSession=0), so the broker keeps queueing while the daemon is
+    away. The daemon bounds what it holds itself (``pause_reading``), whatever the broker sends.
     """
 
     def __init__(
@@ -76,48 +74,67 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.stopping = False
 
-    def _new_client(self, holder: list[ManualAcks]) -> PausableClient:
+    def _new_client(self) -> PausableClient:
         s = self._settings
         broker = s.broker
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = s.session_expiry_s
-        properties.ReceiveMaximum = s.receive_maximum
         tls_context = None
         if broker.tls:
             tls_context = ssl.create_default_context(
                 cafile=str(s.mqtt_ca_file) if s.mqtt_ca_file else None
             )
-        deliver, clock = self._deliver, self._clock
-
-        # Each message goes straight to the pipeline from paho's receive callback.
-        handoff = handoff_queue(lambda item: deliver(Delivery(item, holder[0], clock())))
-
+        if s.mqtt_protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = s.session_expiry_s
+            properties.ReceiveMaximum = s.receive_maximum
+            session: dict[str, Any] = {
+                "protocol": aiomqtt.ProtocolVersion.V5,
+                "clean_start": False,
+                "properties": properties,
+            }
+        else:
+            # MQTT 3.1.1: the broker's settings stand in for what v5 lets the client ask for
+            # (Mosquitto: max_inflight_messages for Receive Maximum, persistent_client_expiration
+            # for Session Expiry Interval); see the README, "MQTT protocol level".
+            session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
         client = PausableClient(
             broker.host,
             broker.port,
             username=broker.username,
             password=broker.password,
             identifier=s.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=properties,
             keepalive=30,
             timeout=10,
             tls_context=tls_context,
             max_inflight_messages=100,
-            queue_type=handoff,
+            **session,
         )
         client.pending_calls_threshold = 1000  # the outbox publisher keeps many PUBACKs pending
         return client
+
+    def _subscriptions(self) -> list[tuple[str, Any]]:
+        filters = topics_for(self._settings.topic_prefix).filters(self._settings.share_group)
+        if self._settings.mqtt_protocol == "5":
+            # No Local: the daemon never hears what it publishes itself.
+            return [(f, SubscribeOptions(qos=1, noLocal=True)) for f in filters]
+        return [(f, 1) for f in filters]
 
     async def run(self) -> None:
         """Connect, subscribe, pass messages on; on any MQTT error, back off and reconnect."""
         backoff = 0.5
         while not self.stopping:
-            holder: list[ManualAcks] = []
-            client = self._new_client(holder)
+            client = self._new_client()
             acks = ManualAcks(client)
-            holder.append(acks)
+
+            def receive(
+                m: MQTTMessage,
+                acks: ManualAcks = acks,
+                deliver: Callable[[Delivery], None] = self._deliver,
+                clock: Callable[[], datetime] = self._clock,
+            ) -> None:
+                deliver(Delivery(m.topic, bytes(m.payload), m.mid, m.qos, acks, clock()))
+
+            # Each message goes straight to the pipeline from paho's read callback.
+            receive_directly(client, receive)
             try:
                 async with client:
                     self._client = client
@@ -129,14 +146,11 @@ class MqttLink:
                         client_id=self._settings.client_id,
                     )
                     backoff = 0.5
-                    options = SubscribeOptions(qos=1, noLocal=True)
-                    filters = topics_for(self._settings.topic_prefix).filters(
-                        self._settings.share_group
-                    )
-                    granted = await client.subscribe([(f, options) for f in filters])
+                    subscriptions = self._subscriptions()
+                    granted = await client.subscribe(subscriptions)
                     refused = [
                         f"{f} ({code})"
-                        for f, code in zip(filters, granted, strict=False)
+                        for (f, _), code in zip(subscriptions, granted, strict=False)
                         if _refused(code)
                     ]
                     if refused:
@@ -144,8 +158,8 @@ class MqttLink:
                         raise aiomqtt.MqttError(f"subscription refused: {', '.join(refused)}")
                     if self._paused:
                         client.pause_reading()
-                    # Messages are handed off as they arrive (Handoff); this only waits for the
-                    # connection to end, which aiomqtt reports by raising MqttError here.
+                    # Messages are handed over as they arrive (receive_directly); this only
+                    # waits for the connection to end, which aiomqtt reports with MqttError.
                     async for _ in client.messages:
                         pass
             except aiomqtt.MqttError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _spawn_daemon(
-    database_url: str, mqtt_url: str, client_id: str, port: int, log_path
+    database_url: str, mqtt_url: str, client_id: str, port: int, log_path, protocol: str = "5"
 ) -> subprocess.Popen[bytes]:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CHARGEFLOW_")},
@@ -37,6 +38,7 @@ def _spawn_daemon(
         "CHARGEFLOW_HTTP_HOST": "127.0.0.1",
         "CHARGEFLOW_MAX_BATCH": "200",
         "CHARGEFLOW_LOG_FORMAT": "json",
+        "CHARGEFLOW_MQTT_PROTOCOL": protocol,
     }
     out = open(log_path, "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
@@ -65,8 +67,9 @@ async def _wait_ready(proc: subprocess.Popen[bytes], port: int) -> None:
     await wait_until(check, timeout=30, what="daemon ready")
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_a_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
-    database_url, broker, pool, tmp_path
+    database_url, broker, pool, tmp_path, protocol
 ):
     plan = FleetPlan(
         bikes=20,
@@ -85,7 +88,10 @@ async def test_a_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
     client_id = f"cf-crash-{uuid.uuid4().hex[:8]}"
     port = free_port()
     log_path = tmp_path / "daemon.log"
-    daemon = _spawn_daemon(database_url, broker.daemon_url, client_id, port, log_path)
+    spawn = functools.partial(
+        _spawn_daemon, database_url, broker.daemon_url, client_id, port, log_path, protocol
+    )
+    daemon = spawn()
     try:
         await _wait_ready(daemon, port)
 
@@ -110,7 +116,7 @@ async def test_a_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
                 daemon.send_signal(signal.SIGKILL)
                 daemon.wait()
         # The broker queued the rest for the daemon's persistent session.
-        daemon = _spawn_daemon(database_url, broker.daemon_url, client_id, port, log_path)
+        daemon = spawn()
         await _wait_ready(daemon, port)
 
         async def all_finalized() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 
 import aiomqtt
@@ -16,20 +17,25 @@ from daemon.simulate import mqtt_client
 pytestmark = pytest.mark.integration
 
 
-def _persistent(broker, client_id: str) -> aiomqtt.Client:
-    properties = Properties(PacketTypes.CONNECT)
-    properties.SessionExpiryInterval = 300
-    properties.ReceiveMaximum = 10
+def _persistent(broker, client_id: str, protocol: str = "5") -> aiomqtt.Client:
+    if protocol == "3.1.1":
+        session = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+    else:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 300
+        properties.ReceiveMaximum = 10
+        session = {"protocol": aiomqtt.ProtocolVersion.V5, "clean_start": False,
+                   "properties": properties}  # fmt: skip
     return aiomqtt.Client(
         "127.0.0.1", broker.port, username="chargeflow-daemon",
-        password="daemon-example-password", identifier=client_id,
-        protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=properties,
+        password="daemon-example-password", identifier=client_id, **session,
     )  # fmt: skip
 
 
-async def _receive(broker, client_id: str, topic: str, ack: bool, wait: float = 2.0):
+async def _receive(broker, client_id: str, topic: str, ack: bool, wait: float = 2.0,
+                   protocol: str = "5"):  # fmt: skip
     """Connect, take what arrives within `wait` seconds, ack it or not, disconnect."""
-    client = _persistent(broker, client_id)
+    client = _persistent(broker, client_id, protocol)
     acks = ManualAcks(client)
     got = []
     async with client:
@@ -45,17 +51,21 @@ async def _receive(broker, client_id: str, topic: str, ack: bool, wait: float = 
     return got
 
 
-async def test_an_unacknowledged_message_is_redelivered_and_an_acknowledged_one_is_not(broker):
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_an_unacknowledged_message_is_redelivered_and_an_acknowledged_one_is_not(
+    broker, protocol
+):
     bike = f"ack-{uuid.uuid4().hex[:8]}"
     topic = f"chargeflow/v1/bikes/{bike}/telemetry"
     client_id = f"ack-test-{uuid.uuid4().hex[:8]}"
-    await _receive(broker, client_id, topic, ack=True, wait=0.2)  # create the session
+    receive = functools.partial(_receive, broker, client_id, topic, protocol=protocol)
+    await receive(ack=True, wait=0.2)  # create the session
     async with mqtt_client(broker.fleet_url) as publisher:
         await publisher.publish(topic, b"one", qos=1)
 
-    assert await _receive(broker, client_id, topic, ack=False) == [b"one"]
-    assert await _receive(broker, client_id, topic, ack=True) == [b"one"]
-    assert await _receive(broker, client_id, topic, ack=True, wait=1.0) == []
+    assert await receive(ack=False) == [b"one"]
+    assert await receive(ack=True) == [b"one"]
+    assert await receive(ack=True, wait=1.0) == []
 
 
 async def test_acks_of_a_closed_connection_are_skipped(broker):
@@ -123,27 +133,40 @@ async def test_the_internals_the_edge_relies_on_are_where_it_expects_them():
 
     assert aiomqtt.__version__.startswith("2.5."), f"aiomqtt {aiomqtt.__version__}: review acks.py"
     assert paho_version.startswith("2.2."), f"paho-mqtt {paho_version}: review acks.py"
-    client = aiomqtt.Client("127.0.0.1", 1, queue_type=acks.handoff_queue(lambda m: None))
+    client = aiomqtt.Client("127.0.0.1", 1)
     assert isinstance(client._client, paho.Client), "aiomqtt no longer keeps paho as _client"
     for method in ("manual_ack_set", "ack", "disconnect", "loop_read"):
         assert callable(getattr(client._client, method, None)), f"paho lost {method}()"
-    on_message = inspect.getsource(aiomqtt.Client._on_message)
-    assert "self._queue.put_nowait(" in on_message, (
-        "aiomqtt no longer hands messages to its queue with put_nowait: handoff_queue is dead"
+    # receive_directly replaces paho's on_message after aiomqtt set its own in __init__.
+    assert client._client.on_message == client._on_message, (
+        "aiomqtt no longer receives through paho's on_message: receive_directly is dead"
     )
-    assert isinstance(client._queue, acks.handoff_queue(lambda m: None).__mro__[1]), (
-        "aiomqtt no longer builds its queue from queue_type"
+    handle = inspect.getsource(paho.Client._handle_on_message)
+    assert "on_message(self, self._userdata, message)" in handle, (
+        "paho calls on_message differently: receive_directly's callback must follow"
     )
+    acks.receive_directly(client, lambda m: None)
+    assert client._client.on_message != client._on_message
 
 
-def test_a_handoff_queue_passes_each_message_on_at_once():
-    from daemon.mqtt.acks import handoff_queue
+async def test_receive_directly_hands_paho_messages_over_without_aiomqtt_queueing_them(broker):
+    from daemon.mqtt.acks import PausableClient, receive_directly
 
-    got: list[aiomqtt.Message] = []
-    queue = handoff_queue(got.append)()
-    message = aiomqtt.Message("t/1", b"x", qos=1, retain=False, mid=3, properties=None)
-
-    queue.put_nowait(message)
-
-    assert got == [message]
-    assert queue.empty()
+    topic = f"chargeflow/v1/bikes/direct-{uuid.uuid4().hex[:8]}/telemetry"
+    client = PausableClient(
+        "127.0.0.1", broker.port, username="chargeflow-daemon",
+        password="daemon-example-password", identifier=f"direct-{uuid.uuid4().hex[:8]}",
+        protocol=aiomqtt.ProtocolVersion.V311,
+    )  # fmt: skip
+    got: list[tuple[str, bytes, int]] = []
+    receive_directly(client, lambda m: got.append((m.topic, m.payload, m.qos)))
+    async with client, mqtt_client(broker.fleet_url) as publisher:
+        await client.subscribe(topic, qos=1)
+        await asyncio.gather(*(publisher.publish(topic, b"%d" % i, qos=1) for i in range(20)))
+        for _ in range(100):
+            if len(got) == 20:
+                break
+            await asyncio.sleep(0.05)
+        queued = client._queue.qsize()
+    assert sorted(got, key=lambda g: int(g[1])) == [(topic, b"%d" % i, 1) for i in range(20)]
+    assert queued == 0

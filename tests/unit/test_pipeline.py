@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import uuid
 from datetime import timedelta
 
-import aiomqtt
 import asyncpg
 
 from daemon.db.unit_of_work import Settled
 from daemon.metrics import Metrics
+from daemon.mqtt.acks import Ackable
 from daemon.mqtt.connection import Delivery
 from daemon.mqtt.schemas import Rejection
 from daemon.pipeline import Pipeline
@@ -30,7 +31,7 @@ class FakeAcks:
     def __init__(self, log: list[str]) -> None:
         self.log = log
 
-    def ack(self, message: aiomqtt.Message) -> bool:
+    def ack(self, message: Ackable) -> bool:
         self.log.append(f"ack {message.mid}")
         return True
 
@@ -113,10 +114,8 @@ class Bike:
 
     def delivery(self, suffix: str, payload: dict, at=NOW) -> Delivery:
         self.mid += 1
-        message = aiomqtt.Message(f"{PREFIX}/bikes/{self.bike_id}/{suffix}",
-                                  json.dumps(payload).encode(), qos=1, retain=False,
-                                  mid=self.mid, properties=None)  # fmt: skip
-        return Delivery(message, FakeAcks(self.log), at)  # type: ignore[arg-type]
+        return Delivery(f"{PREFIX}/bikes/{self.bike_id}/{suffix}", json.dumps(payload).encode(),
+                        self.mid, 1, FakeAcks(self.log), at)  # type: ignore[arg-type]  # fmt: skip
 
     def start(self, at=NOW) -> Delivery:
         return self.delivery("lifecycle", {"event": "ride_started", "session_id": self.session_id,
@@ -169,9 +168,7 @@ async def test_a_message_the_database_refuses_is_found_by_bisection_and_kept_as_
     await p.process(batch)
     committed = [type(e).__name__ for commit in store.commits for e in commit]
     assert committed == ["SessionStarted"] + ["TelemetrySampleAccepted"] * 6
-    assert [line for line in log if line.startswith("ack")] == [
-        f"ack {d.message.mid}" for d in batch
-    ]
+    assert [line for line in log if line.startswith("ack")] == [f"ack {d.mid}" for d in batch]
     assert store.kept == [batch[3].topic]
     assert p.metrics.rejected.labels("schema_violation")._value.get() == 1
     assert p.metrics.dropped.labels("commit_failed")._value.get() == 0
@@ -231,8 +228,7 @@ async def test_intake_pauses_on_payload_bytes_too_so_large_garbage_cannot_fill_m
                  max_inbox_bytes=3 * 1024, pause_intake=lambda: log.append("pause"),
                  resume_intake=lambda: log.append("resume"))  # type: ignore[arg-type]  # fmt: skip
     big = bike.sample(1)
-    big = type(big)(aiomqtt.Message(big.topic, b"x" * 1024, qos=1, retain=False, mid=1,
-                                    properties=None), big.acks, big.received_at)  # fmt: skip
+    big = dataclasses.replace(big, payload=b"x" * 1024)
     for _ in range(3):
         p.deliver(big)
     assert log == ["pause"]  # 3 messages, far below 1000, but 3 KiB
@@ -265,7 +261,7 @@ async def test_a_message_decoding_fails_on_is_kept_as_a_rejection_not_dropped(mo
 
     await p.process([delivery])
 
-    assert log[-1] == f"ack {delivery.message.mid}"
+    assert log[-1] == f"ack {delivery.mid}"
     assert p.metrics.rejected.labels("schema_violation")._value.get() == 1
     assert (
         sum(p.metrics.dropped.labels(r)._value.get() for r in ("internal_error", "commit_failed"))
