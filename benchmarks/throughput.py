@@ -1,0 +1,669 @@
+"""Throughput side by side: ChargeFlow against the MQTT clients' own ceiling, in one run.
+
+One Mosquitto (the repo's config, on a free port) and one PostgreSQL. Every contender has a
+persistent session subscribed to the bikes' topics before one backlog of ``--messages``
+telemetry samples (plus each session's start and end) is published; the broker queues a copy
+for each. Then, one at a time, each contender is started and drains its copy:
+
+- ``paho 3.1.1`` / ``paho v5``: paho's own loop, a callback that only counts (the ceiling);
+- ``aiomqtt``: ``async for message in client.messages``, counting;
+- ``naive bridge``: aiomqtt, ``json.loads`` and one autocommitted INSERT per message (what a
+  hand-rolled bridge does, without validation, sessions or ack after commit);
+- ``ChargeFlow``: ``chargeflow run`` as its own process (validation, sessions, COPY, outbox,
+  ack after commit), then ``chargeflow run --workers N``.
+
+For each: msg/s from its first message to its last settled one, the ratio to paho 3.1.1, its
+CPU per message over that span (for ChargeFlow: the whole process tree, less what a start on an
+empty queue costs), and the broker's CPU per message. For ChargeFlow also the batch sizes.
+
+Then the lag: ChargeFlow with ``--live-bikes`` Active sessions, samples offered at a steady rate
+(each stamped with its publish time) for ``--lag-seconds``; p50/p99 from publish to committed.
+Commits are read every 20 ms from the daemon's accepted counter (the i-th sample published
+counts as committed once i samples are), so lags are good to about 20 ms.
+
+    python -m benchmarks.throughput [--messages 50000] [--bikes 50] [--workers 2]
+        [--rates 2000,4000] [--live-bikes 10000] [--lag-seconds 10]
+        [--baseline /path/to/another/checkout] [--skip-lag]
+        [--database-url postgresql://postgres@127.0.0.1:5432/chargeflow_throughput]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.harness import DAEMON, daemon_environment, fleet_url, fresh_database, publish
+from daemon.devbroker import free_port, start_broker
+from daemon.simulate import FleetPlan, json_payload, messages, mqtt_client
+
+PREFIX = "chargeflow/v1"
+FILTERS = [f"{PREFIX}/bikes/+/lifecycle", f"{PREFIX}/bikes/+/telemetry"]
+SESSION_EXPIRY_S = 3600
+RECEIVE_MAXIMUM = 1000  # as the daemon asks
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- CPU of a process and its descendants (Linux /proc) ------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found += [int(p) for p in task.read_text().split()]
+    return found
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process and all its live descendants."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+            todo += _children(p)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+# -- the raw contenders, each run as `python -m benchmarks.throughput drain ...` -------------
+
+
+def _drain_paho(args: argparse.Namespace, v5: bool) -> dict[str, float]:
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    state: dict[str, float] = {"count": 0}
+    expect = args.expect
+
+    def on_connect(client: paho.Client, userdata: object, flags: object, rc: object,
+                   props: object = None) -> None:  # fmt: skip
+        client.subscribe([(f, 1) for f in FILTERS])
+
+    def on_subscribe(client: paho.Client, *rest: object) -> None:
+        if expect == 0:
+            client.disconnect()  # priming: the persistent session now exists
+
+    def on_message(client: paho.Client, userdata: object, message: object) -> None:
+        n = state["count"] = state["count"] + 1
+        if n == 1:
+            state["first_wall"], state["first_cpu"] = time.time(), time.process_time()
+        if n >= expect:
+            state["last_wall"], state["last_cpu"] = time.time(), time.process_time()
+            client.disconnect()
+
+    if v5:
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=args.client_id,
+                             protocol=paho.MQTTv5)  # fmt: skip
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        connect_kw: dict[str, object] = {"clean_start": False, "properties": props}
+    else:
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=args.client_id,
+                             protocol=paho.MQTTv311, clean_session=False)  # fmt: skip
+        connect_kw = {}
+    client.username_pw_set(*DAEMON)
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    client.connect("127.0.0.1", args.port, keepalive=60, **connect_kw)
+    client.loop_forever()
+    return state
+
+
+async def _drain_aiomqtt(args: argparse.Namespace, insert: bool) -> dict[str, float]:
+    state: dict[str, float] = {"count": 0}
+    url = f"mqtt://{DAEMON[0]}:{DAEMON[1]}@127.0.0.1:{args.port}"
+    db = await asyncpg.connect(args.database_url) if insert else None
+    async with mqtt_client(url, args.client_id, SESSION_EXPIRY_S) as client:
+        await client.subscribe([(f, 1) for f in FILTERS])
+        if args.expect == 0:
+            return state
+        async for message in client.messages:
+            n = state["count"] = state["count"] + 1
+            if n == 1:
+                state["first_wall"], state["first_cpu"] = time.time(), time.process_time()
+            if db is not None:  # the hand-rolled bridge: parse, one INSERT, autocommit
+                assert isinstance(message.payload, bytes)
+                doc = json.loads(message.payload)
+                if "telemetry_id" in doc:
+                    await db.execute(
+                        "INSERT INTO naive_telemetry VALUES ($1, $2, $3, $4, $5)",
+                        message.topic.value, doc["telemetry_id"], doc["session_id"],
+                        doc["seq"], str(doc["energy_wh"]),
+                    )  # fmt: skip
+                else:
+                    await db.execute(
+                        "INSERT INTO naive_lifecycle VALUES ($1, $2)",
+                        message.topic.value, message.payload.decode(),
+                    )  # fmt: skip
+            if n >= args.expect:
+                state["last_wall"], state["last_cpu"] = time.time(), time.process_time()
+                break
+    if db is not None:
+        await db.close()
+    return state
+
+
+def drain_main(args: argparse.Namespace) -> None:
+    if args.contender in ("paho311", "paho5"):
+        state = _drain_paho(args, v5=args.contender == "paho5")
+    else:
+        state = asyncio.run(_drain_aiomqtt(args, insert=args.contender == "naive"))
+    print(json.dumps(state))
+
+
+# -- the steady publisher, run as `python -m benchmarks.throughput steady ...` --------------
+
+
+def live_sessions(bikes: int, seed: int) -> list[tuple[str, str]]:
+    """(bike id, session id) of the Active sessions the lag phase keeps."""
+    return [
+        (f"live-{seed % 10_000}-{b:05d}", str(uuid.uuid5(uuid.NAMESPACE_OID, f"{seed}-{b}")))
+        for b in range(bikes)
+    ]
+
+
+def starts(bikes: int, seed: int) -> Iterator[tuple[str, bytes]]:
+    at = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
+    for bike, sid in live_sessions(bikes, seed):
+        body = {"event": "ride_started", "session_id": sid, "rider_id": "r", "occurred_at": at}
+        yield f"{PREFIX}/bikes/{bike}/lifecycle", json_payload(body)
+
+
+async def _steady(args: argparse.Namespace) -> None:
+    sessions = live_sessions(args.bikes, args.seed)
+    total = int(args.rate * args.seconds)
+    sent_at: list[float] = []
+    url = fleet_url(args.port)
+    async with mqtt_client(url) as client:
+        client.pending_calls_threshold = 100_000
+        pending: set[asyncio.Task[None]] = set()
+        began = time.perf_counter()
+        for i in range(total):
+            delay = began + i / args.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            bike, sid = sessions[i % len(sessions)]
+            now = time.time()
+            body = {
+                "telemetry_id": str(uuid.uuid4()), "session_id": sid,
+                "seq": i // len(sessions) + 1,
+                "emitted_at": datetime.fromtimestamp(now, UTC).isoformat(),
+                "energy_wh": 1.25, "distance_m": 2.5, "soc_pct": 50,
+            }  # fmt: skip
+            task = asyncio.create_task(
+                client.publish(
+                    f"{PREFIX}/bikes/{bike}/telemetry", json_payload(body), qos=1, timeout=120
+                )
+            )
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            sent_at.append(now)
+        await asyncio.gather(*pending)
+    await asyncio.to_thread(Path(args.out).write_text, json.dumps(sent_at))
+
+
+# -- ChargeFlow as its own process(es) ------------------------------------------------------
+
+
+class ChargeFlow:
+    """``chargeflow run`` (``--workers N`` when workers > 1) from a checkout."""
+
+    def __init__(self, env: dict[str, str], http_port: int, workers: int, cwd: str | None):
+        self.env, self.http_port, self.workers, self.cwd = env, http_port, workers, cwd
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.http_port + i for i in range(self.workers)]
+
+    async def start(self) -> None:
+        extra = ["--workers", str(self.workers)] if self.workers > 1 else []
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon", "run", *extra, env=self.env, cwd=self.cwd
+        )
+        for port in self.ports:
+            for _ in range(600):
+                if self.proc.returncode is not None:
+                    raise RuntimeError("the daemon exited at start-up")
+                try:
+                    await asyncio.to_thread(
+                        urllib.request.urlopen, f"http://127.0.0.1:{port}/readyz", timeout=1
+                    )
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError("the daemon never became ready")
+
+    def cpu_s(self) -> float:
+        assert self.proc is not None
+        return tree_cpu_s(self.proc.pid)
+
+    def metric(self, name: str) -> float:
+        total = 0.0
+        for port in self.ports:
+            url = f"http://127.0.0.1:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            for family in text_string_to_metric_families(text):
+                total += sum(s.value for s in family.samples if s.name == name)
+        return total
+
+    async def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(self.proc.wait(), timeout=60)
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    messages: int
+    seconds: float
+    cpu_s: float
+    broker_cpu_s: float
+    batch_mean: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+@dataclass
+class Contender:
+    name: str
+    kind: str  # paho311, paho5, aiomqtt, naive, chargeflow
+    client_id: str
+    workers: int = 1
+    checkout: str | None = None
+    database_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    daemon: ChargeFlow | None = None
+    startup_cpu_s: float = 0.0
+
+
+def _database(base: str, suffix: str) -> str:
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}_{suffix}"))
+
+
+async def _run_drainer(contender: Contender, port: int, expect: int, db: str) -> dict[str, float]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.throughput", "drain", contender.kind,
+        "--port", str(port), "--client-id", contender.client_id, "--expect", str(expect),
+        "--database-url", db, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=900)
+    if proc.returncode:
+        raise RuntimeError(f"{contender.name} exited with {proc.returncode}")
+    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+async def prime(c: Contender, port: int, args: argparse.Namespace, group: str) -> None:
+    """Give the contender its persistent session (for ChargeFlow: its database too)."""
+    if c.kind != "chargeflow":
+        await _run_drainer(c, port, 0, args.database_url)
+        return
+    assert c.database_url is not None
+    await fresh_database(c.database_url)
+    env = daemon_environment(port, c.database_url, free_port(), c.name)
+    env["CHARGEFLOW_CLIENT_ID"] = c.client_id
+    env.update(c.env)
+    if c.workers > 1:
+        env["CHARGEFLOW_SHARE_GROUP"] = group
+        env["CHARGEFLOW_HTTP_PORT"] = str(_port_block(c.workers))
+    c.daemon = ChargeFlow(env, int(env["CHARGEFLOW_HTTP_PORT"]), c.workers, c.checkout)
+    before = time.perf_counter()
+    await c.daemon.start()
+    c.startup_cpu_s = c.daemon.cpu_s()  # what starting on an empty queue costs
+    await c.daemon.stop()
+    print(f"  {c.name}: started once ({time.perf_counter() - before:.1f} s, "
+          f"{c.startup_cpu_s:.2f} s CPU), session kept by the broker")  # fmt: skip
+
+
+def _port_block(n: int) -> int:
+    """A first port with the next n - 1 free as well (worker i listens on first + i)."""
+    for _ in range(100):
+        first = free_port()
+        if all(_free(first + i) for i in range(1, n)):
+            return first
+    raise RuntimeError("no block of free ports")
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def run_contender(c: Contender, port: int, total: int, bikes: int, broker_pid: int,
+                        args: argparse.Namespace) -> Result:  # fmt: skip
+    broker_before = tree_cpu_s(broker_pid)
+    if c.kind != "chargeflow":
+        db = args.database_url
+        state = await _run_drainer(c, port, total, db)
+        if state["count"] < total:
+            raise RuntimeError(f"{c.name} received {state['count']} of {total}")
+        return Result(
+            c.name, total, state["last_wall"] - state["first_wall"],
+            state["last_cpu"] - state["first_cpu"], tree_cpu_s(broker_pid) - broker_before,
+        )  # fmt: skip
+    assert c.daemon is not None
+    assert c.database_url is not None
+    pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=1)
+    try:
+        await c.daemon.start()
+        profiler = None
+        if args.profile and c.workers == 1 and c.checkout is None:
+            assert c.daemon.proc is not None
+            profiler = await asyncio.create_subprocess_exec(
+                "py-spy", "record", "--pid", str(c.daemon.proc.pid), "--format", "raw",
+                "--rate", "200", "--nonblocking", "-o", args.profile,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        while (
+            await pool.fetchval("SELECT count(*) FROM sessions WHERE state = 'finalized'") < bikes
+        ):
+            assert c.daemon.proc is not None
+            if c.daemon.proc.returncode is not None:
+                raise RuntimeError("the daemon exited")
+            await asyncio.sleep(0.02)
+        done_wall, cpu = time.time(), c.daemon.cpu_s()
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            await profiler.wait()
+            print(f"  py-spy profile (collapsed stacks) of the drain: {args.profile}")
+        broker_cpu = tree_cpu_s(broker_pid) - broker_before
+        first = await pool.fetchval("SELECT min(received_at) FROM telemetry")
+        stored = await pool.fetchval("SELECT count(*) FROM telemetry")
+        batches = c.daemon.metric("chargeflow_batch_size_count")
+        batched = c.daemon.metric("chargeflow_batch_size_sum")
+        await c.daemon.stop()
+    finally:
+        await pool.close()
+    result = Result(
+        c.name, total, done_wall - first.timestamp(), cpu - c.startup_cpu_s, broker_cpu,
+        batched / batches if batches else None,
+    )  # fmt: skip
+    result.notes.append(f"{stored:,} samples stored, {bikes} sessions finalized")
+    return result
+
+
+async def lag(args: argparse.Namespace, port: int, rate: float, workers: int, seed: int) -> str:
+    """p50/p99 publish-to-commit of samples offered at a steady rate to Active sessions."""
+    db = _database(args.database_url, f"lag{workers}")
+    await fresh_database(db)
+    http = _port_block(workers)
+    env = daemon_environment(
+        port, db, http, f"lag{workers}", CHARGEFLOW_MQTT_PROTOCOL=args.protocols[-1]
+    )
+    if workers > 1:
+        env["CHARGEFLOW_SHARE_GROUP"] = f"lag-{uuid.uuid4().hex[:6]}"
+    daemon = ChargeFlow(env, http, workers, None)
+    await daemon.start()
+    try:
+        await publish(fleet_url(port), starts(args.live_bikes, seed), args.live_bikes, "starts")
+        while daemon.metric("chargeflow_messages_accepted_total") < args.live_bikes:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        out = Path(tempfile.mkstemp(prefix="cf-steady-", suffix=".json")[1])
+        publisher = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.throughput", "steady", "--port", str(port),
+            "--rate", str(rate), "--seconds", str(args.lag_seconds), "--bikes",
+            str(args.live_bikes), "--seed", str(seed), "--out", str(out),
+        )  # fmt: skip
+        total = int(rate * args.lag_seconds)
+        seen: list[tuple[float, float]] = []
+        cpu_before, began = daemon.cpu_s(), time.time()
+        deadline = time.monotonic() + args.lag_seconds * 20 + 60
+        while time.monotonic() < deadline:
+            n = await asyncio.to_thread(daemon.metric, "chargeflow_messages_accepted_total")
+            seen.append((time.time(), n - args.live_bikes))
+            if n - args.live_bikes >= total:
+                break
+            await asyncio.sleep(0.02)
+        cpu = daemon.cpu_s() - cpu_before
+        elapsed = time.time() - began
+        await publisher.wait()
+        sent_at = sorted(json.loads(await asyncio.to_thread(out.read_text)))
+        out.unlink()  # noqa: ASYNC240
+        batches = daemon.metric("chargeflow_batch_size_count")
+        batched = daemon.metric("chargeflow_batch_size_sum")
+    finally:
+        await daemon.stop()
+    lags, j = [], 0
+    for i, sent in enumerate(sent_at):
+        while j < len(seen) and seen[j][1] < i + 1:
+            j += 1
+        if j == len(seen):
+            break
+        lags.append(max(0.0, seen[j][0] - sent))
+    achieved = len(sent_at) / (sent_at[-1] - sent_at[0])
+    lost = len(sent_at) - len(lags)
+    return (
+        f"{rate:>7,.0f} {achieved:>9,.0f} {workers:>8} "
+        f"{1000 * _pct(lags, 0.5):>8.0f} {1000 * _pct(lags, 0.99):>8.0f} "
+        f"{1000 * max(lags):>8.0f} {(batched / batches if batches else 0):>7.0f} "
+        f"{100 * cpu / elapsed:>6.0f}%" + (f"  ({lost} not committed in time)" if lost else "")
+    )
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="cf-throughput-"))
+    port = free_port()
+    broker = start_broker(port, data_dir)
+    run = uuid.uuid4().hex[:6]
+    group = f"tp-{run}"
+    contenders = [
+        Contender("paho 3.1.1", "paho311", f"tp-paho311-{run}"),
+        Contender("paho v5", "paho5", f"tp-paho5-{run}"),
+        Contender("aiomqtt", "aiomqtt", f"tp-aiomqtt-{run}"),
+        Contender("naive bridge", "naive", f"tp-naive-{run}"),
+    ]
+    if args.baseline:
+        contenders.append(
+            Contender(
+                "ChargeFlow (baseline)",
+                "chargeflow",
+                f"tp-base-{run}",
+                1,
+                args.baseline,
+                _database(args.database_url, "base"),
+            )
+        )
+    for protocol in args.protocols:
+        contenders.append(
+            Contender(
+                f"ChargeFlow, MQTT {protocol}",
+                "chargeflow",
+                f"tp-cf{protocol}-{run}",
+                1,
+                None,
+                _database(args.database_url, f"cf{protocol.replace('.', '')}"),
+                {"CHARGEFLOW_MQTT_PROTOCOL": protocol},
+            )
+        )
+    if args.workers > 1:
+        protocol = args.protocols[-1]
+        contenders.append(
+            Contender(
+                f"ChargeFlow, {protocol}, {args.workers} workers",
+                "chargeflow",
+                f"tp-cfn-{run}",
+                args.workers,
+                None,
+                _database(args.database_url, "cfn"),
+                {"CHARGEFLOW_MQTT_PROTOCOL": protocol},
+            )
+        )
+    if args.skip_drain:
+        contenders = []
+    if args.only:
+        contenders = [c for c in contenders if c.kind in args.only or c.name in args.only]
+    try:
+        admin = await asyncpg.connect(args.database_url.rsplit("/", 1)[0] + "/postgres")
+        name = urlsplit(args.database_url).path.strip("/")
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+        if contenders:
+            await drains(contenders, port, broker.pid, group, args)
+        if not args.skip_lag:
+            print()
+            print(f"publish-to-commit lag, {args.live_bikes:,} Active sessions, samples at a "
+                  f"steady rate for {args.lag_seconds:.0f} s (ChargeFlow, MQTT "
+                  f"{args.protocols[-1]})")  # fmt: skip
+            rows = []
+            for workers in sorted({1, args.workers}):
+                for rate in args.rates:
+                    rows.append(await lag(args, port, rate, workers, args.seed + len(rows)))
+            print(f"{'offered':>7} {'achieved':>9} {'workers':>8} {'p50 ms':>8} {'p99 ms':>8} "
+                  f"{'max ms':>8} {'batch':>7} {'CPU':>7}")  # fmt: skip
+            for row in rows:
+                print(row)
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def drains(
+    contenders: list[Contender], port: int, broker_pid: int, group: str, args: argparse.Namespace
+) -> None:
+    """One backlog, queued for every contender; each drains its copy in turn."""
+    db = await asyncpg.connect(args.database_url)
+    await db.execute(
+        "CREATE TABLE naive_telemetry (topic text, telemetry_id uuid PRIMARY KEY,"
+        " session_id uuid, seq integer, energy_wh numeric);"
+        "CREATE TABLE naive_lifecycle (topic text, payload jsonb)"
+    )
+    await db.close()
+    print(f"broker: mosquitto on 127.0.0.1:{port} (repo config); priming sessions")
+    for c in contenders:
+        await prime(c, port, args, group)
+    per = max(1, args.messages // args.bikes)
+    plan = FleetPlan(args.bikes, 1, per, PREFIX, seed=args.seed)
+    total = plan.total
+    start = datetime.now(UTC) - timedelta(minutes=30)
+    backlog = ((t, json_payload(p)) for t, p in messages(plan, start))
+    print(
+        f"backlog: {args.bikes} sessions x {per} samples + start and end = {total:,} "
+        f"messages, queued once for each of {len(contenders)} contenders"
+    )
+    await publish(fleet_url(port), backlog, total, "backlog")
+    results = []
+    for c in contenders:
+        r = await run_contender(c, port, total, args.bikes, broker_pid, args)
+        print(f"  {c.name}: {r.rate:,.0f} msg/s")
+        results.append(r)
+    report(results)
+
+
+def report(results: list[Result]) -> None:
+    ceiling = next((r.rate for r in results if r.name == "paho 3.1.1"), None)
+    width = max(26, *(len(r.name) for r in results))
+    print()
+    print(f"{'contender':<{width}} {'msg/s':>8} {'x paho 3.1.1':>12} {'CPU us/msg':>11} "
+          f"{'broker us/msg':>13} {'batch':>6}")  # fmt: skip
+    for r in results:
+        ratio = f"{r.rate / ceiling:.2f}" if ceiling else "-"
+        batch = f"{r.batch_mean:.0f}" if r.batch_mean else "-"
+        print(f"{r.name:<{width}} {r.rate:>8,.0f} {ratio:>12} {1e6 * r.cpu_s / r.messages:>11.0f} "
+              f"{1e6 * r.broker_cpu_s / r.messages:>13.0f} {batch:>6}")  # fmt: skip
+    for r in results:
+        for note in r.notes:
+            print(f"  {r.name}: {note}")
+    print(f"(CPU: for ChargeFlow, every process of the daemon; {os.cpu_count()} cores, "
+          f"{statistics.mean(os.getloadavg()):.1f} load)")  # fmt: skip
+
+
+def _rates(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode")
+    drain = sub.add_parser("drain", help="(internal) one raw contender")
+    drain.add_argument("contender", choices=["paho311", "paho5", "aiomqtt", "naive"])
+    drain.add_argument("--port", type=int, required=True)
+    drain.add_argument("--client-id", required=True)
+    drain.add_argument("--expect", type=int, required=True)
+    drain.add_argument("--database-url", required=True)
+    steady = sub.add_parser("steady", help="(internal) the steady publisher of the lag phase")
+    steady.add_argument("--port", type=int, required=True)
+    steady.add_argument("--rate", type=float, required=True)
+    steady.add_argument("--seconds", type=float, required=True)
+    steady.add_argument("--bikes", type=int, required=True)
+    steady.add_argument("--seed", type=int, required=True)
+    steady.add_argument("--out", required=True)
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--bikes", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rates", type=_rates, default=[2000.0, 4000.0])
+    parser.add_argument("--live-bikes", type=int, default=10_000)
+    parser.add_argument("--lag-seconds", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--baseline", help="also run the daemon of another checkout")
+    parser.add_argument("--only", type=lambda t: t.split(","), default=None,
+                        help="comma-separated contender kinds: paho311,paho5,aiomqtt,naive,"
+                        "chargeflow")  # fmt: skip
+    parser.add_argument("--skip-lag", action="store_true")
+    parser.add_argument("--skip-drain", action="store_true")
+    parser.add_argument(
+        "--protocols",
+        type=lambda t: t.split(","),
+        default=["5", "3.1.1"],
+        help="the daemon's MQTT protocol levels to run (CHARGEFLOW_MQTT_PROTOCOL); the workers "
+        "run the last",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the one-process ChargeFlow drain with py-spy (collapsed stacks) to FILE",
+    )
+    parser.add_argument(
+        "--database-url", default="postgresql://postgres@127.0.0.1:5432/chargeflow_throughput"
+    )
+    ns = parser.parse_args()
+    if ns.mode == "drain":
+        drain_main(ns)
+    elif ns.mode == "steady":
+        asyncio.run(_steady(ns))
+    else:
+        asyncio.run(main(ns))
