@@ -133,7 +133,10 @@ class UnitOfWork:
                 for a, s in zip(arrivals, settled, strict=True)
                 if s.rejection is not None
             ]
-            events = await self._write(conn, arrivals, rejections)
+            waiting = [
+                a for a, s in zip(arrivals, settled, strict=True) if s.outcome is Outcome.DEFERRED
+            ]
+            events = await self._write(conn, waiting, rejections)
         if any(s.dropped for s in settled):
             self.reset()  # a command failed half-way through the domain: trust the store
         return settled, events
@@ -238,12 +241,14 @@ class UnitOfWork:
             return Settled(dropped="internal_error")
 
     async def _write(
-        self, conn: Conn, arrivals: Sequence[Arrival], rejections: Sequence[RejectionRow]
+        self, conn: Conn, waiting: Sequence[Arrival], rejections: Sequence[RejectionRow]
     ) -> list[Event]:
+        """Write what the fleet decided; ``waiting`` are the arrivals it deferred, whose raw
+        payloads the waiting room keeps."""
         changed = self.fleet.changed_sessions()
         events = self.fleet.pop_events()
         outbox = self._outbox(events)
-        payloads = {message_ref(a.topic, a.payload): (a.topic, a.payload) for a in arrivals}
+        payloads = {message_ref(a.topic, a.payload): (a.topic, a.payload) for a in waiting}
         await self.store.write(conn, events, changed, outbox, rejections, payloads)
         return events
 

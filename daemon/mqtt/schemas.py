@@ -66,6 +66,9 @@ def _rfc3339(value: Any) -> Any:
 def _in_utc(value: datetime) -> datetime:
     # Every instant is held in UTC from the edge on; one whose UTC time falls outside years
     # 1-9999 (0001-01-01T00:00:00+14:00) has no datetime, and no PostgreSQL row either.
+    offset = value.utcoffset()
+    if not offset:  # already UTC (the usual case): no conversion, only the canonical tzinfo
+        return value.replace(tzinfo=UTC)
     try:
         return value.astimezone(UTC)
     except OverflowError:
