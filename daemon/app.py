@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -201,6 +202,12 @@ async def run_daemon(settings: Settings) -> None:
     """`chargeflow run`: until SIGTERM or SIGINT, which drain and disconnect cleanly."""
     daemon = Daemon(settings)
     loop = asyncio.get_running_loop()
+    # What is loaded by now (modules, pydantic's validators, the pricing) lives as long as the
+    # process: out of the cyclic collector's sight, its full collections no longer walk it for
+    # every few thousand messages. Measured draining a 50,000-message backlog: 0.66 s of
+    # collection before, 0.16 s after, of about 4.5 s (README, "Measured").
+    gc.collect()
+    gc.freeze()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop.set)
     try:
