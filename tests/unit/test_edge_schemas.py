@@ -6,13 +6,22 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
-from daemon.mqtt.schemas import Inbound, TopicKind, decode
+from daemon.mqtt.schemas import (
+    QUANTITY_MAX,
+    QUANTITY_PLACES,
+    Inbound,
+    Percent,
+    Quantity,
+    TopicKind,
+    decode,
+)
 from daemon.simulate import json_payload
 from domain.commands import EndSession, RecordTelemetry, StartSession
 from domain.session_values import SessionKind
@@ -546,3 +555,65 @@ def test_an_accepted_timestamp_is_held_in_utc_from_the_edge_on():
     assert isinstance(inbound.command, StartSession)
     assert inbound.command.occurred_at.utcoffset() == timedelta(0)
     assert inbound.command.occurred_at == datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+# -- quantities: one validator, pydantic's answers ---------------------------------------
+
+
+def _json_number_only(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def _pydantic_quantity(maximum: int) -> TypeAdapter[Decimal]:
+    """What the quantities were before they got one validator: pydantic's own constraints."""
+    return TypeAdapter(
+        Annotated[
+            Decimal,
+            BeforeValidator(_json_number_only),
+            Field(ge=0, le=maximum, decimal_places=QUANTITY_PLACES, allow_inf_nan=False),
+        ]
+    )
+
+
+def _answer(adapter: TypeAdapter[Decimal], value: Any) -> tuple[str, str] | Decimal:
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        [error] = exc.errors(include_url=False)
+        return error["type"], error["msg"]
+
+
+_decimals = st.builds(
+    lambda sign, digits, exponent: Decimal((sign, tuple(digits), exponent)),
+    st.integers(0, 1),
+    st.lists(st.integers(0, 9), min_size=1, max_size=20),
+    st.integers(-30, 12),
+)
+_inputs = st.one_of(
+    _decimals,
+    st.decimals(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**12), 10**12),
+    st.integers(),
+    st.booleans(),
+    st.floats(),
+    st.text(max_size=8),
+    st.none(),
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "subject", "maximum"),
+    [("Quantity", Quantity, QUANTITY_MAX), ("Percent", Percent, 100)],
+)
+@given(value=_inputs)
+def test_quantities_are_accepted_and_refused_exactly_as_pydantics_constraints_would(
+    name, subject, maximum, value
+):
+    ours = _answer(TypeAdapter(subject), value)
+    theirs = _answer(_pydantic_quantity(maximum), value)
+
+    assert ours == theirs, name
+    if isinstance(ours, Decimal):
+        assert str(ours) == str(theirs)  # the same digits, not only the same number
