@@ -180,6 +180,8 @@ class Daemon:
                 broker=s.broker.display,
                 database=s.database_display,
                 prefix=s.topic_prefix,
+                mqtt_protocol=s.mqtt_protocol,
+                event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
             )
             stop_task = tg.create_task(self.stop.wait())
             await asyncio.wait(

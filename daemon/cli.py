@@ -106,10 +106,19 @@ def _settings() -> Settings:
     return settings
 
 
-def _run(work: Callable[[], Awaitable[T]]) -> T:
+def _run(
+    work: Callable[[], Awaitable[T]],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> T:
     """Run a command's coroutine; every failure becomes one line and an exit code."""
+    with _one_line_failures(), asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(work())  # type: ignore[arg-type]
+
+
+@contextmanager
+def _one_line_failures() -> Iterator[None]:
     try:
-        return asyncio.run(work())  # type: ignore[arg-type]
+        yield
     except _Stop as stop:
         raise typer.Exit(stop.code) from None
     except (ConfigError, ValueError) as exc:
@@ -123,6 +132,20 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
         else:
             _say(f"chargeflow: {type(exc).__name__}: {exc} (--debug shows where)")
         raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _event_loop(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop `run` asks for: uvloop's (the default), or None for the standard library's."""
+    if settings.event_loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError(
+            "CHARGEFLOW_EVENT_LOOP: uvloop is not installed here (it does not build on "
+            "Windows); install it, or set CHARGEFLOW_EVENT_LOOP=asyncio"
+        ) from None
+    return uvloop.new_event_loop
 
 
 def _as_json(json_flag: bool) -> bool:
@@ -190,15 +213,18 @@ def run(
     from daemon.app import run_daemon
     from daemon.workers import run_workers
 
-    async def work() -> int:
+    with _one_line_failures():
         settings = _settings()
         settings.load_pricing()  # fail fast on a bad pricing file
+        loop_factory = _event_loop(settings)
+
+    async def work() -> int:
         if workers > 1:
             return await run_workers(settings, workers)
         await run_daemon(settings)
         return 0
 
-    code = _run(work)
+    code = _run(work, loop_factory)
     if code:
         raise typer.Exit(code)
 

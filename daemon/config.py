@@ -83,6 +83,9 @@ class Settings(BaseModel):
     # The daemon's own connection: "5" (MQTT v5) or "3.1.1", which paho decodes at about
     # two thirds of the CPU (README, "MQTT protocol level").
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
+    # `chargeflow run`'s event loop: uvloop (libuv; about a tenth less CPU per message, README
+    # "Measured") or the standard library's, for a platform uvloop does not build on.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     max_payload_bytes: int = Field(default=16_384, ge=256)
     session_expiry_s: int = Field(default=7 * 86_400, ge=0)
     redelivery_window_days: int = Field(default=7, ge=1)

@@ -212,3 +212,42 @@ async def test_a_sample_rejected_before_its_late_start_is_replayed_once_into_its
         "unknown_session", "--json", **env,
     )  # fmt: skip
     assert [r["session_id"] for r in json.loads(listed.stdout)["rejections"]] == [session_id]
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_run_says_which_event_loop_it_runs_on_and_stops_cleanly(broker, database_url, loop):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEFLOW_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", "run",
+        env={**clean, "CHARGEFLOW_LOG_FORMAT": "json", "CHARGEFLOW_MQTT_URL": broker.daemon_url,
+             "CHARGEFLOW_DATABASE_URL": database_url, "CHARGEFLOW_HTTP_PORT": "0",
+             "CHARGEFLOW_CLIENT_ID": f"loop-{uuid.uuid4().hex[:8]}",
+             "CHARGEFLOW_EVENT_LOOP": loop},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        running = None
+        while running is None:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+            assert line, "the daemon exited before it was running"
+            if b'"chargeflow running"' in line:
+                running = json.loads(line)
+        assert running["event_loop"] == loop
+    finally:
+        proc.terminate()
+        rest = await asyncio.wait_for(proc.stdout.read(), timeout=30)
+        await proc.wait()
+    assert proc.returncode == 0, rest
+    assert b'"stopped"' in rest
+
+
+def test_without_uvloop_the_default_loop_says_how_to_run_anyway(monkeypatch):
+    from daemon.cli import _event_loop
+    from daemon.config import ConfigError, Settings
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what a platform without it shows
+
+    with pytest.raises(ConfigError, match="CHARGEFLOW_EVENT_LOOP=asyncio"):
+        _event_loop(Settings())
+    assert _event_loop(Settings(event_loop="asyncio")) is None

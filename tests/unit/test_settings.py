@@ -93,6 +93,7 @@ def test_a_trailing_slash_on_the_topic_prefix_is_dropped():
         ("CHARGEFLOW_TOPIC_PREFIX", "chargeflow/+/v1", "wildcards"),
         ("CHARGEFLOW_HTTP_PORT", "http", "valid integer"),
         ("CHARGEFLOW_MQTT_PROTOCOL", "3", "'5' or '3.1.1'"),
+        ("CHARGEFLOW_EVENT_LOOP", "trio", "'uvloop' or 'asyncio'"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(variable, value, explanation):
