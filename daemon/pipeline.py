@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
 import structlog
+from prometheus_client import Counter
 
 from daemon.db.unit_of_work import Arrival, Settled, UnitOfWork
 from daemon.metrics import Metrics
@@ -264,6 +265,8 @@ class Pipeline:
     ) -> None:
         m = self.metrics
         counters = self._counters
+        # Counted per batch: a counter's inc() takes a lock, a dict's += does not.
+        tally: dict[Counter, int] = defaultdict(int)
         for delivery, arrival, item in zip(batch, arrivals, settled, strict=True):
             delivery.ack()
             _, accepted, duplicates, deferred = counters[arrival.inbound.kind]
@@ -280,11 +283,13 @@ class Pipeline:
                     session_id=str(item.rejection.session_id or "") or None,
                 )
             elif item.outcome is Outcome.DUPLICATE:
-                duplicates.inc()
+                tally[duplicates] += 1
             elif item.outcome is Outcome.DEFERRED:
-                deferred.inc()
+                tally[deferred] += 1
             else:
-                accepted.inc()
+                tally[accepted] += 1
+        for counter, count in tally.items():
+            counter.inc(count)
 
     def _count(self, events: Sequence[Event]) -> None:
         m = self.metrics
