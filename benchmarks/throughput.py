@@ -507,6 +507,8 @@ async def main(args: argparse.Namespace) -> None:
                 1,
                 args.baseline,
                 _database(args.database_url, "base"),
+                # the level the workers run (a checkout that predates the setting runs v5)
+                {"CHARGEFLOW_MQTT_PROTOCOL": args.protocols[-1]},
             )
         )
     for protocol in args.protocols:
