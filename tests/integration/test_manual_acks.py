@@ -89,15 +89,20 @@ def test_aiomqtt_still_registers_its_socket_reader_where_the_pausable_client_rep
     assert aiomqtt.Client.__init__.__code__.co_names.count("_on_socket_open") >= 1
 
 
+def _daemon_client(cls, broker, name: str, protocol: aiomqtt.ProtocolVersion):
+    """A client logged in as the daemon, with a client id of its own."""
+    return cls(
+        "127.0.0.1", broker.port, username="chargeflow-daemon",
+        password="daemon-example-password", identifier=f"{name}-{uuid.uuid4().hex[:8]}",
+        protocol=protocol,
+    )  # fmt: skip
+
+
 async def test_a_paused_client_takes_nothing_until_it_resumes(broker):
     from daemon.mqtt.acks import PausableClient
 
     topic = f"chargeflow/v1/bikes/pause-{uuid.uuid4().hex[:8]}/telemetry"
-    client = PausableClient(
-        "127.0.0.1", broker.port, username="chargeflow-daemon",
-        password="daemon-example-password", identifier=f"pause-{uuid.uuid4().hex[:8]}",
-        protocol=aiomqtt.ProtocolVersion.V5,
-    )  # fmt: skip
+    client = _daemon_client(PausableClient, broker, "pause", aiomqtt.ProtocolVersion.V5)
     got: list[bytes] = []
     all_in = asyncio.Event()
     async with client, mqtt_client(broker.fleet_url) as publisher:
@@ -153,11 +158,7 @@ async def test_receive_directly_hands_paho_messages_over_without_aiomqtt_queuein
     from daemon.mqtt.acks import PausableClient, receive_directly
 
     topic = f"chargeflow/v1/bikes/direct-{uuid.uuid4().hex[:8]}/telemetry"
-    client = PausableClient(
-        "127.0.0.1", broker.port, username="chargeflow-daemon",
-        password="daemon-example-password", identifier=f"direct-{uuid.uuid4().hex[:8]}",
-        protocol=aiomqtt.ProtocolVersion.V311,
-    )  # fmt: skip
+    client = _daemon_client(PausableClient, broker, "direct", aiomqtt.ProtocolVersion.V311)
     got: list[tuple[str, bytes, int]] = []
     receive_directly(client, lambda m: got.append((m.topic, m.payload, m.qos)))
     async with client, mqtt_client(broker.fleet_url) as publisher:
