@@ -201,6 +201,12 @@ def _reject_constant(name: str) -> Any:
 _JSON = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
 
 
+def _loads(text: str) -> Any:
+    if text.startswith("\ufeff"):  # what json.loads says of it, rather than "Expecting value"
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _JSON.decode(text)
+
+
 def _explain(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False):
@@ -248,7 +254,7 @@ def decode(topic: str, payload: bytes, topics: Topics | str, max_bytes: int) -> 
             Reason.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_bytes}"
         )
     try:
-        document = _JSON.decode(payload.decode("utf-8"))
+        document = _loads(payload.decode("utf-8"))
     except UnicodeDecodeError as exc:
         return reject(
             Reason.MALFORMED_JSON, f"payload is not UTF-8: {exc.reason} at byte {exc.start}"

@@ -352,6 +352,15 @@ def test_non_finite_json_literals_are_malformed_json(literal):
     assert "is not a JSON number" in detail
 
 
+def test_a_byte_order_mark_is_malformed_json_that_says_so():
+    raw = "\ufeff".encode() + json_payload(telemetry_document())
+
+    reason, detail = rejected(decode_bytes(telemetry_topic(bike_id()), raw))
+
+    assert reason == "malformed_json"
+    assert "BOM" in detail
+
+
 def test_invalid_utf8_is_malformed_json():
     reason, detail = rejected(decode_bytes(telemetry_topic(bike_id()), b'{"seq": "\xff"}'))
 
