@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -22,6 +23,7 @@ from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.contract import asyncapi_document
 from daemon.mqtt.publisher import OutboxPublisher
+from daemon.partition import Ownership, PartitionRegistry
 from daemon.pipeline import Pipeline
 
 __all__ = ["Daemon", "open_store", "read_model", "run_daemon"]
@@ -80,6 +82,7 @@ class Daemon:
     pipeline: Pipeline | None = None
     link: MqttLink | None = None
     http: HttpServer | None = None
+    registry: PartitionRegistry | None = None
     database_ok: bool = False
 
     def ready(self) -> dict[str, bool]:
@@ -88,6 +91,14 @@ class Daemon:
             "mqtt": self.link is not None and self.link.connected.is_set(),
             "accepting": self.pipeline is not None and self.pipeline.accepting,
         }
+
+    def _idle(self) -> float:
+        """How long the inbox has been empty while connected: what the broker queued for this
+        instance has been taken once this grows (0 while disconnected)."""
+        if self.pipeline is None or self.link is None or not self.link.connected.is_set():
+            return 0.0
+        connected_for = time.monotonic() - self.link.connected_since
+        return min(connected_for, self.pipeline.idle_s())
 
     async def _start_store(self) -> Store | None:
         """Open the store, retrying while the database is away; None if stopped meanwhile."""
@@ -156,6 +167,20 @@ class Daemon:
                 prefix=s.topic_prefix,
                 max_payload_bytes=s.max_payload_bytes,
             )
+            ownership = Ownership()
+            registry = self.registry = None
+            if s.partition_of is not None:
+                # Registered before connecting: from the first message on, this instance
+                # knows which bikes it takes (daemon.partition).
+                registry = self.registry = PartitionRegistry(
+                    store,
+                    s.client_id,
+                    s.partition_of,
+                    ownership,
+                    lease_s=s.partition_lease_s,
+                    idle=self._idle,
+                )
+                await registry.claim()
             pipeline = self.pipeline = Pipeline(
                 unit_of_work,
                 self.metrics,
@@ -163,6 +188,7 @@ class Daemon:
                 max_batch=s.max_batch,
                 max_payload_bytes=s.max_payload_bytes,
                 max_inbox=s.receive_maximum,
+                takes=ownership.takes,
             )
             link = self.link = MqttLink(s, self.metrics, pipeline.deliver)
             pipeline.pause_intake, pipeline.resume_intake = link.pause_reading, link.resume_reading
@@ -171,6 +197,7 @@ class Daemon:
             link_task = tg.create_task(link.run())
             pipeline_task = tg.create_task(pipeline.run())
             others = [
+                *([tg.create_task(registry.run())] if registry else []),
                 tg.create_task(publisher.run()),
                 tg.create_task(self._watch_database(store)),
                 http_task,
@@ -180,6 +207,8 @@ class Daemon:
                 broker=s.broker.display,
                 database=s.database_display,
                 prefix=s.topic_prefix,
+                partition=s.partition,
+                share_group=s.share_group,
                 mqtt_protocol=s.mqtt_protocol,
                 event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
             )

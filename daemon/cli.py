@@ -204,8 +204,9 @@ def run(
         int,
         typer.Option(
             min=1,
-            help="processes in one share group on this machine (worker i: client id "
-            "CHARGEFLOW_CLIENT_ID-i, HTTP port CHARGEFLOW_HTTP_PORT+i)",
+            help="processes on this machine, each bike with one home (worker i takes "
+            "partition i/N, client id CHARGEFLOW_CLIENT_ID-i, HTTP port CHARGEFLOW_HTTP_PORT+i;"
+            " with CHARGEFLOW_SHARE_GROUP set, that share group instead)",
         ),
     ] = 1,
 ) -> None:

@@ -10,9 +10,17 @@ from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from daemon.mqtt.topics import Topics
+from daemon.partition import Partition
 from domain.billing import PricingRules, parse_pricing
 from domain.errors import InvalidPricing
 from domain.session_values import SessionPolicy
@@ -96,6 +104,9 @@ class Settings(BaseModel):
     mqtt_ca_file: Path | None = None
     simulator_mqtt_url: str | None = Field(default=None, repr=False)
     share_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Bike-affine instances: "i/N" takes the bikes of slot i of N (README, "Scaling out").
+    partition: str | None = None
+    partition_lease_s: float = Field(default=60.0, gt=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -137,6 +148,26 @@ class Settings(BaseModel):
         value = value.strip("/")
         Topics(value)  # raises ValueError naming what is wrong
         return value
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, value: str | None) -> str | None:
+        return None if value is None else str(Partition.parse(value))
+
+    @model_validator(mode="after")
+    def _one_way_to_share(self) -> Settings:
+        if self.share_group and self.partition and Partition.parse(self.partition).count > 1:
+            raise ValueError(
+                "CHARGEFLOW_PARTITION and CHARGEFLOW_SHARE_GROUP: choose one way to share the "
+                "bikes; in a share group each message reaches one instance, so a partition "
+                "would acknowledge (and lose) the messages of bikes it does not take"
+            )
+        return self
+
+    @property
+    def partition_of(self) -> Partition | None:
+        """This instance's share of the fleet, or None when it takes every bike."""
+        return None if self.partition is None else Partition.parse(self.partition)
 
     @property
     def broker(self) -> BrokerAddress:
@@ -199,7 +230,8 @@ def load_settings(
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            name = f"{prefix}{str(error['loc'][0]).upper()}" if error["loc"] else prefix
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{name}: {message}")
+            if error["loc"]:
+                message = f"{prefix}{str(error['loc'][0]).upper()}: {message}"
+            problems.append(message)  # a rule across settings names them itself
         raise ConfigError("; ".join(problems)) from None

@@ -53,6 +53,13 @@ class Metrics:
             ["topic_kind"],
             registry=r,
         )
+        self.not_owned = Counter(
+            "chargeflow_messages_not_owned",
+            "Inbound messages of bikes another instance takes (CHARGEFLOW_PARTITION),"
+            " acknowledged from the topic alone",
+            ["topic_kind"],
+            registry=r,
+        )
         self.waiting_settled = Counter(
             "chargeflow_waiting_settled",
             "Waiting messages decided: applied, or rejected with the reason code",
@@ -110,5 +117,11 @@ class Metrics:
         for outcome in ("applied", Reason.UNKNOWN_SESSION, Reason.ACTIVE_SESSION_EXISTS):
             self.waiting_settled.labels(outcome)
         for kind in ("lifecycle", "telemetry", "unknown"):
-            for counter in (self.received, self.accepted, self.duplicates, self.deferred):
+            for counter in (
+                self.received,
+                self.accepted,
+                self.duplicates,
+                self.deferred,
+                self.not_owned,
+            ):
                 counter.labels(kind)

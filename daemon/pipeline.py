@@ -66,6 +66,7 @@ class Pipeline:
         on_commit: Callable[[], None] = lambda: None,
         pause_intake: Callable[[], None] = lambda: None,
         resume_intake: Callable[[], None] = lambda: None,
+        takes: Callable[[str | None], bool] = lambda _bike_id: True,
     ) -> None:
         self.uow = unit_of_work
         self.metrics = metrics
@@ -75,6 +76,10 @@ class Pipeline:
         self.sweep_every_s = sweep_every_s
         self.clock = clock
         self.on_commit = on_commit
+        # Bike-affine instances (daemon.partition): the messages of bikes this instance does
+        # not take are acknowledged in order with the batch, from the topic alone.
+        self.takes = takes
+        self._busy_at = time.monotonic()
         # Bounded memory whatever the broker sends: past max_inbox messages or max_inbox_bytes
         # of payload (a stream of 60 KiB garbage is 60 times a stream of samples), stop
         # reading the broker until half of both is taken.
@@ -93,6 +98,7 @@ class Pipeline:
                 metrics.accepted.labels(kind),
                 metrics.duplicates.labels(kind),
                 metrics.deferred.labels(kind),
+                metrics.not_owned.labels(kind),
             )
             for kind in TopicKind
         }
@@ -105,7 +111,9 @@ class Pipeline:
     def deliver(self, delivery: Delivery) -> None:
         """Called by the MQTT link for every message; after shutdown began, leave it unacked."""
         if self.accepting:
-            self._counters[self.topics.kind_of(delivery.topic)][0].inc()
+            parsed = self.topics.parse(delivery.topic)
+            counters = self._counters[parsed.kind]
+            (counters[0] if self.takes(parsed.bike_id) else counters[4]).inc()
             self.inbox.append(delivery)
             self._inbox_bytes += len(delivery.payload)
             self._arrived.set()
@@ -130,8 +138,13 @@ class Pipeline:
             if self.inbox:
                 await self.process(self._take())
 
+    def idle_s(self) -> float:
+        """How long nothing has waited in the inbox (0 while something does)."""
+        return 0.0 if self.inbox else time.monotonic() - self._busy_at
+
     def _take(self) -> list[Delivery]:
         """What has arrived, in arrival order, up to max_batch."""
+        self._busy_at = time.monotonic()
         count = min(len(self.inbox), self.max_batch)
         batch = [self.inbox.popleft() for _ in range(count)]
         self._inbox_bytes -= sum(len(d.payload) for d in batch)
@@ -163,12 +176,19 @@ class Pipeline:
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Decide and commit a batch (retrying, bisecting), then acknowledge it in order."""
-        arrivals = [Arrival(d.topic, d.payload, d.received_at, self._decode(d)) for d in batch]
-        settled = await self._commit(arrivals)
+        parse, takes = self.topics.parse, self.takes
+        owned = [takes(parse(d.topic).bike_id) for d in batch]
+        arrivals = [
+            Arrival(d.topic, d.payload, d.received_at, self._decode(d))
+            for d, mine in zip(batch, owned, strict=True)
+            if mine
+        ]
+        settled = await self._commit(arrivals) if arrivals else []
         if settled is None:
             return  # shutting down with the database away: the broker redelivers
-        self.metrics.database_up.set(1)
-        self._acknowledge(batch, arrivals, settled)
+        if arrivals:
+            self.metrics.database_up.set(1)
+        self._acknowledge(batch, owned, arrivals, settled)
 
     async def _commit(self, arrivals: Sequence[Arrival]) -> list[Settled] | None:
         attempt = 0
@@ -261,15 +281,25 @@ class Pipeline:
             )
 
     def _acknowledge(
-        self, batch: Sequence[Delivery], arrivals: Sequence[Arrival], settled: Sequence[Settled]
+        self,
+        batch: Sequence[Delivery],
+        owned: Sequence[bool],
+        arrivals: Sequence[Arrival],
+        settled: Sequence[Settled],
     ) -> None:
+        """Acknowledge the whole batch in arrival order (MQTT-4.6.0-2), the messages of bikes
+        this instance does not take included; count what each message came to."""
         m = self.metrics
         counters = self._counters
         # Counted per batch: a counter's inc() takes a lock, a dict's += does not.
         tally: dict[Counter, int] = defaultdict(int)
-        for delivery, arrival, item in zip(batch, arrivals, settled, strict=True):
+        decided = iter(zip(arrivals, settled, strict=True))
+        for delivery, mine in zip(batch, owned, strict=True):
             delivery.ack()
-            _, accepted, duplicates, deferred = counters[arrival.inbound.kind]
+            if not mine:
+                continue  # counted as not owned when it arrived
+            arrival, item = next(decided)
+            _, accepted, duplicates, deferred, _ = counters[arrival.inbound.kind]
             if item.dropped is not None:
                 m.dropped.labels(item.dropped).inc()
             elif item.rejection is not None:
@@ -340,6 +370,7 @@ class Pipeline:
             due = await self.uow.store.due_bikes(
                 now - policy.finalize_grace, now - policy.abandon_after
             )
+            due = [bike_id for bike_id in due if self.takes(bike_id)]
             if due:
                 events = await self.uow.expire(due, now)
                 self._count(events)

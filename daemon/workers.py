@@ -1,12 +1,16 @@
-"""`chargeflow run --workers N`: N daemon processes in one share group on this machine.
+"""`chargeflow run --workers N`: N daemon processes on this machine, each bike with one home.
 
-One Python process uses one core. N processes subscribe as one MQTT v5 share group, so the
-broker spreads the bikes' messages over them, and PostgreSQL serializes each bike's decisions
-(scale-safe sessions): together they do exactly what one process would. Worker ``i`` gets the
-client id ``{CHARGEFLOW_CLIENT_ID}-{i}`` (each its own persistent session) and the HTTP port
-``CHARGEFLOW_HTTP_PORT + i`` (each its own /metrics and /readyz). The supervisor forwards
-SIGTERM and SIGINT, and when one worker dies, it stops the others and exits with its code, so
-that whatever restarts the service (systemd, Docker) restarts them all.
+One Python process uses one core. Worker ``i`` takes the bikes of partition ``i/N``
+(``CHARGEFLOW_PARTITION``, see ``daemon.partition``): it subscribes to every bike with a plain
+persistent subscription, which Mosquitto keeps across its own restarts, and acknowledges the
+other workers' messages from the topic alone, so no two workers reload each other's bikes.
+With ``CHARGEFLOW_SHARE_GROUP`` set the workers join that MQTT v5 share group instead (for a
+broker that keeps one topic on one member, such as EMQX's ``hash_topic``). PostgreSQL
+serializes each bike's decisions either way: together they do exactly what one process would.
+Worker ``i`` gets the client id ``{CHARGEFLOW_CLIENT_ID}-{i}`` (each its own persistent
+session) and the HTTP port ``CHARGEFLOW_HTTP_PORT + i`` (each its own /metrics and /readyz).
+The supervisor forwards SIGTERM and SIGINT, and when one worker dies, it stops the others and
+exits with its code, so that whatever restarts the service (systemd, Docker) restarts them all.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ from daemon.config import Settings
 __all__ = ["run_workers", "worker_environment"]
 
 log = structlog.get_logger(__name__)
-DEFAULT_GROUP = "chargeflow"
 
 
-def worker_environment(settings: Settings, index: int) -> dict[str, str]:
-    """The CHARGEFLOW_* overrides of worker ``index`` (counting from 0)."""
+def worker_environment(settings: Settings, index: int, count: int) -> dict[str, str]:
+    """The CHARGEFLOW_* overrides of worker ``index`` (counting from 0) of ``count``."""
+    share = (
+        {"CHARGEFLOW_SHARE_GROUP": settings.share_group}
+        if settings.share_group
+        else {"CHARGEFLOW_PARTITION": f"{index}/{count}"}
+    )
     return {
-        "CHARGEFLOW_SHARE_GROUP": settings.share_group or DEFAULT_GROUP,
+        **share,
         "CHARGEFLOW_CLIENT_ID": f"{settings.client_id}-{index}",
         "CHARGEFLOW_HTTP_PORT": str(settings.http_port + index if settings.http_port else 0),
     }
@@ -48,14 +56,15 @@ async def run_workers(settings: Settings, count: int) -> int:
             "-m",
             "daemon",
             "run",
-            env={**os.environ, **worker_environment(settings, i)},
+            env={**os.environ, **worker_environment(settings, i, count)},
         )
         for i in range(count)
     ]
     log.info(
         "workers started",
         workers=count,
-        share_group=settings.share_group or DEFAULT_GROUP,
+        share_group=settings.share_group,
+        partitions=None if settings.share_group else count,
         pids=[w.pid for w in workers],
     )
     exits = {asyncio.ensure_future(w.wait()): w for w in workers}

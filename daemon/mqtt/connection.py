@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +27,9 @@ from daemon.mqtt.topics import topics_for
 __all__ = ["Delivery", "MqttLink"]
 
 log = structlog.get_logger(__name__)
+# However long the broker was away, the daemon is back within this (with jitter, so that
+# several instances do not all knock at once): README, "Scaling out".
+RECONNECT_CAP_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +77,7 @@ class MqttLink:
         self._client: PausableClient | None = None
         self._paused = False
         self.connected = asyncio.Event()
+        self.connected_since = 0.0  # time.monotonic() of the last subscription granted
         self.stopping = False
 
     def _new_client(self) -> PausableClient:
@@ -156,6 +162,7 @@ class MqttLink:
                     if refused:
                         # Typically an ACL that does not let this user read the bike topics.
                         raise aiomqtt.MqttError(f"subscription refused: {', '.join(refused)}")
+                    self.connected_since = time.monotonic()
                     if self._paused:
                         client.pause_reading()
                     # Messages are handed over as they arrive (receive_directly); this only
@@ -178,8 +185,8 @@ class MqttLink:
                 self._client = None
                 self.connected.clear()
                 self._metrics.mqtt_connected.set(0)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, RECONNECT_CAP_S)
 
     def pause_reading(self) -> None:
         """Take nothing more from the broker for now (the daemon holds enough)."""

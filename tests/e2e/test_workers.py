@@ -1,4 +1,4 @@
-"""`chargeflow run --workers 2`: two processes in one share group, exactly what one would do."""
+"""`chargeflow run --workers 2`: two processes, each bike with one home, exactly what one would do."""
 
 from __future__ import annotations
 
@@ -35,10 +35,8 @@ async def test_two_workers_share_the_load_and_finalize_every_session_once(
            "CHARGEFLOW_DATABASE_URL": database_url, "CHARGEFLOW_HTTP_PORT": str(base),
            "CHARGEFLOW_HTTP_HOST": "127.0.0.1", "CHARGEFLOW_FINALIZE_GRACE_S": "2",
            "CHARGEFLOW_CLIENT_ID": f"cf-workers-{uuid.uuid4().hex[:6]}",
-           # A group of its own: on the shared broker, earlier tests' persistent members of
-           # another group would be handed (and keep, while offline) a share of the messages.
-           "CHARGEFLOW_SHARE_GROUP": f"workers-{uuid.uuid4().hex[:6]}",
            "CHARGEFLOW_LOG_LEVEL": "warning"}  # fmt: skip
+    await pool.execute("DELETE FROM instance_partitions")  # earlier tests' instances are gone
     proc = await asyncio.to_thread(
         subprocess.Popen, [sys.executable, "-m", "daemon", "run", "--workers", "2"], env=env
     )
@@ -47,9 +45,11 @@ async def test_two_workers_share_the_load_and_finalize_every_session_once(
             await wait_until(
                 lambda p=port: _ready(p), timeout=30, what=f"worker on port {port} ready"
             )
-        bikes = [Bike(bike.client) for _ in range(6)]
+        # Each worker reads the others' claims every second; until then it takes every bike.
+        await asyncio.sleep(2.5)
+        bikes = [Bike(bike.client) for _ in range(12)]
         sessions = {}
-        for one in bikes:  # one ride per bike: the share group spreads their messages
+        for one in bikes:  # one ride per bike: each worker takes its own bikes
             session_id = await one.start("ride")
             for seq in range(1, 11):
                 await one.sample(session_id, seq, "1.5")
@@ -63,11 +63,13 @@ async def test_two_workers_share_the_load_and_finalize_every_session_once(
 
         received = [_metric(p, "chargeflow_messages_received_total") for p in (base, base + 1)]
         assert all(n > 0 for n in received), received  # both workers took messages
+        # ... and each left the other's bikes alone, from the topic alone.
+        assert all(_metric(p, "chargeflow_messages_not_owned_total") > 0 for p in (base, base + 1))
         rows = await pool.fetch(
             "SELECT energy_wh FROM sessions WHERE bike_id = ANY($1) AND state = 'finalized'",
             list(sessions),
         )
-        assert [r["energy_wh"] for r in rows] == [Decimal(15)] * 6
+        assert [r["energy_wh"] for r in rows] == [Decimal(15)] * 12
     finally:
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 60)

@@ -267,3 +267,48 @@ async def test_a_message_decoding_fails_on_is_kept_as_a_rejection_not_dropped(mo
         sum(p.metrics.dropped.labels(r)._value.get() for r in ("internal_error", "commit_failed"))
         == 0
     )
+
+
+async def test_the_messages_of_bikes_another_instance_takes_are_acknowledged_in_order_unread():
+    log: list[str] = []
+    mine, theirs = Bike(log), Bike(log)
+    store = FakeUnitOfWork(log)
+    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: b == mine.bike_id)  # type: ignore[arg-type]
+    foreign = theirs.delivery("telemetry", {"not": "even valid"})
+    batch = [mine.start(), foreign, mine.sample(1)]
+    for delivery in batch:
+        p.deliver(delivery)
+    await p.process(p._take())
+    # One commit for the owned two (start + sample: two events), every PUBACK in arrival order.
+    assert log == ["commit 2 events", "ack 1", "ack 1", "ack 2"]
+    assert p.metrics.not_owned.labels("telemetry")._value.get() == 1
+    assert p.metrics.received.labels("telemetry")._value.get() == 1
+    assert p.metrics.rejected.labels("schema_violation")._value.get() == 0
+
+
+async def test_a_batch_of_other_instances_bikes_alone_touches_no_database():
+    log: list[str] = []
+    theirs = Bike(log)
+    store = FakeUnitOfWork(log)
+    store.failures.append(ConnectionResetError("a commit was attempted"))
+    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: False)  # type: ignore[arg-type]
+    await p.process([theirs.start(), theirs.sample(1)])
+    assert log == ["ack 1", "ack 2"]
+
+
+async def test_a_sweep_settles_only_the_bikes_this_instance_takes():
+    log: list[str] = []
+    store = FakeUnitOfWork(log)
+    expired: list[list[str]] = []
+
+    async def expire(bike_ids, now):
+        expired.append(list(bike_ids))
+        return []
+
+    store.expire = expire  # type: ignore[method-assign]
+    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: False)  # type: ignore[arg-type]
+    await p.sweep()
+    assert expired == []
+    p.takes = lambda b: True
+    await p.sweep()
+    assert expired == [["any"]]

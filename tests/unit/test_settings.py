@@ -278,3 +278,21 @@ def test_a_share_group_turns_the_subscriptions_into_shared_ones():
 def test_a_share_group_with_a_wildcard_is_refused():
     with pytest.raises(ConfigError, match="CHARGEFLOW_SHARE_GROUP"):
         load_settings({"CHARGEFLOW_SHARE_GROUP": "a/+"}, env_file=None)
+
+
+def test_a_partition_is_read_as_i_of_n():
+    settings = load_settings({"CHARGEFLOW_PARTITION": "1/3"}, env_file=None)
+    assert (settings.partition_of.index, settings.partition_of.count) == (1, 3)
+
+
+def test_a_partition_outside_its_count_is_refused_naming_the_variable():
+    with pytest.raises(ConfigError, match=r"CHARGEFLOW_PARTITION: partition 3/3 must be i/N"):
+        load_settings({"CHARGEFLOW_PARTITION": "3/3"}, env_file=None)
+
+
+def test_a_partition_and_a_share_group_together_are_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="choose one way to share the bikes") as caught:
+        load_settings(
+            {"CHARGEFLOW_PARTITION": "0/2", "CHARGEFLOW_SHARE_GROUP": "fleet"}, env_file=None
+        )
+    assert str(caught.value).startswith("CHARGEFLOW_PARTITION and CHARGEFLOW_SHARE_GROUP")
