@@ -22,7 +22,7 @@ Commits are read every 20 ms from the daemon's accepted counter (the i-th sample
 counts as committed once i samples are), so lags are good to about 20 ms.
 
     python -m benchmarks.throughput [--messages 50000] [--bikes 50] [--workers 2]
-        [--rates 2000,4000] [--live-bikes 10000] [--lag-seconds 10]
+        [--rates 2000,4000,5000] [--live-bikes 10000] [--lag-seconds 10] [--share-lag]
         [--baseline /path/to/another/checkout] [--skip-lag]
         [--database-url postgresql://postgres@127.0.0.1:5432/chargeflow_throughput]
 """
@@ -433,8 +433,9 @@ async def lag(args: argparse.Namespace, port: int, rate: float, workers: int, se
     env = daemon_environment(
         port, db, http, f"lag{workers}", CHARGEFLOW_MQTT_PROTOCOL=args.protocols[-1]
     )
-    if workers > 1:
+    if workers > 1 and args.share_lag:
         env["CHARGEFLOW_SHARE_GROUP"] = f"lag-{uuid.uuid4().hex[:6]}"
+    # Otherwise `--workers N` runs bike-affine partitions (the default way to run several).
     daemon = ChargeFlow(env, http, workers, None)
     await daemon.start()
     try:
@@ -449,6 +450,7 @@ async def lag(args: argparse.Namespace, port: int, rate: float, workers: int, se
         )  # fmt: skip
         total = int(rate * args.lag_seconds)
         seen: list[tuple[float, float]] = []
+        pg_before = _postgres_cpu_s()
         commit_s = daemon.metric("chargeflow_batch_commit_seconds_sum")
         commits = daemon.metric("chargeflow_batch_commit_seconds_count")
         cpu_before, began = daemon.cpu_s(), time.time()
@@ -460,6 +462,7 @@ async def lag(args: argparse.Namespace, port: int, rate: float, workers: int, se
                 break
             await asyncio.sleep(0.02)
         cpu = daemon.cpu_s() - cpu_before
+        pg_cpu = _postgres_cpu_s() - pg_before
         elapsed = time.time() - began
         await publisher.wait()
         sent_at = sorted(json.loads(await asyncio.to_thread(out.read_text)))
@@ -484,8 +487,27 @@ async def lag(args: argparse.Namespace, port: int, rate: float, workers: int, se
         f"{1000 * _pct(lags, 0.5):>8.0f} {1000 * _pct(lags, 0.99):>8.0f} "
         f"{1000 * max(lags):>8.0f} {(batched / batches if batches else 0):>7.0f} "
         f"{(1000 * commit_s / commits if commits else 0):>9.1f} "
-        f"{100 * cpu / elapsed:>6.0f}%" + (f"  ({lost} not committed in time)" if lost else "")
+        f"{(1000 * commit_s / batched if batched else 0):>8.3f} "
+        f"{100 * cpu / elapsed:>6.0f}% {100 * pg_cpu / elapsed:>6.0f}%"
+        + (f"  ({lost} not committed in time)" if lost else "")
     )
+
+
+def _postgres_cpu_s() -> float:
+    """CPU seconds of every PostgreSQL process on this machine (its backends come and go, so
+    they are summed from /proc each time)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() not in ("postgres", "postmaster"):
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -568,7 +590,8 @@ async def main(args: argparse.Namespace) -> None:
                 for rate in args.rates:
                     rows.append(await lag(args, port, rate, workers, args.seed + len(rows)))
             print(f"{'offered':>7} {'achieved':>9} {'workers':>8} {'p50 ms':>8} {'p99 ms':>8} "
-                  f"{'max ms':>8} {'batch':>7} {'commit ms':>9} {'CPU':>7}")  # fmt: skip
+                  f"{'max ms':>8} {'batch':>7} {'commit ms':>9} {'ms/msg':>8} {'CPU':>7} "
+                  f"{'PG CPU':>7}")  # fmt: skip
             for row in rows:
                 print(row)
     finally:
@@ -650,7 +673,7 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--bikes", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rates", type=_rates, default=[2000.0, 4000.0])
+    parser.add_argument("--rates", type=_rates, default=[2000.0, 4000.0, 5000.0])
     parser.add_argument("--live-bikes", type=int, default=10_000)
     parser.add_argument("--lag-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=int(time.time()))
@@ -659,6 +682,11 @@ if __name__ == "__main__":
                         help="comma-separated contender kinds: paho311,paho5,aiomqtt,naive,"
                         "chargeflow")  # fmt: skip
     parser.add_argument("--skip-lag", action="store_true")
+    parser.add_argument(
+        "--share-lag",
+        action="store_true",
+        help="run the lag phase's workers in one share group instead of bike-affine partitions",
+    )
     parser.add_argument("--skip-drain", action="store_true")
     parser.add_argument(
         "--protocols",

@@ -137,6 +137,7 @@ class Daemon:
     async def run(self) -> None:
         s = self.settings
         pricing = s.load_pricing()  # fail at once: retrying cannot fix it
+        tokens = s.load_tokens()
         self.http = HttpServer(
             self.metrics,
             None,
@@ -144,6 +145,8 @@ class Daemon:
             s.http_host,
             s.http_port,
             asyncapi=asyncapi_document(s.topic_prefix),
+            tokens=tokens,
+            metrics_auth=s.metrics_auth,
         )
         async with asyncio.TaskGroup() as tg:
             http_task = tg.create_task(self.http.serve())

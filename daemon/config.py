@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from daemon.http_auth import Tokens, load_tokens
 from daemon.mqtt.topics import Topics
 from daemon.partition import Partition
 from domain.billing import PricingRules, parse_pricing
@@ -102,6 +103,10 @@ class Settings(BaseModel):
     # to start without it; off: never touch it.
     timescaledb: Literal["auto", "on", "off"] = "auto"
     mqtt_ca_file: Path | None = None
+    # HTTP credentials (daemon/http_auth.py): bearer tokens for every data endpoint; /metrics
+    # open (as most Prometheus set-ups scrape) or behind the same tokens.
+    http_tokens_file: Path | None = None
+    metrics_auth: Literal["open", "token"] = "open"
     simulator_mqtt_url: str | None = Field(default=None, repr=False)
     share_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # Bike-affine instances: "i/N" takes the bikes of slot i of N (README, "Scaling out").
@@ -192,6 +197,21 @@ class Settings(BaseModel):
             abandon_after=timedelta(seconds=self.abandon_after_s),
             clock_skew=timedelta(seconds=self.clock_skew_s),
         )
+
+    def load_tokens(self) -> Tokens:
+        """The HTTP tokens, read once; errors name the file and the line, never a token."""
+        if self.http_tokens_file is None:
+            return Tokens()
+        try:
+            return load_tokens(self.http_tokens_file)
+        except OSError as exc:
+            raise ConfigError(
+                f"CHARGEFLOW_HTTP_TOKENS_FILE: cannot read {self.http_tokens_file}: {exc.strerror}"
+            ) from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"CHARGEFLOW_HTTP_TOKENS_FILE: {self.http_tokens_file} {exc}"
+            ) from None
 
     def load_pricing(self) -> PricingRules:
         """Read and check the pricing file; errors name the file and what to fix."""

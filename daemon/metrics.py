@@ -112,8 +112,16 @@ class Metrics:
             "chargeflow_database_up", "1 while the last database call succeeded", registry=r
         )
         self.ready = Gauge("chargeflow_ready", "1 while /readyz answers 200", registry=r)
+        self.http_auth_failures = Counter(
+            "chargeflow_http_auth_failures",
+            "HTTP requests refused for want of credentials: missing, invalid, not_configured",
+            ["reason"],
+            registry=r,
+        )
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
+        for denied in ("missing", "invalid", "not_configured"):
+            self.http_auth_failures.labels(denied)
         for outcome in ("applied", Reason.UNKNOWN_SESSION, Reason.ACTIVE_SESSION_EXISTS):
             self.waiting_settled.labels(outcome)
         for kind in ("lifecycle", "telemetry", "unknown"):
