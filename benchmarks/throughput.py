@@ -201,6 +201,8 @@ def _steady(args: argparse.Namespace) -> None:
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
     client.username_pw_set(*FLEET)
     client.max_inflight_messages_set(1000)
+    acked: dict[int, float] = {}
+    client.on_publish = lambda _c, _u, mid, *_rest: acked.__setitem__(mid, time.time())
     client.connect("127.0.0.1", args.port)
     client.loop_start()
     infos = []
@@ -221,6 +223,12 @@ def _steady(args: argparse.Namespace) -> None:
         sent_at.append(now)
     for info in infos:
         info.wait_for_publish(timeout=120)
+    took = sorted(acked[info.mid] - at for info, at in zip(infos, sent_at, strict=True))
+    print(
+        f"  publisher: broker's PUBACK after p50 {1000 * took[len(took) // 2]:.0f} ms, "
+        f"p99 {1000 * took[int(0.99 * len(took))]:.0f} ms",
+        file=sys.stderr,
+    )
     client.disconnect()
     client.loop_stop()
     Path(args.out).write_text(json.dumps(sent_at))
@@ -425,7 +433,9 @@ async def run_contender(c: Contender, port: int, total: int, bikes: int, broker_
     return result
 
 
-async def lag(args: argparse.Namespace, port: int, rate: float, workers: int, seed: int) -> str:
+async def lag(
+    args: argparse.Namespace, port: int, rate: float, workers: int, seed: int, broker_pid: int
+) -> str:
     """p50/p99 publish-to-commit of samples offered at a steady rate to Active sessions."""
     db = _database(args.database_url, f"lag{workers}")
     await fresh_database(db)
@@ -450,7 +460,7 @@ async def lag(args: argparse.Namespace, port: int, rate: float, workers: int, se
         )  # fmt: skip
         total = int(rate * args.lag_seconds)
         seen: list[tuple[float, float]] = []
-        pg_before = _postgres_cpu_s()
+        pg_before, broker_before = _postgres_cpu_s(), tree_cpu_s(broker_pid)
         commit_s = daemon.metric("chargeflow_batch_commit_seconds_sum")
         commits = daemon.metric("chargeflow_batch_commit_seconds_count")
         cpu_before, began = daemon.cpu_s(), time.time()
@@ -463,6 +473,7 @@ async def lag(args: argparse.Namespace, port: int, rate: float, workers: int, se
             await asyncio.sleep(0.02)
         cpu = daemon.cpu_s() - cpu_before
         pg_cpu = _postgres_cpu_s() - pg_before
+        broker_cpu = tree_cpu_s(broker_pid) - broker_before
         elapsed = time.time() - began
         await publisher.wait()
         sent_at = sorted(json.loads(await asyncio.to_thread(out.read_text)))
@@ -488,7 +499,8 @@ async def lag(args: argparse.Namespace, port: int, rate: float, workers: int, se
         f"{1000 * max(lags):>8.0f} {(batched / batches if batches else 0):>7.0f} "
         f"{(1000 * commit_s / commits if commits else 0):>9.1f} "
         f"{(1000 * commit_s / batched if batched else 0):>8.3f} "
-        f"{100 * cpu / elapsed:>6.0f}% {100 * pg_cpu / elapsed:>6.0f}%"
+        f"{100 * cpu / elapsed:>6.0f}% {100 * pg_cpu / elapsed:>6.0f}% "
+        f"{100 * broker_cpu / elapsed:>6.0f}%"
         + (f"  ({lost} not committed in time)" if lost else "")
     )
 
@@ -588,10 +600,12 @@ async def main(args: argparse.Namespace) -> None:
             rows = []
             for workers in sorted({1, args.workers}):
                 for rate in args.rates:
-                    rows.append(await lag(args, port, rate, workers, args.seed + len(rows)))
+                    rows.append(
+                        await lag(args, port, rate, workers, args.seed + len(rows), broker.pid)
+                    )
             print(f"{'offered':>7} {'achieved':>9} {'workers':>8} {'p50 ms':>8} {'p99 ms':>8} "
                   f"{'max ms':>8} {'batch':>7} {'commit ms':>9} {'ms/msg':>8} {'CPU':>7} "
-                  f"{'PG CPU':>7}")  # fmt: skip
+                  f"{'PG CPU':>7} {'broker':>7}")  # fmt: skip
             for row in rows:
                 print(row)
     finally:

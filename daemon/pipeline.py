@@ -60,6 +60,7 @@ class Pipeline:
         max_batch: int = 1000,
         max_payload_bytes: int = 16_384,
         sweep_every_s: float = 0.5,
+        abandon_check_s: float = 30.0,
         max_inbox: int = 1000,
         max_inbox_bytes: int = 8 * 1024 * 1024,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -74,6 +75,8 @@ class Pipeline:
         self.max_batch = max_batch
         self.max_payload_bytes = max_payload_bytes
         self.sweep_every_s = sweep_every_s
+        self.abandon_check_s = abandon_check_s
+        self._abandon_checked = float("-inf")
         self.clock = clock
         self.on_commit = on_commit
         # Bike-affine instances (daemon.partition): the messages of bikes this instance does
@@ -367,9 +370,14 @@ class Pipeline:
         now = min(self.clock(), self.inbox[0].received_at) if self.inbox else self.clock()
         policy = self.uow.policy
         try:
-            due = await self.uow.store.due_bikes(
-                now - policy.finalize_grace, now - policy.abandon_after
-            )
+            # Sessions gone dark are looked for less often: abandonment is measured in hours,
+            # and the look is a scan of every Active session.
+            abandon = None
+            if time.monotonic() - self._abandon_checked >= self.abandon_check_s:
+                abandon = now - policy.abandon_after
+            due = await self.uow.store.due_bikes(now - policy.finalize_grace, abandon)
+            if abandon is not None:
+                self._abandon_checked = time.monotonic()
             due = [bike_id for bike_id in due if self.takes(bike_id)]
             if due:
                 events = await self.uow.expire(due, now)

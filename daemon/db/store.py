@@ -318,15 +318,17 @@ class Store:
         )
         return [(r["telemetry_id"], r["emitted_at"], r["session_id"], r["seq"]) for r in rows]
 
-    async def due_bikes(self, grace_cutoff: datetime, abandon_cutoff: datetime) -> list[str]:
-        """Bikes with a session whose grace ran out or that went dark, or an overdue message."""
-        rows = await self.pool.fetch(
-            "SELECT bike_id FROM sessions WHERE state = 'active' AND end_received_at <= $1"
-            " UNION SELECT bike_id FROM sessions WHERE state = 'active' AND last_heard_at <= $2"
-            " UNION SELECT bike_id FROM waiting_messages WHERE received_at <= $1",
-            grace_cutoff,
-            abandon_cutoff,
-        )
+    async def due_bikes(
+        self, grace_cutoff: datetime, abandon_cutoff: datetime | None = None
+    ) -> list[str]:
+        """Bikes with a session whose grace ran out or an overdue message; with
+        ``abandon_cutoff``, also those whose Active session went dark (a scan of every Active
+        session: no index on ``last_heard_at``, which every sample updates, so that a sample's
+        summary update stays a heap-only tuple update)."""
+        if abandon_cutoff is None:
+            rows = await self.pool.fetch(_DUE, grace_cutoff)
+        else:
+            rows = await self.pool.fetch(_DUE_OR_DARK, grace_cutoff, abandon_cutoff)
         return [r["bike_id"] for r in rows]
 
     # -- writing ---------------------------------------------------------------------------
@@ -558,5 +560,14 @@ class Store:
         await self.pool.execute("DELETE FROM outbox WHERE published_at < $1", published_before)
 
 
+_DUE = (
+    "SELECT bike_id FROM sessions WHERE state = 'active' AND end_received_at <= $1"
+    " UNION SELECT bike_id FROM waiting_messages WHERE received_at <= $1"
+)
+_DUE_OR_DARK = (
+    "SELECT bike_id FROM sessions WHERE state = 'active' AND end_received_at <= $1"
+    " UNION SELECT bike_id FROM waiting_messages WHERE received_at <= $1"
+    " UNION SELECT bike_id FROM sessions WHERE state = 'active' AND last_heard_at <= $2"
+)
 _PRICING_LOCK = 0x43_46_50_52  # "CFPR": one instance records a price list at a time
 _PAYLOAD_CAP = 4096  # bytes of a rejected payload kept; payload_size says what was received

@@ -785,6 +785,22 @@ async def test_due_bikes_include_a_bike_that_went_dark(store, uow):
     )
 
     assert bike in await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF)
+    # Looked for only when asked (every 30 s): the look scans every Active session.
+    assert bike not in await store.due_bikes(GRACE_CUTOFF)
+
+
+async def test_a_samples_summary_update_touches_no_index(store, uow, pool):
+    bike = await commit_bike(uow, heard_at=GRACE_CUTOFF, end_received_at=None)
+    indexed = await pool.fetchval(
+        "SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+        " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'sessions'::regclass"
+        " AND a.attname IN ('last_heard_at', 'energy_wh', 'distance_m', 'seq_ranges',"
+        " 'telemetry_count', 'latest_emitted_at')"
+    )
+    fillfactor = await pool.fetchval("SELECT reloptions FROM pg_class WHERE relname = 'sessions'")
+    assert bike
+    assert indexed == 0  # what a sample changes is in no index: heap-only updates
+    assert fillfactor == ["fillfactor=70"]  # and each page keeps room for them
 
 
 async def test_due_bikes_leave_out_fresh_bikes(store, uow):

@@ -94,7 +94,7 @@ class FakeUnitOfWork:
         self.kept += [a.topic for a in arrivals]
         self.log.append(f"kept {len(arrivals)} as rejections")
 
-    async def due_bikes(self, grace_cutoff, abandon_cutoff):
+    async def due_bikes(self, grace_cutoff, abandon_cutoff=None):
         return ["any"]
 
     async def expire(self, bike_ids, now):
