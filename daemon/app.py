@@ -138,6 +138,7 @@ class Daemon:
         s = self.settings
         pricing = s.load_pricing()  # fail at once: retrying cannot fix it
         tokens = s.load_tokens()
+        s.tls_context()  # a certificate, key or CA that cannot be used stops the start at once
         self.http = HttpServer(
             self.metrics,
             None,

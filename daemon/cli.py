@@ -216,7 +216,9 @@ def run(
 
     with _one_line_failures():
         settings = _settings()
-        settings.load_pricing()  # fail fast on a bad pricing file
+        settings.load_pricing()  # fail fast on a bad pricing file, tokens file or TLS file
+        settings.load_tokens()
+        settings.tls_context()
         loop_factory = _event_loop(settings)
 
     async def work() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -103,6 +104,9 @@ class Settings(BaseModel):
     # to start without it; off: never touch it.
     timescaledb: Literal["auto", "on", "off"] = "auto"
     mqtt_ca_file: Path | None = None
+    # Mutual TLS: the daemon's client certificate (PEM, chain allowed) and its private key.
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
     # HTTP credentials (daemon/http_auth.py): bearer tokens for every data endpoint; /metrics
     # open (as most Prometheus set-ups scrape) or behind the same tokens.
     http_tokens_file: Path | None = None
@@ -169,6 +173,43 @@ class Settings(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _certificate_and_key(self) -> Settings:
+        if (self.mqtt_cert_file is None) != (self.mqtt_key_file is None):
+            raise ValueError(
+                "CHARGEFLOW_MQTT_CERT_FILE and CHARGEFLOW_MQTT_KEY_FILE go together: set both "
+                "(the client certificate and its private key) or neither"
+            )
+        if self.mqtt_cert_file is not None and not self.mqtt_url.startswith("mqtts://"):
+            raise ValueError(
+                "CHARGEFLOW_MQTT_CERT_FILE needs TLS: CHARGEFLOW_MQTT_URL must start with mqtts://"
+            )
+        return self
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS settings of the daemon's MQTT connections (None for plain mqtt://): the
+        broker verified against CHARGEFLOW_MQTT_CA_FILE or the system CAs, and with a client
+        certificate, mutual TLS. A file that cannot be used is a ConfigError naming it."""
+        if not self.broker.tls:
+            return None
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.mqtt_ca_file) if self.mqtt_ca_file else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"CHARGEFLOW_MQTT_CA_FILE: cannot use {self.mqtt_ca_file}: {_why(exc)}"
+            ) from None
+        if self.mqtt_cert_file is not None and self.mqtt_key_file is not None:
+            try:
+                context.load_cert_chain(self.mqtt_cert_file, self.mqtt_key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"CHARGEFLOW_MQTT_CERT_FILE/CHARGEFLOW_MQTT_KEY_FILE: cannot use "
+                    f"{self.mqtt_cert_file} with {self.mqtt_key_file}: {_why(exc)}"
+                ) from None
+        return context
+
     @property
     def partition_of(self) -> Partition | None:
         """This instance's share of the fleet, or None when it takes every bike."""
@@ -225,6 +266,16 @@ class Settings(BaseModel):
             return parse_pricing(text, str(self.pricing_file))
         except InvalidPricing as exc:
             raise ConfigError(f"CHARGEFLOW_PRICING_FILE: {exc}") from None
+
+
+def _why(exc: OSError | ssl.SSLError) -> str:
+    """What is wrong with a TLS file, in words: not found, not PEM, key of another cert."""
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        if reason == "KEY_VALUES_MISMATCH":
+            return "the private key does not belong to the certificate"
+        return f"not a usable PEM file ({reason})"
+    return exc.strerror or str(exc)
 
 
 def load_settings(

@@ -37,10 +37,15 @@ _COPIED = ("password_file", "acl_file")
 def render_config(text: str, port: int, data_dir: Path) -> str:
     """The config for a broker on ``port`` whose files are in ``data_dir`` (see ``_copy_files``)."""
 
+    listeners = 0
+
     def rewrite(line: str) -> str:
+        nonlocal listeners
         key, _, value = line.partition(" ")
         if key == "listener":
-            return f"listener {port} 127.0.0.1"
+            listeners += 1
+            if listeners == 1:  # the repo's; a test may add listeners of its own after it
+                return f"listener {port} 127.0.0.1"
         if key == "persistence_location":
             return f"persistence_location {data_dir}/"
         if key in _COPIED:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,11 +82,7 @@ class MqttLink:
     def _new_client(self) -> PausableClient:
         s = self._settings
         broker = s.broker
-        tls_context = None
-        if broker.tls:
-            tls_context = ssl.create_default_context(
-                cafile=str(s.mqtt_ca_file) if s.mqtt_ca_file else None
-            )
+        tls_context = s.tls_context()  # checked at start-up: here it only loads again
         if s.mqtt_protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = s.session_expiry_s
