@@ -34,6 +34,14 @@ from daemon import installed_version
 from daemon.config import ConfigError
 from daemon.db.views import ReadModel, RejectionFilter
 from daemon.http_auth import Denied, Tokens
+from daemon.http_models import (
+    Analytics,
+    Health,
+    PricingList,
+    Readiness,
+    RejectionsPage,
+    SessionBody,
+)
 from daemon.metrics import Metrics
 from domain.commands import BIKE_ID_RULE
 from domain.errors import Reason
@@ -260,13 +268,14 @@ def build_app(server: HttpServer) -> FastAPI:
         return problem(500, "Internal Server Error", "the query failed", request.url.path)
 
     @app.get("/healthz", summary="The process is alive")
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
+    async def healthz() -> Health:
+        return Health(status="alive")
 
     @app.get(
         "/readyz",
         summary="Ready to ingest: database, broker and intake",
-        responses={503: {"description": "Not ready; `checks` says what is missing"}},
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready; `checks` says what"}},
     )
     async def readyz() -> JSONResponse:
         checks = server.ready()
@@ -284,9 +293,11 @@ def build_app(server: HttpServer) -> FastAPI:
         since: Since = None,
         until: Until = None,
         bike_id: BikeId = None,
-        pricing_version: str | None = None,
-    ) -> dict[str, Any]:
-        return await reads().analytics(since, until, bike_id, pricing_version)
+        pricing_version: Annotated[str | None, Query(max_length=128)] = None,
+    ) -> Analytics:
+        return Analytics.model_validate(
+            await reads().analytics(since, until, bike_id, pricing_version)
+        )
 
     @app.get(
         "/pricing",
@@ -294,13 +305,15 @@ def build_app(server: HttpServer) -> FastAPI:
         dependencies=data,
         responses=_DATA,
     )
-    async def pricing() -> dict[str, Any]:
-        return {"pricing_versions": await reads().pricing()}
+    async def pricing() -> PricingList:
+        return PricingList.model_validate({"pricing_versions": await reads().pricing()})
 
     @app.get(
         "/sessions/{session_id}",
         summary="A session, its stored telemetry count and, once finalized, its bill",
         dependencies=data,
+        response_model=SessionBody,
+        response_model_exclude_none=True,
         responses={**_DATA, 404: _problem_response("No such session")},
     )
     async def session(session_id: Annotated[UUID, Path()], request: Request) -> Any:
@@ -308,7 +321,7 @@ def build_app(server: HttpServer) -> FastAPI:
         view = await model.session_view(session_id)
         if view is None:
             return problem(404, "Not Found", f"no session {session_id}", request.url.path)
-        return view.to_document(model.prefix)
+        return SessionBody.model_validate(view.to_document(model.prefix))
 
     @app.get(
         "/rejections",
@@ -326,14 +339,16 @@ def build_app(server: HttpServer) -> FastAPI:
             int | None, Query(ge=1, le=2**63 - 1, description="id from `next`")
         ] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> dict[str, Any]:
+    ) -> RejectionsPage:
         f = RejectionFilter(bike_id, reason, since, until, before, limit)
         page = await reads().rejections(f)
         following = None
         if len(page) == limit:
             query = {k: v for k, v in request.query_params.items() if k != "before"}
             following = f"{request.url.path}?{urlencode({**query, 'before': page[-1].id})}"
-        return {"rejections": [r.to_document() for r in page], "next": following}
+        return RejectionsPage.model_validate(
+            {"rejections": [r.to_document() for r in page], "next": following}
+        )
 
     if server.asyncapi is not None:
         document = server.asyncapi

@@ -1,0 +1,140 @@
+"""What the HTTP port answers, as typed models: FastAPI checks every body against them and
+generates /openapi.json from them, so the document promises exactly what is sent. A finalized
+record and a bill are the MQTT contract's own models (``daemon.mqtt.contract``): one home for
+each wire format."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from daemon.mqtt.contract import BillingPayload, DecimalText, FinalizedPayload, Instant
+from domain.errors import Reason
+
+__all__ = [
+    "Analytics",
+    "Health",
+    "KeptRejectionBody",
+    "PricingList",
+    "Readiness",
+    "RejectionsPage",
+    "SessionBody",
+]
+
+Money = Annotated[str, Field(pattern=r"^-?\d+(\.\d+)?$", description="an amount, as a string")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Health(_Body):
+    status: Literal["alive"]
+
+
+class Readiness(_Body):
+    ready: bool
+    checks: dict[str, bool] = Field(description="database, mqtt, accepting")
+
+
+class KindFigures(_Body):
+    """Rides or charging sessions: every figure derivable from the sessions it names."""
+
+    count: int = Field(ge=0)
+    energy_wh: DecimalText
+    distance_m: DecimalText
+    duration_s: float = Field(ge=0)
+    average_energy_wh: DecimalText | None
+    average_duration_s: DecimalText | None
+    revenue: dict[str, Money] = Field(description="by currency")
+    average_amount: dict[str, Money] = Field(description="by currency")
+    timed_out: int = Field(ge=0)
+    missing_samples: int = Field(ge=0)
+    session_ids: list[UUID]
+
+
+class VersionFigures(_Body):
+    sessions: int = Field(ge=0)
+    revenue: dict[str, Money] = Field(description="by currency")
+
+
+class AnalyticsFilters(_Body):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    since: Instant | None = Field(alias="from")
+    until: Instant | None = Field(alias="to")
+    bike_id: str | None
+    pricing_version: str | None
+
+
+class Analytics(_Body):
+    filters: AnalyticsFilters
+    by_pricing_version: dict[str, VersionFigures]
+    rides: KindFigures
+    charging: KindFigures
+    revenue: dict[str, Money] = Field(description="by currency")
+
+
+class RulePrices(_Body):
+    unit_price: DecimalText = Field(description="per kWh")
+    session_fee: DecimalText
+
+
+class PricingVersion(_Body):
+    version: str
+    currency: str
+    rounding: str
+    minor_unit: int = Field(ge=0)
+    ride: RulePrices
+    charging: RulePrices
+    first_used_at: Instant
+
+
+class PricingList(_Body):
+    pricing_versions: list[PricingVersion]
+
+
+class SessionEnd(_Body):
+    occurred_at: Instant
+    last_seq: int = Field(ge=0)
+
+
+class SessionBody(_Body):
+    """Active: running totals and the end if it came; Finalized: the published record and
+    its bill. Fields that do not apply to the session's state are left out."""
+
+    session_id: UUID
+    bike_id: str
+    kind: Literal["ride", "charging"]
+    rider_id: str | None = Field(None, description="rides only")
+    station_id: str | None = Field(None, description="charging sessions only")
+    state: Literal["active", "finalized"]
+    started_at: Instant
+    stored_telemetry_count: int = Field(ge=0)
+    finalized: FinalizedPayload | None = Field(None, description="finalized sessions only")
+    billing: BillingPayload | None = Field(None, description="finalized sessions only")
+    last_heard_at: Instant | None = Field(None, description="active sessions only")
+    energy_wh_so_far: DecimalText | None = Field(None, description="active sessions only")
+    telemetry_count_so_far: int | None = Field(None, description="active sessions only")
+    end: SessionEnd | None = Field(None, description="an active session whose end has come")
+
+
+class KeptRejectionBody(_Body):
+    id: int
+    received_at: Instant
+    topic: str
+    bike_id: str | None
+    reason: Reason
+    detail: str
+    session_id: UUID | None
+    telemetry_id: UUID | None
+    payload_size: int = Field(ge=0)
+    payload_text: str | None = Field(description="the payload, when it is UTF-8")
+    payload_base64: str = Field(description="the payload as kept (the first 4 KiB)")
+
+
+class RejectionsPage(_Body):
+    rejections: list[KeptRejectionBody]
+    next: str | None = Field(description="the path of the following page, if there is one")
