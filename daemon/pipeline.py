@@ -15,13 +15,14 @@ import contextlib
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 import structlog
 from prometheus_client import Counter
 
-from daemon.db.unit_of_work import Arrival, Settled, UnitOfWork
+from daemon.db.unit_of_work import Arrival, OpenBatch, Settled, UnitOfWork
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import Delivery
 from daemon.mqtt.schemas import Inbound, Rejection, decode
@@ -48,6 +49,16 @@ _TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _ATTEMPTS_BEFORE_SPLIT = 2
 
 
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A batch being written and committed in the background, and what to acknowledge."""
+
+    task: asyncio.Task[bool]
+    batch: Sequence[Delivery]
+    owned: Sequence[bool]
+    arrivals: Sequence[Arrival]
+
+
 class Pipeline:
     """Turns deliveries into committed state and outbox rows; acknowledges after commit."""
 
@@ -68,6 +79,7 @@ class Pipeline:
         pause_intake: Callable[[], None] = lambda: None,
         resume_intake: Callable[[], None] = lambda: None,
         takes: Callable[[str | None], bool] = lambda _bike_id: True,
+        pipelined: bool = False,
     ) -> None:
         self.uow = unit_of_work
         self.metrics = metrics
@@ -82,6 +94,10 @@ class Pipeline:
         # Bike-affine instances (daemon.partition): the messages of bikes this instance does
         # not take are acknowledged in order with the batch, from the topic alone.
         self.takes = takes
+        # Pipelined: a batch's rows are written and committed while the next batch is decoded,
+        # locked and decided (UnitOfWork.begin_batch / finish_batch); acknowledged in order.
+        self.pipelined = pipelined
+        self._tail: _InFlight | None = None
         self._busy_at = time.monotonic()
         # Bounded memory whatever the broker sends: past max_inbox messages or max_inbox_bytes
         # of payload (a stream of 60 KiB garbage is 60 times a stream of samples), stop
@@ -140,6 +156,7 @@ class Pipeline:
                 last_sweep = time.monotonic()
             if self.inbox:
                 await self.process(self._take())
+        await self.settle_in_flight()
 
     def idle_s(self) -> float:
         """How long nothing has waited in the inbox (0 while something does)."""
@@ -174,6 +191,9 @@ class Pipeline:
             await asyncio.wait_for(
                 self.process(self._take()), timeout=max(0.1, deadline - time.monotonic())
             )
+        await asyncio.wait_for(
+            self.settle_in_flight(), timeout=max(0.1, deadline - time.monotonic())
+        )
 
     # -- one batch ---------------------------------------------------------------------
 
@@ -186,12 +206,82 @@ class Pipeline:
             for d, mine in zip(batch, owned, strict=True)
             if mine
         ]
+        if self.pipelined and arrivals:
+            await self._pipelined(batch, owned, arrivals)
+            return
+        await self.settle_in_flight()  # acknowledged in order: the batch in flight first
+        await self._one_by_one(batch, owned, arrivals)
+
+    async def _one_by_one(
+        self, batch: Sequence[Delivery], owned: Sequence[bool], arrivals: Sequence[Arrival]
+    ) -> None:
         settled = await self._commit(arrivals) if arrivals else []
         if settled is None:
             return  # shutting down with the database away: the broker redelivers
         if arrivals:
             self.metrics.database_up.set(1)
         self._acknowledge(batch, owned, arrivals, settled)
+
+    async def _pipelined(
+        self, batch: Sequence[Delivery], owned: Sequence[bool], arrivals: Sequence[Arrival]
+    ) -> None:
+        """Begin this batch while the one before is written and committed; once that one is
+        in, write and commit this one in the background.
+
+        If either fails, whatever is open is rolled back, the cache is dropped and both are
+        decided again one by one, with the usual retries (this one was decided on what the one
+        before had decided; the one before may hold locks this one waits for, so it is
+        rolled back before the one before is decided again)."""
+        started = time.perf_counter()
+        try:
+            opened: OpenBatch | None = await self.uow.begin_batch(arrivals)
+        except Exception as exc:
+            log.info("batch could not be begun; deciding it again", error=repr(exc))
+            opened = None
+        begun_s = time.perf_counter() - started
+        tail, self._tail = self._tail, None
+        committed = tail is None or await tail.task
+        if opened is not None and committed:
+            task = asyncio.create_task(self._finish(opened, begun_s, batch, owned, arrivals))
+            self._tail = _InFlight(task, batch, owned, arrivals)
+            return
+        if opened is not None:
+            await self.uow.abandon_batch(opened)
+        self.uow.reset()
+        if not committed:
+            assert tail is not None
+            await self._one_by_one(tail.batch, tail.owned, tail.arrivals)
+        await self._one_by_one(batch, owned, arrivals)
+
+    async def _finish(
+        self,
+        opened: OpenBatch,
+        begun_s: float,
+        batch: Sequence[Delivery],
+        owned: Sequence[bool],
+        arrivals: Sequence[Arrival],
+    ) -> bool:
+        """Write and commit a begun batch, then acknowledge it (the batch before it is
+        acknowledged already); False, rolled back, when it could not be committed."""
+        started = time.perf_counter()
+        try:
+            await self.uow.finish_batch(opened)
+        except Exception as exc:
+            log.info("pipelined batch not committed; deciding it again", error=repr(exc))
+            return False
+        self._committed(opened.settled, opened.events, begun_s + time.perf_counter() - started)
+        self.metrics.database_up.set(1)
+        self._acknowledge(batch, owned, arrivals, opened.settled)
+        return True
+
+    async def settle_in_flight(self) -> None:
+        """Wait for the batch being committed in the background (it acknowledges itself); if
+        it failed, decide it again one by one."""
+        tail, self._tail = self._tail, None
+        if tail is None or await tail.task:
+            return
+        self.uow.reset()
+        await self._one_by_one(tail.batch, tail.owned, tail.arrivals)
 
     async def _commit(self, arrivals: Sequence[Arrival]) -> list[Settled] | None:
         attempt = 0
@@ -236,13 +326,16 @@ class Pipeline:
                 if attempt < _ATTEMPTS_BEFORE_SPLIT:
                     continue
                 return await self._bisect(arrivals, exc)
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
-            self.metrics.batch_size.observe(len(arrivals))
-            self.batch_sizes.append(len(arrivals))
-            self._count(events)
-            if events or any(s.rejection for s in settled):
-                self.on_commit()
+            self._committed(settled, events, time.perf_counter() - started)
             return settled
+
+    def _committed(self, settled: Sequence[Settled], events: Sequence[Event], took: float) -> None:
+        self.metrics.commit_seconds.observe(took)
+        self.metrics.batch_size.observe(len(settled))
+        self.batch_sizes.append(len(settled))
+        self._count(events)
+        if events or any(s.rejection for s in settled):
+            self.on_commit()
 
     async def _bisect(self, arrivals: Sequence[Arrival], error: Exception) -> list[Settled] | None:
         if len(arrivals) > 1:
@@ -367,13 +460,15 @@ class Pipeline:
         "Now" is never later than the oldest message still waiting in the inbox: a sample that
         arrived inside the grace period is not refused because it waited here.
         """
+        await self.settle_in_flight()
         now = min(self.clock(), self.inbox[0].received_at) if self.inbox else self.clock()
         policy = self.uow.policy
         try:
-            # Sessions gone dark are looked for less often: abandonment is measured in hours,
-            # and the look is a scan of every Active session.
+            # Sessions gone dark are looked for less often (every 30 s, or a twentieth of the
+            # abandon time if that is shorter): the look is a scan of every Active session.
             abandon = None
-            if time.monotonic() - self._abandon_checked >= self.abandon_check_s:
+            every = min(self.abandon_check_s, policy.abandon_after.total_seconds() / 20)
+            if time.monotonic() - self._abandon_checked >= every:
                 abandon = now - policy.abandon_after
             due = await self.uow.store.due_bikes(now - policy.finalize_grace, abandon)
             if abandon is not None:

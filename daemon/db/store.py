@@ -30,6 +30,7 @@ from domain.session_values import EndReason, FinalizedSession, SessionEnd, Sessi
 from domain.telemetry import Distance, EmissionTime, EnergyDelta, StateOfCharge, TelemetrySample
 
 __all__ = [
+    "BatchRows",
     "Conn",
     "OutboxEntry",
     "OutboxRow",
@@ -240,6 +241,29 @@ class _EventRows:
         return rows
 
 
+@dataclass(frozen=True, slots=True)
+class BatchRows:
+    """Everything one batch writes, as rows: taken from the decisions at once, so that what is
+    written cannot change while the statements run (the next batch may be deciding)."""
+
+    events: _EventRows
+    summaries: list[list[Any]]
+    outbox: Sequence[OutboxEntry]
+    rejections: Sequence[RejectionRow]
+
+    @classmethod
+    def of(
+        cls,
+        events: Sequence[Event],
+        changed: Sequence[Session],
+        outbox: Sequence[OutboxEntry],
+        rejections: Sequence[RejectionRow],
+        waiting_payloads: dict[bytes, tuple[str, bytes]],
+    ) -> BatchRows:
+        summaries = _summary_columns(changed) if changed else []
+        return cls(_EventRows.of(events, waiting_payloads), summaries, outbox, rejections)
+
+
 class Store:
     """PostgreSQL, as the unit of work and the outbox publisher need it."""
 
@@ -342,12 +366,20 @@ class Store:
         rejections: Sequence[RejectionRow],
         waiting_payloads: dict[bytes, tuple[str, bytes]],
     ) -> None:
-        """Write a batch's decisions inside the caller's transaction.
+        """Write a batch's decisions inside the caller's transaction."""
+        await self.write_rows(
+            conn, BatchRows.of(events, changed, outbox, rejections, waiting_payloads)
+        )
+
+    async def write_rows(self, conn: Conn, batch: BatchRows) -> None:
+        """Write a batch's rows inside the caller's transaction.
 
         Order matters: new sessions, then their telemetry (only an Active session takes
         samples), then the summaries (which may finalize them), then the waiting room.
         """
-        rows = _EventRows.of(events, waiting_payloads)
+        rows, summaries, outbox, rejections = (
+            batch.events, batch.summaries, batch.outbox, batch.rejections
+        )  # fmt: skip
         starts, samples, deferred, settled = rows.starts, rows.samples, rows.deferred, rows.settled
         if starts:
             await conn.executemany(
@@ -359,7 +391,7 @@ class Store:
             await conn.copy_records_to_table(
                 "telemetry", records=samples, columns=_TELEMETRY_COLUMNS
             )
-        if changed:
+        if summaries:
             await conn.execute(
                 "UPDATE sessions s SET last_heard_at = t.last_heard_at, ended_at = t.ended_at,"
                 " last_seq = t.last_seq, end_received_at = t.end_received_at,"
@@ -376,7 +408,7 @@ class Store:
                 " latest_emitted_at, state, missing_samples, end_reason, finalized_at,"
                 " pricing_version)"
                 " WHERE s.session_id = t.session_id",
-                *_summary_columns(changed),
+                *summaries,
             )
         if deferred:
             await conn.executemany(

@@ -17,8 +17,10 @@ from datetime import datetime
 
 import asyncpg
 import structlog
+from asyncpg.pool import PoolConnectionProxy
+from asyncpg.transaction import Transaction
 
-from daemon.db.store import Conn, OutboxEntry, RejectionRow, Store, WaitingRow
+from daemon.db.store import BatchRows, Conn, OutboxEntry, RejectionRow, Store, WaitingRow
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import TopicKind, topics_for
 from daemon.outbound import billing_message, finalized_message, rejection_message
@@ -35,7 +37,7 @@ from domain.events import (
 from domain.fleet import Fleet
 from domain.session_values import SessionPolicy
 
-__all__ = ["Arrival", "Settled", "UnitOfWork", "message_ref"]
+__all__ = ["Arrival", "OpenBatch", "Settled", "UnitOfWork", "message_ref"]
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +55,29 @@ class Arrival:
     payload: bytes
     received_at: datetime
     inbound: Inbound
+
+
+@dataclass(frozen=True, slots=True)
+class OpenBatch:
+    """A decided batch whose transaction is still open: its connection, what each message
+    came to, its events, and the rows ``finish_batch`` writes."""
+
+    conn: PoolConnectionProxy
+    transaction: Transaction
+    settled: list[Settled]
+    events: list[Event]
+    rows: BatchRows
+
+
+async def _abandon(conn: PoolConnectionProxy, transaction: Transaction, store: Store) -> None:
+    """Roll back (when the connection still can) and give the connection back."""
+    try:
+        if not conn.is_closed():
+            await transaction.rollback()
+    except Exception as exc:  # the connection is broken: the pool replaces it
+        log.debug("rollback failed", error=repr(exc))
+    finally:
+        await store.pool.release(conn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +144,25 @@ class UnitOfWork:
     async def _commit_batch(
         self, arrivals: Sequence[Arrival], check_telemetry_ids: bool
     ) -> tuple[list[Settled], list[Event]]:
+        batch = await self.begin_batch(arrivals, check_telemetry_ids)
+        await self.finish_batch(batch)
+        return batch.settled, batch.events
+
+    async def begin_batch(
+        self, arrivals: Sequence[Arrival], check_telemetry_ids: bool = False
+    ) -> OpenBatch:
+        """Lock the batch's bikes, decide it, and take its rows: the first half of a batch's
+        transaction, which stays open until ``finish_batch``.
+
+        The pipeline begins the next batch while this one's rows are written and committed
+        (``finish_batch``); whatever the next batch shares with this one waits in PostgreSQL
+        for this one's commit (its bikes are locked), so it decides on what this one wrote.
+        """
         commands = [a.inbound.command for a in arrivals if a.inbound.command is not None]
-        pool = self.store.pool
-        async with pool.acquire() as conn, conn.transaction():
+        conn = await self.store.pool.acquire()
+        transaction = conn.transaction()
+        try:
+            await transaction.start()
             await self._take(conn, {c.bike_id for c in commands})
             await self._load(conn, commands)
             if check_telemetry_ids:
@@ -136,26 +177,43 @@ class UnitOfWork:
             waiting = [
                 a for a, s in zip(arrivals, settled, strict=True) if s.outcome is Outcome.DEFERRED
             ]
-            events = await self._write(conn, waiting, rejections)
+            events, rows = self._rows(waiting, rejections)
+        except BaseException:
+            await _abandon(conn, transaction, self.store)
+            raise
         if any(s.dropped for s in settled):
             self.reset()  # a command failed half-way through the domain: trust the store
-        return settled, events
+        return OpenBatch(conn, transaction, settled, events, rows)
+
+    async def finish_batch(self, batch: OpenBatch) -> None:
+        """Write the batch's rows and commit: the second half of its transaction."""
+        try:
+            await self.store.write_rows(batch.conn, batch.rows)
+            await batch.transaction.commit()
+        except BaseException:
+            await _abandon(batch.conn, batch.transaction, self.store)
+            raise
+        await self.store.pool.release(batch.conn)
+
+    async def abandon_batch(self, batch: OpenBatch) -> None:
+        """Roll a begun batch back (its decisions are to be made again: ``reset`` first)."""
+        await _abandon(batch.conn, batch.transaction, self.store)
 
     async def commit_rejections(self, arrivals: Sequence[Arrival], why: str) -> None:
         """Keep messages the database refused to store as they are, as rejections."""
-        rows = [
-            self._rejection_row(
-                a,
-                Rejection(
-                    a.topic,
-                    a.inbound.bike_id,
-                    Reason.SCHEMA_VIOLATION,
-                    why,
-                    a.inbound.command.session_id if a.inbound.command else None,
-                ),
+        rows = []
+        for a in arrivals:
+            command = a.inbound.command
+            sample = command.sample if isinstance(command, RecordTelemetry) else None
+            rejection = Rejection(
+                a.topic,
+                a.inbound.bike_id,
+                Reason.SCHEMA_VIOLATION,
+                why,
+                command.session_id if command else None,
+                sample.telemetry_id if sample else None,  # SPEC: named when known
             )
-            for a in arrivals
-        ]
+            rows.append(self._rejection_row(a, rejection))
         async with self.store.pool.acquire() as conn, conn.transaction():
             await self.store.write(conn, [], [], [], rows, {})
 
@@ -245,12 +303,19 @@ class UnitOfWork:
     ) -> list[Event]:
         """Write what the fleet decided; ``waiting`` are the arrivals it deferred, whose raw
         payloads the waiting room keeps."""
+        events, rows = self._rows(waiting, rejections)
+        await self.store.write_rows(conn, rows)
+        return events
+
+    def _rows(
+        self, waiting: Sequence[Arrival], rejections: Sequence[RejectionRow]
+    ) -> tuple[list[Event], BatchRows]:
+        """What the fleet decided since the last batch, as events and the rows to write."""
         changed = self.fleet.changed_sessions()
         events = self.fleet.pop_events()
-        outbox = self._outbox(events)
         payloads = {message_ref(a.topic, a.payload): (a.topic, a.payload) for a in waiting}
-        await self.store.write(conn, events, changed, outbox, rejections, payloads)
-        return events
+        rows = BatchRows.of(events, changed, self._outbox(events), rejections, payloads)
+        return events, rows
 
     def _outbox(self, events: Sequence[Event]) -> list[OutboxEntry]:
         """The outbound messages of what was decided: rendered here, and only here."""

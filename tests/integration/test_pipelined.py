@@ -1,0 +1,109 @@
+"""The pipelined commit on a real PostgreSQL: a batch is written and committed while the next
+is decided, and a failure of either costs nothing already accepted, in any order."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from importlib import resources
+
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.db.store import Store
+from daemon.db.unit_of_work import UnitOfWork
+from daemon.metrics import Metrics
+from daemon.mqtt.acks import Ackable
+from daemon.mqtt.connection import Delivery
+from daemon.pipeline import Pipeline
+from domain.billing import parse_pricing
+from domain.session_values import SessionPolicy
+from tests.builders import T0, bike_id, sample, start
+from tests.integration.test_store import NOW, PREFIX, payload_of
+
+pytestmark = pytest.mark.integration
+
+
+class Acks:
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def ack(self, message: Ackable) -> bool:
+        self.sent.append(message.mid)
+        return True
+
+
+def pipeline(pool: asyncpg.Pool) -> Pipeline:
+    text = resources.files("daemon").joinpath("pricing.toml").read_text()
+    pricing = parse_pricing(text, "daemon/pricing.toml")
+    policy = SessionPolicy(pricing_version=pricing.version)
+    uow = UnitOfWork(Store(pool), policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
+    return Pipeline(uow, Metrics(), prefix=PREFIX, clock=lambda: NOW, pipelined=True)
+
+
+def deliveries(acks: Acks, first_mid: int, *commands) -> list[Delivery]:
+    out = []
+    for mid, command in enumerate(commands, start=first_mid):
+        kind = "lifecycle" if not hasattr(command, "sample") else "telemetry"
+        topic = f"{PREFIX}/bikes/{command.bike_id}/{kind}"
+        out.append(Delivery(topic, payload_of(command), mid, 1, acks, NOW))  # type: ignore[arg-type]
+    return out
+
+
+async def totals(pool: asyncpg.Pool, session_id: uuid.UUID) -> tuple[Decimal, int, list[int]]:
+    row = await pool.fetchrow(
+        "SELECT energy_wh, telemetry_count, seq_ranges FROM sessions WHERE session_id = $1",
+        session_id,
+    )
+    return row["energy_wh"], row["telemetry_count"], list(row["seq_ranges"])
+
+
+async def test_consecutive_batches_overlap_and_are_acknowledged_in_order(pool):
+    acks = Acks()
+    p = pipeline(pool)
+    a = start(bike_id(), at=T0)
+    first = deliveries(acks, 1, a, sample(a, 1, "1.5"))
+    second = deliveries(acks, 3, sample(a, 2, "2.5"), sample(a, 3, "3"))
+    await p.process(first)  # begun and committing in the background
+    await p.process(second)  # begun while the first commits; the bike waits in PostgreSQL
+    await p.settle_in_flight()
+    assert acks.sent == [1, 2, 3, 4]
+    assert await totals(pool, a.session_id) == (Decimal("7.0"), 3, [1, 3])
+
+
+async def test_a_batch_that_fails_to_commit_is_decided_again_with_the_one_begun_after_it(pool):
+    acks = Acks()
+    p = pipeline(pool)
+    a, b = start(bike_id(), at=T0), start(bike_id(), at=T0)
+    poison = sample(a, 2, "100")
+    constraint = f"test_poison_{uuid.uuid4().hex[:8]}"
+    await pool.execute(
+        f"ALTER TABLE telemetry ADD CONSTRAINT {constraint}"
+        f" CHECK (telemetry_id <> '{poison.sample.telemetry_id}') NOT VALID"
+    )
+    try:
+        first = deliveries(acks, 1, a, sample(a, 1, "1"), poison, b)
+        # Begun while the first is committing, on what the first decided (a's session).
+        second = deliveries(
+            acks, 5, sample(a, 3, "3", at=T0 + timedelta(seconds=3)), sample(b, 1, "10")
+        )
+        with capture_logs() as logs:
+            await p.process(first)
+            await p.process(second)
+            await p.settle_in_flight()
+    finally:
+        await pool.execute(f"ALTER TABLE telemetry DROP CONSTRAINT {constraint}")
+    assert [e["event"] for e in logs if "pipelined" in e["event"]] == [
+        "pipelined batch not committed; deciding it again"
+    ]
+    assert acks.sent == [1, 2, 3, 4, 5, 6]
+    assert await totals(pool, a.session_id) == (Decimal(4), 2, [1, 1, 3, 3])
+    assert await totals(pool, b.session_id) == (Decimal(10), 1, [1, 1])
+    kept = await pool.fetchval(
+        "SELECT reason FROM rejected_messages WHERE telemetry_id = $1",
+        poison.sample.telemetry_id,
+    )
+    assert kept == "schema_violation"
+    assert p.metrics.dropped.labels("commit_failed")._value.get() == 0
