@@ -434,15 +434,22 @@ async def run_contender(c: Contender, port: int, total: int, bikes: int, broker_
 
 
 async def lag(
-    args: argparse.Namespace, port: int, rate: float, workers: int, seed: int, broker_pid: int
+    args: argparse.Namespace,
+    port: int,
+    rate: float,
+    workers: int,
+    seed: int,
+    broker_pid: int,
+    pipelined: str = "true",
 ) -> str:
     """p50/p99 publish-to-commit of samples offered at a steady rate to Active sessions."""
     db = _database(args.database_url, f"lag{workers}")
     await fresh_database(db)
     http = _port_block(workers)
     env = daemon_environment(
-        port, db, http, f"lag{workers}", CHARGEFLOW_MQTT_PROTOCOL=args.protocols[-1]
-    )
+        port, db, http, f"lag{workers}", CHARGEFLOW_MQTT_PROTOCOL=args.protocols[-1],
+        CHARGEFLOW_PIPELINED_COMMITS=pipelined,
+    )  # fmt: skip
     if workers > 1 and args.share_lag:
         env["CHARGEFLOW_SHARE_GROUP"] = f"lag-{uuid.uuid4().hex[:6]}"
     # Otherwise `--workers N` runs bike-affine partitions (the default way to run several).
@@ -459,10 +466,21 @@ async def lag(
             str(args.live_bikes), "--seed", str(seed), "--out", str(out),
         )  # fmt: skip
         total = int(rate * args.lag_seconds)
+        profiler = None
+        if args.profile_lag and workers == 1:
+            assert daemon.proc is not None
+            profiler = await asyncio.create_subprocess_exec(
+                "py-spy", "record", "--pid", str(daemon.proc.pid), "--format", "raw",
+                "--rate", "200", "--nonblocking", "--idle", "-o",
+                f"{args.profile_lag}-{int(rate)}-{pipelined}.txt",
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         seen: list[tuple[float, float]] = []
         pg_before, broker_before = _postgres_cpu_s(), tree_cpu_s(broker_pid)
         commit_s = daemon.metric("chargeflow_batch_commit_seconds_sum")
         commits = daemon.metric("chargeflow_batch_commit_seconds_count")
+        batches = daemon.metric("chargeflow_batch_size_count")
+        batched = daemon.metric("chargeflow_batch_size_sum")
         cpu_before, began = daemon.cpu_s(), time.time()
         deadline = time.monotonic() + args.lag_seconds * 20 + 60
         while time.monotonic() < deadline:
@@ -471,6 +489,9 @@ async def lag(
             if n - args.live_bikes >= total:
                 break
             await asyncio.sleep(0.02)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            await profiler.wait()
         cpu = daemon.cpu_s() - cpu_before
         pg_cpu = _postgres_cpu_s() - pg_before
         broker_cpu = tree_cpu_s(broker_pid) - broker_before
@@ -478,8 +499,9 @@ async def lag(
         await publisher.wait()
         sent_at = sorted(json.loads(await asyncio.to_thread(out.read_text)))
         out.unlink()  # noqa: ASYNC240
-        batches = daemon.metric("chargeflow_batch_size_count")
-        batched = daemon.metric("chargeflow_batch_size_sum")
+        # The lag window's batches only (not the starts before it).
+        batches = daemon.metric("chargeflow_batch_size_count") - batches
+        batched = daemon.metric("chargeflow_batch_size_sum") - batched
         commit_s = daemon.metric("chargeflow_batch_commit_seconds_sum") - commit_s
         commits = daemon.metric("chargeflow_batch_commit_seconds_count") - commits
     finally:
@@ -600,9 +622,12 @@ async def main(args: argparse.Namespace) -> None:
             rows = []
             for workers in sorted({1, args.workers}):
                 for rate in args.rates:
-                    rows.append(
-                        await lag(args, port, rate, workers, args.seed + len(rows), broker.pid)
-                    )
+                    for pipelined in args.pipelined:
+                        row = await lag(
+                            args, port, rate, workers, args.seed + len(rows), broker.pid,
+                            pipelined,
+                        )  # fmt: skip
+                        rows.append(f"{row}  pipelined={pipelined}")
             print(f"{'offered':>7} {'achieved':>9} {'workers':>8} {'p50 ms':>8} {'p99 ms':>8} "
                   f"{'max ms':>8} {'batch':>7} {'commit ms':>9} {'ms/msg':>8} {'CPU':>7} "
                   f"{'PG CPU':>7} {'broker':>7}")  # fmt: skip
@@ -697,6 +722,13 @@ if __name__ == "__main__":
                         "chargeflow")  # fmt: skip
     parser.add_argument("--skip-lag", action="store_true")
     parser.add_argument(
+        "--pipelined",
+        type=lambda t: t.split(","),
+        default=["true"],
+        help="CHARGEFLOW_PIPELINED_COMMITS values to run the lag phase with, side by side "
+        "(e.g. true,false)",
+    )
+    parser.add_argument(
         "--share-lag",
         action="store_true",
         help="run the lag phase's workers in one share group instead of bike-affine partitions",
@@ -708,6 +740,12 @@ if __name__ == "__main__":
         default=["5", "3.1.1"],
         help="the daemon's MQTT protocol levels to run (CHARGEFLOW_MQTT_PROTOCOL); the workers "
         "run the last",
+    )
+    parser.add_argument(
+        "--profile-lag",
+        metavar="PREFIX",
+        help="record the one-process lag runs with py-spy, idle frames included, to "
+        "PREFIX-RATE-PIPELINED.txt (collapsed stacks)",
     )
     parser.add_argument(
         "--profile",

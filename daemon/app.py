@@ -193,7 +193,7 @@ class Daemon:
                 max_payload_bytes=s.max_payload_bytes,
                 max_inbox=s.receive_maximum,
                 takes=ownership.takes,
-                pipelined=True,
+                pipelined=s.pipelined_commits,
             )
             link = self.link = MqttLink(s, self.metrics, pipeline.deliver)
             pipeline.pause_intake, pipeline.resume_intake = link.pause_reading, link.resume_reading

@@ -96,6 +96,8 @@ class Settings(BaseModel):
     # `chargeflow run`'s event loop: uvloop (libuv; about a tenth less CPU per message, README
     # "Measured") or the standard library's, for a platform uvloop does not build on.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    # A batch written and committed while the next is decided (README, "Measured").
+    pipelined_commits: bool = True
     max_payload_bytes: int = Field(default=16_384, ge=256)
     session_expiry_s: int = Field(default=7 * 86_400, ge=0)
     redelivery_window_days: int = Field(default=7, ge=1)
