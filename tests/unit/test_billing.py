@@ -138,3 +138,60 @@ def test_toml_floats_are_read_exactly():
         'version="1"\ncurrency="EUR"\n[ride]\nunit_price=0.1\n[charging]\nunit_price=0.3\n'
     )
     assert pricing.rule_for(SessionKind.RIDE).unit_price.per_kwh == Decimal("0.1")
+
+
+def test_the_billing_record_is_written_as_these_exact_bytes():
+    session = finalized(SessionKind.RIDE, "1234.5")
+    assert bill(session, shipped_pricing()).to_json() == (
+        b'{"amount":"0.37","bike_id":"bike-1","billable_energy_wh":"1234.5",'
+        b'"currency":"EUR","kind":"ride","pricing_version":"2026-01",'
+        b'"session_id":"' + str(session.session_id).encode() + b'","unit_price":"0.30"}'
+    )
+
+
+def test_the_recorded_price_list_is_this_exact_text_however_the_file_is_written():
+    canonical = (
+        '{"charging":{"session_fee":"0","unit_price":"0.25"},"currency":"EUR","minor_unit":2,'
+        '"ride":{"session_fee":"0","unit_price":"0.30"},"rounding":"half_even","version":"2026-01"}'
+    )
+    assert shipped_pricing().canonical() == canonical
+    rewritten = parse_pricing(
+        '# the same prices, written otherwise\nrounding = "half_even"\nversion = "2026-01"\n'
+        'currency = "EUR"\n[charging]\nunit_price = "0.25"\nsession_fee = 0\n'
+        "[ride]\nunit_price = 0.30\n",
+        "rewritten.toml",
+    )
+    assert rewritten.canonical() == canonical
+
+
+def test_the_pricing_files_minor_unit_decides_the_rounding_place():
+    text = 'version="1"\ncurrency="EUR"\nminor_unit={}\n[ride]\nunit_price="0.30"\n[charging]\nunit_price=0.25\n'
+    ride = finalized(SessionKind.RIDE, "1234.5")  # 0.37035
+    assert str(bill(ride, parse_pricing(text.format(3))).amount.amount) == "0.370"
+    assert str(bill(ride, parse_pricing(text.format(0))).amount.amount) == "0"
+    assert parse_pricing(text.format(3)).minor_unit == 3
+
+
+@pytest.mark.parametrize("currency", ["eur", "EURO", "EU", "E1R"])
+def test_money_is_in_an_iso_4217_code(currency):
+    from domain.billing import Money
+    from domain.errors import InvalidValue
+
+    with pytest.raises(InvalidValue, match="ISO 4217"):
+        Money(Decimal(1), currency)
+
+
+@pytest.mark.parametrize("currency", ['"EURO"', '"eur"', '"EU"'])
+def test_a_pricing_file_in_no_iso_4217_currency_is_refused(currency):
+    text = f'version="1"\ncurrency={currency}\n[ride]\nunit_price=1\n[charging]\nunit_price=1\n'
+    with pytest.raises(InvalidPricing, match="ISO 4217"):
+        parse_pricing(text)
+
+
+@pytest.mark.parametrize("price", ["Infinity", "NaN", "-0.01"])
+def test_a_unit_price_is_a_finite_non_negative_decimal(price):
+    from domain.billing import UnitPrice
+    from domain.errors import InvalidValue
+
+    with pytest.raises(InvalidValue, match="non-negative finite decimal"):
+        UnitPrice(Decimal(price))

@@ -235,3 +235,19 @@ def test_analytics_totals_distance_and_missing_samples_over_every_session():
     report = project([ride("1200.5", 1), ride("99.5", 2)], [])
     assert (report.rides.distance_m, report.rides.missing_samples) == (Decimal(1300), 3)
     assert (report.charging.distance_m, report.charging.missing_samples) == (Decimal(0), 0)
+
+
+def test_an_instant_is_published_in_utc_whatever_the_machines_time_zone(monkeypatch):
+    import time
+    from datetime import timezone
+
+    from domain.session_values import utc_text
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        at = T0.astimezone(timezone(timedelta(hours=-7)))
+        assert utc_text(at) == "2026-11-24T08:00:00Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
