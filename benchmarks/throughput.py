@@ -458,6 +458,11 @@ async def lag(
     daemon = ChargeFlow(env, http, workers, None)
     await daemon.start()
     try:
+        if workers > 1 and not args.share_lag:
+            # Partitions: until each worker has read the others' claims (every second), it
+            # takes every bike; starts published then would be cached by both and reloaded by
+            # the owner on its first sample, so that the lag window measured a warm-up.
+            await asyncio.sleep(2.5)
         await publish(fleet_url(port), starts(args.live_bikes, seed), args.live_bikes, "starts")
         while daemon.metric("chargeflow_messages_accepted_total") < args.live_bikes:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
