@@ -513,3 +513,58 @@ def test_a_price_history_names_the_version_recorded_twice_and_the_session_withou
         LookupError, match=f"^session {session.session_id} names no pricing version$"
     ):
         PricingHistory((one,)).bill(session)
+
+
+def test_a_pricing_file_named_by_no_one_is_called_the_pricing_file():
+    with pytest.raises(InvalidPricing, match=r"^pricing file: unknown keys a$"):
+        parse_pricing("a=1\n" + GOOD)
+
+
+def test_a_bad_session_fee_names_its_table():
+    text = GOOD.replace("[ride]\nunit_price=1", '[ride]\nunit_price=1\nsession_fee="x"')
+    with pytest.raises(InvalidPricing, match=r"^p\.toml \[ride\]: `session_fee` is not a decimal"):
+        parse_pricing(text, "p.toml")
+
+
+def test_an_empty_version_is_refused():
+    with pytest.raises(InvalidPricing, match="`version` must be set"):
+        parse_pricing(GOOD.replace('version="1"', 'version=""'), "p.toml")
+
+
+def test_a_fee_written_with_an_exponent_is_recorded_in_plain_digits():
+    text = GOOD.replace("[ride]\nunit_price=1", "[ride]\nunit_price=1\nsession_fee=1e1")
+    assert '"ride":{"session_fee":"10"' in parse_pricing(text).canonical()
+
+
+def test_two_rules_for_one_kind_are_named_in_the_refusal():
+    rule = PricingRule(SessionKind.RIDE, UnitPrice(Decimal(1)))
+    with pytest.raises(InvalidPricing, match=r"got ride, ride$"):
+        PricingRules("1", "EUR", Rounding.HALF_EVEN, 2, (rule, rule))
+
+
+def test_a_negative_zero_is_published_as_zero():
+    from domain.session_values import quantity_text
+
+    assert quantity_text(Decimal("-0")) == "0"
+    assert quantity_text(Decimal("-0.000")) == "0"
+
+
+def test_a_taken_seq_without_its_stored_sample_tells_the_caller_what_to_load():
+    a = start(bike_id())
+    fleet = fresh(a.bike_id)
+    fleet.handle(a, NOW)
+    fleet.handle(sample(a, 1), NOW)
+    fleet.pop_events()  # the batch ended: the stored sample is no longer in memory
+    with pytest.raises(LookupError) as caught:
+        fleet.handle(sample(a, 1, "2"), NOW)
+    assert str(caught.value) == (
+        f"seq 1 of session {a.session_id} is taken but its stored sample was not loaded; "
+        "call Fleet.samples_to_load first"
+    )
+
+
+def test_a_message_handled_without_a_reference_waits_with_an_empty_one():
+    a = start(bike_id())
+    early = sample(a, 1)
+    (event,) = fresh(a.bike_id).handle(early, NOW).events
+    assert event == MessageDeferred(a.bike_id, Waiting(early, NOW, b""))
