@@ -19,7 +19,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from daemon.config import ConfigError
+from daemon.config import ConfigError, Settings
 from daemon.devbroker import REPO_CONFIG, REPO_ROOT, free_port, start_broker
 from daemon.simulate import json_payload
 from tests.conftest import missing_service
@@ -151,18 +151,23 @@ def _connect_and_publish(client: paho.Client, port: int, messages: list[tuple[st
         client.loop_stop()
 
 
+def _daemon_on_mutual_tls(pki: Pki, broker: TlsBroker, database_url: str) -> Settings:
+    """A daemon that authenticates to the TLS listener by its certificate (CN chargeflow-daemon)."""
+    crt, key = pki.issue("chargeflow-daemon")
+    return settings_for(
+        database_url,
+        f"mqtts://127.0.0.1:{broker.port}",
+        mqtt_ca_file=pki.ca,
+        mqtt_cert_file=crt,
+        mqtt_key_file=key,
+    )
+
+
 async def test_a_bike_authenticated_by_its_certificate_is_ingested_and_billed_by_a_daemon_on_mutual_tls(
     pki, tls_broker, database_url, pool
 ):
-    daemon_crt, daemon_key = pki.issue("chargeflow-daemon")
     bike_id = f"bike-tls-{uuid.uuid4().hex[:6]}"
-    settings = settings_for(
-        database_url,
-        f"mqtts://127.0.0.1:{tls_broker.port}",
-        mqtt_ca_file=pki.ca,
-        mqtt_cert_file=daemon_crt,
-        mqtt_key_file=daemon_key,
-    )
+    settings = _daemon_on_mutual_tls(pki, tls_broker, database_url)
     async with running_daemon(settings):
         bike, codes = _bike_client(pki, bike_id, tls_broker.port)
         # The bike listens to its own billing topic (its certificate's CN is its username).
@@ -190,15 +195,8 @@ async def test_a_bike_authenticated_by_its_certificate_is_ingested_and_billed_by
 async def test_a_bikes_certificate_cannot_publish_under_another_bikes_topics(
     pki, tls_broker, database_url, pool
 ):
-    daemon_crt, daemon_key = pki.issue("chargeflow-daemon")
     thief, victim = f"bike-tls-{uuid.uuid4().hex[:6]}", f"bike-tls-{uuid.uuid4().hex[:6]}"
-    settings = settings_for(
-        database_url,
-        f"mqtts://127.0.0.1:{tls_broker.port}",
-        mqtt_ca_file=pki.ca,
-        mqtt_cert_file=daemon_crt,
-        mqtt_key_file=daemon_key,
-    )
+    settings = _daemon_on_mutual_tls(pki, tls_broker, database_url)
     async with running_daemon(settings) as daemon:
         client, codes = _bike_client(pki, thief, tls_broker.port)
         await asyncio.to_thread(_connect_and_publish, client, tls_broker.port, _ride(victim))
