@@ -7,6 +7,7 @@ for each. Then, one at a time, each contender is started and drains its copy:
 
 - ``paho 3.1.1`` / ``paho v5``: paho's own loop, a callback that only counts (the ceiling);
 - ``aiomqtt``: ``async for message in client.messages``, counting;
+- ``mqtt5 codec``: the daemon's own reader (``daemon.mqtt.v5``), acknowledging every message;
 - ``naive bridge``: aiomqtt, ``json.loads`` and one autocommitted INSERT per message (what a
   hand-rolled bridge does, without validation, sessions or ack after commit);
 - ``ChargeFlow``: ``chargeflow run`` as its own process (validation, sessions, COPY, outbox,
@@ -164,9 +165,50 @@ async def _drain_aiomqtt(args: argparse.Namespace, insert: bool) -> dict[str, fl
     return state
 
 
+async def _drain_v5session(args: argparse.Namespace) -> dict[str, float]:
+    """The daemon's own reader (daemon.mqtt.v5: an asyncio protocol on the ``mqtt5`` codec),
+    acknowledging each message as the pipeline does after commit, on the daemon's event loop."""
+    import mqtt5
+
+    from daemon.mqtt.delivery import Delivery
+    from daemon.mqtt.v5 import V5Session
+
+    state: dict[str, float] = {"count": 0}
+    done = asyncio.Event()
+    expect = args.expect
+
+    def deliver(delivery: Delivery) -> None:
+        n = state["count"] = state["count"] + 1
+        if n == 1:
+            state["first_wall"], state["first_cpu"] = time.time(), time.process_time()
+        delivery.ack()
+        if n >= expect:
+            state["last_wall"], state["last_cpu"] = time.time(), time.process_time()
+            done.set()
+
+    connect = mqtt5.ConnectPacket(
+        args.client_id, username=DAEMON[0], password=DAEMON[1].encode(), clean_start=False,
+        keep_alive=60, session_expiry_interval=SESSION_EXPIRY_S, receive_max=RECEIVE_MAXIMUM,
+    )  # fmt: skip
+    session = V5Session(connect, deliver)
+    loop = asyncio.get_running_loop()
+    await loop.create_connection(lambda: session, "127.0.0.1", args.port)
+    await session.connack
+    await session.subscribe([mqtt5.TopicFilter(f, max_qos=mqtt5.QoS.AT_LEAST_ONCE) for f in FILTERS])
+    if expect:
+        await done.wait()
+    session.disconnect()
+    await session.closed
+    return state
+
+
 def drain_main(args: argparse.Namespace) -> None:
     if args.contender in ("paho311", "paho5"):
         state = _drain_paho(args, v5=args.contender == "paho5")
+    elif args.contender == "v5session":
+        import uvloop
+
+        state = uvloop.run(_drain_v5session(args))
     else:
         state = asyncio.run(_drain_aiomqtt(args, insert=args.contender == "naive"))
     print(json.dumps(state))
@@ -313,7 +355,7 @@ class Result:
 @dataclass
 class Contender:
     name: str
-    kind: str  # paho311, paho5, aiomqtt, naive, chargeflow
+    kind: str  # paho311, paho5, aiomqtt, v5session, naive, chargeflow
     client_id: str
     workers: int = 1
     checkout: str | None = None
@@ -566,6 +608,7 @@ async def main(args: argparse.Namespace) -> None:
         Contender("paho 3.1.1", "paho311", f"tp-paho311-{run}"),
         Contender("paho v5", "paho5", f"tp-paho5-{run}"),
         Contender("aiomqtt", "aiomqtt", f"tp-aiomqtt-{run}"),
+        Contender("mqtt5 codec (daemon.mqtt.v5)", "v5session", f"tp-v5s-{run}"),
         Contender("naive bridge", "naive", f"tp-naive-{run}"),
     ]
     if args.baseline:
@@ -704,7 +747,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode")
     drain = sub.add_parser("drain", help="(internal) one raw contender")
-    drain.add_argument("contender", choices=["paho311", "paho5", "aiomqtt", "naive"])
+    drain.add_argument("contender", choices=["paho311", "paho5", "aiomqtt", "v5session", "naive"])
     drain.add_argument("--port", type=int, required=True)
     drain.add_argument("--client-id", required=True)
     drain.add_argument("--expect", type=int, required=True)
@@ -725,7 +768,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--baseline", help="also run the daemon of another checkout")
     parser.add_argument("--only", type=lambda t: t.split(","), default=None,
-                        help="comma-separated contender kinds: paho311,paho5,aiomqtt,naive,"
+                        help="comma-separated contender kinds: paho311,paho5,aiomqtt,v5session,"
+                        "naive,"
                         "chargeflow")  # fmt: skip
     parser.add_argument("--skip-lag", action="store_true")
     parser.add_argument(
@@ -744,9 +788,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--protocols",
         type=lambda t: t.split(","),
-        default=["5", "3.1.1"],
+        default=["3.1.1", "5"],
         help="the daemon's MQTT protocol levels to run (CHARGEFLOW_MQTT_PROTOCOL); the workers "
-        "run the last",
+        "and the lag phase run the last",
     )
     parser.add_argument(
         "--profile-lag",

@@ -22,7 +22,9 @@ from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.contract import asyncapi_document
+from daemon.mqtt.delivery import Link
 from daemon.mqtt.publisher import OutboxPublisher
+from daemon.mqtt.v5 import V5Link
 from daemon.partition import Ownership, PartitionRegistry
 from daemon.pipeline import Pipeline
 
@@ -80,7 +82,7 @@ class Daemon:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     store: Store | None = None
     pipeline: Pipeline | None = None
-    link: MqttLink | None = None
+    link: Link | None = None
     http: HttpServer | None = None
     registry: PartitionRegistry | None = None
     database_ok: bool = False
@@ -195,7 +197,8 @@ class Daemon:
                 takes=ownership.takes,
                 pipelined=s.pipelined_commits,
             )
-            link = self.link = MqttLink(s, self.metrics, pipeline.deliver)
+            kind = V5Link if s.mqtt_protocol == "5" else MqttLink
+            link = self.link = kind(s, self.metrics, pipeline.deliver)
             pipeline.pause_intake, pipeline.resume_intake = link.pause_reading, link.resume_reading
             publisher = OutboxPublisher(store, link, self.metrics)
             pipeline.on_commit = publisher.notify

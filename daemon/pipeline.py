@@ -24,7 +24,7 @@ from prometheus_client import Counter
 
 from daemon.db.unit_of_work import Arrival, OpenBatch, Settled, UnitOfWork
 from daemon.metrics import Metrics
-from daemon.mqtt.connection import Delivery
+from daemon.mqtt.delivery import Delivery
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import TopicKind, topics_for
 from domain.errors import Reason

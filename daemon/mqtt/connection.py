@@ -1,4 +1,5 @@
-"""The daemon's MQTT connection: persistent session, subscriptions, reconnect with backoff."""
+"""The daemon's MQTT 3.1.1 connection (paho through aiomqtt): persistent session, subscriptions,
+reconnect with backoff. MQTT v5, the default, has its own lighter link (``daemon.mqtt.v5``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,30 +21,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from daemon.config import Settings
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import ManualAcks, PausableClient, disconnect, receive_directly
+from daemon.mqtt.delivery import Delivery, LinkDown
 from daemon.mqtt.topics import topics_for
+from daemon.mqtt.v5 import RECONNECT_CAP_S
 
-__all__ = ["Delivery", "MqttLink"]
+__all__ = ["MqttLink"]
 
 log = structlog.get_logger(__name__)
-# However long the broker was away, the daemon is back within this (with jitter, so that
-# several instances do not all knock at once): README, "Scaling out".
-RECONNECT_CAP_S = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """An inbound message, the connection that will acknowledge it, and when it arrived."""
-
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    acks: ManualAcks
-    received_at: datetime
-
-    def ack(self) -> bool:
-        """Send its PUBACK (after its batch is committed); False if its connection is gone."""
-        return self.acks.ack(self)
 
 
 def _refused(code: object) -> bool:
@@ -202,8 +185,11 @@ class MqttLink:
             disconnect(client)
 
     async def publish(self, topic: str, payload: bytes) -> None:
-        """Publish with QoS 1 and wait for the broker's PUBACK; raises MqttError when down."""
+        """Publish with QoS 1 and wait for the broker's PUBACK; raises LinkDown when down."""
         client = self._client
         if client is None:
-            raise aiomqtt.MqttError("not connected")
-        await client.publish(topic, payload, qos=1, timeout=10)
+            raise LinkDown("not connected")
+        try:
+            await client.publish(topic, payload, qos=1, timeout=10)
+        except aiomqtt.MqttError as exc:
+            raise LinkDown(str(exc)) from exc

@@ -12,13 +12,12 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-import aiomqtt
 import asyncpg
 import structlog
 
 from daemon.db.store import Conn, OutboxRow, Store
 from daemon.metrics import Metrics
-from daemon.mqtt.connection import MqttLink
+from daemon.mqtt.delivery import Link, LinkDown
 
 __all__ = ["OutboxPublisher"]
 
@@ -30,7 +29,7 @@ class OutboxPublisher:
     def __init__(
         self,
         store: Store,
-        link: MqttLink,
+        link: Link,
         metrics: Metrics,
         *,
         batch: int = 1000,
@@ -69,7 +68,7 @@ class OutboxPublisher:
                     finally:
                         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
                 backoff = 0.5
-            except aiomqtt.MqttError as exc:
+            except LinkDown as exc:
                 log.info("outbox publishing paused: broker unavailable", error=str(exc))
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("outbox publishing paused: database unavailable", error=repr(exc))

@@ -132,8 +132,8 @@ class Fleet:
         ]
         assert wrong == [], f"{len(wrong)} of {len(rows)} sessions not exact: {wrong[:3]}"
         rejected = await pool.fetch(
-            "SELECT reason, count(*) FROM rejected_messages WHERE bike_id = ANY($1)"
-            " GROUP BY reason",
+            "SELECT reason, detail, topic, convert_from(payload, 'UTF8') AS payload, received_at"
+            " FROM rejected_messages WHERE bike_id = ANY($1) ORDER BY received_at",
             self.bikes,
         )
         assert [dict(r) for r in rejected] == []

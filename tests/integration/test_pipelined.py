@@ -16,7 +16,7 @@ from daemon.db.store import Store
 from daemon.db.unit_of_work import UnitOfWork
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import Ackable
-from daemon.mqtt.connection import Delivery
+from daemon.mqtt.delivery import Delivery
 from daemon.pipeline import Pipeline
 from domain.billing import parse_pricing
 from domain.session_values import SessionPolicy

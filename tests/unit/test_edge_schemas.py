@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Annotated, Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
@@ -628,3 +628,102 @@ def test_quantities_are_accepted_and_refused_exactly_as_pydantics_constraints_wo
     assert ours == theirs, name
     if isinstance(ours, Decimal):
         assert str(ours) == str(theirs)  # the same digits, not only the same number
+
+
+# -- the usual sample's hand-checked path agrees with pydantic's ------------------------------
+
+_UUID_LIKE = st.one_of(
+    st.uuids().map(str),
+    st.uuids().map(lambda u: str(u).upper()),
+    st.uuids().map(lambda u: u.hex),  # no hyphens: pydantic's to judge
+    st.uuids().map(lambda u: "{" + str(u) + "}"),
+    st.uuids().map(lambda u: str(u)[:-1] + "_"),
+    st.uuids().map(lambda u: " " + str(u)[1:]),
+    st.text(max_size=40),
+    st.integers(),
+    st.none(),
+)
+_TIME_LIKE = st.one_of(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from(
+            [
+                UTC,
+                timezone(timedelta(hours=14)),
+                timezone(timedelta(hours=-14)),
+                timezone(-timedelta(minutes=30)),
+            ]
+        ),
+    ).map(lambda d: d.isoformat()),
+    st.datetimes().map(lambda d: d.isoformat()),  # naive
+    st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat().replace("+00:00", "Z")),
+    st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat(" ")),
+    st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat(timespec="milliseconds")),
+    st.from_regex(
+        r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,7})?"
+        r"(Z|[+-][0-9]{2}:[0-9]{2})\Z"
+    ),
+    st.text(max_size=30),
+    st.integers(),
+)
+_NUMBER_LIKE = st.one_of(
+    st.decimals(allow_nan=True, allow_infinity=True),
+    st.decimals(min_value=-1, max_value=10**9 + 1),
+    st.decimals(min_value=0, max_value=101, places=7),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.sampled_from(
+        [
+            Decimal("1E+3"),
+            Decimal("1.0000000"),
+            Decimal("-0"),
+            Decimal("1e-7"),
+            Decimal(10**9),
+            Decimal(100),
+            Decimal("100.0000001"),
+            True,
+            False,
+        ]
+    ),
+    st.text(max_size=8),
+    st.none(),
+)
+
+
+@settings(max_examples=1000)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "telemetry_id": _UUID_LIKE,
+            "session_id": _UUID_LIKE,
+            "seq": st.one_of(st.integers(-2, 2**31 + 1), st.booleans(), st.floats(), st.text()),
+            "emitted_at": _TIME_LIKE,
+            "energy_wh": _NUMBER_LIKE,
+            "distance_m": _NUMBER_LIKE,
+            "soc_pct": _NUMBER_LIKE,
+            "other": st.integers(),
+        },
+    )
+)
+def test_the_usual_samples_own_path_takes_only_what_pydantic_takes_and_builds_the_same(doc):
+    from daemon.mqtt.schemas import Telemetry, _telemetry, _usual_sample
+
+    fast = _usual_sample("bike-1", doc)
+    try:
+        slow = _telemetry("bike-1", Telemetry.model_validate(doc))
+    except (ValidationError, ValueError):
+        slow = None
+    if fast is not None:
+        assert slow is not None, "the hand path took what pydantic refuses"
+        assert fast == slow
+        assert fast.sample.emitted_at.at.tzinfo is UTC
+
+
+def test_the_usual_sample_takes_the_hand_path():
+    """What bikes send every second never needs pydantic (the point of the path)."""
+    from daemon.mqtt.schemas import _usual_sample
+
+    document = json.loads(json_payload(telemetry_document()), parse_float=Decimal)
+    assert _usual_sample("bike-1", document) is not None
+    assert _usual_sample("bike-1", {**document, "emitted_at": "2026-01-01T00:00:00Z"})

@@ -13,7 +13,7 @@ import asyncpg
 from daemon.db.unit_of_work import Settled
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import Ackable
-from daemon.mqtt.connection import Delivery
+from daemon.mqtt.delivery import Delivery
 from daemon.mqtt.schemas import Rejection
 from daemon.pipeline import Pipeline
 from domain.errors import DomainError

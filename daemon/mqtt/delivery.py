@@ -1,0 +1,50 @@
+"""What the MQTT edge hands the pipeline: one inbound message and how to acknowledge it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+__all__ = ["Acks", "Delivery", "Link", "LinkDown"]
+
+
+class LinkDown(Exception):
+    """The broker connection is not there (or just went): publish later, connect again."""
+
+
+class Acks(Protocol):
+    """The acknowledgements of one connection: once it is gone, its acks are not sent."""
+
+    def ack(self, message: Delivery) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An inbound message, the connection that will acknowledge it, and when it arrived."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    acks: Acks
+    received_at: datetime
+
+    def ack(self) -> bool:
+        """Send its PUBACK (after its batch is committed); False if its connection is gone."""
+        return self.acks.ack(self)
+
+
+class Link(Protocol):
+    """The daemon's broker connection as the rest of the daemon sees it (MQTT v5 or 3.1.1)."""
+
+    connected: asyncio.Event
+    connected_since: float
+    stopping: bool
+
+    async def run(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    async def disconnect(self) -> None: ...
+    async def publish(self, topic: str, payload: bytes) -> None: ...
