@@ -441,6 +441,7 @@ async def run_contender(c: Contender, port: int, total: int, bikes: int, broker_
     pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=1)
     try:
         await c.daemon.start()
+        pg_before = _postgres_cpu_s()
         profiler = None
         if args.profile and c.workers == 1 and c.checkout is None:
             assert c.daemon.proc is not None
@@ -456,7 +457,7 @@ async def run_contender(c: Contender, port: int, total: int, bikes: int, broker_
             if c.daemon.proc.returncode is not None:
                 raise RuntimeError("the daemon exited")
             await asyncio.sleep(0.02)
-        done_wall, cpu = time.time(), c.daemon.cpu_s()
+        done_wall, cpu, pg_cpu = time.time(), c.daemon.cpu_s(), _postgres_cpu_s() - pg_before
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             await profiler.wait()
@@ -473,7 +474,10 @@ async def run_contender(c: Contender, port: int, total: int, bikes: int, broker_
         c.name, total, done_wall - first.timestamp(), cpu - c.startup_cpu_s, broker_cpu,
         batched / batches if batches else None,
     )  # fmt: skip
-    result.notes.append(f"{stored:,} samples stored, {bikes} sessions finalized")
+    result.notes.append(
+        f"{stored:,} samples stored, {bikes} sessions finalized; PostgreSQL CPU "
+        f"{1e6 * pg_cpu / total:.0f} us/msg (every postgres process, start-up included)"
+    )
     return result
 
 

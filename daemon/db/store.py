@@ -7,7 +7,7 @@ decides or renders: the unit of work does (``daemon.db.unit_of_work``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -180,12 +180,45 @@ def _summary_columns(sessions: Sequence[Session]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
+def _sample_line(
+    event: TelemetrySampleAccepted, received: dict[datetime, str], sessions: dict[UUID, str]
+) -> str:
+    """One telemetry row in COPY's text format. asyncpg's binary COPY spent 9.7 us of the
+    daemon's CPU per row encoding two timestamps and three numerics; this text costs about
+    3 (measured side by side, README "Measured"). Nothing here needs escaping: ids are hex,
+    bike ids match BIKE_ID_RULE, numbers and ISO 8601 instants have no tab, newline or
+    backslash; PostgreSQL reads each back exactly (numeric text keeps its scale)."""
+    s = event.sample
+    at = event.received_at
+    received_text = received.get(at)
+    if received_text is None:
+        received_text = received[at] = at.isoformat()
+    session_text = sessions.get(s.session_id)
+    if session_text is None:
+        session_text = sessions[s.session_id] = s.session_id.hex
+    distance, soc = s.distance, s.soc
+    return (
+        f"{s.telemetry_id.hex}\t{session_text}\t{event.bike_id}\t{s.seq}\t"
+        f"{s.emitted_at.at.isoformat()}\t{s.energy.wh}\t"
+        f"{distance.m if distance is not None else _NULL}\t"
+        f"{soc.pct if soc is not None else _NULL}\t{received_text}\n"
+    )
+
+
+_NULL = "\\N"
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    """COPY's input in one piece (asyncpg reads plain ``bytes`` as a file name)."""
+    yield data
+
+
 @dataclass(slots=True)
 class _EventRows:
     """The rows a batch's events become, by table."""
 
     starts: list[tuple[Any, ...]]
-    samples: list[tuple[Any, ...]]
+    samples: list[str]  # lines of COPY's text format, in _TELEMETRY_COLUMNS order
     deferred: list[tuple[Any, ...]]
     settled: list[tuple[Any, ...]]
 
@@ -194,22 +227,11 @@ class _EventRows:
         cls, events: Sequence[Event], waiting_payloads: dict[bytes, tuple[str, bytes]]
     ) -> _EventRows:
         rows = cls([], [], [], [])
+        received: dict[datetime, str] = {}  # a read's messages share their instant
+        sessions: dict[UUID, str] = {}  # a session's samples share its id
         for event in events:
             if isinstance(event, TelemetrySampleAccepted):
-                s = event.sample
-                rows.samples.append(
-                    (
-                        s.telemetry_id,
-                        s.session_id,
-                        event.bike_id,
-                        s.seq,
-                        s.emitted_at.at,
-                        s.energy.wh,
-                        s.distance.m if s.distance else None,
-                        s.soc.pct if s.soc else None,
-                        event.received_at,
-                    )
-                )
+                rows.samples.append(_sample_line(event, received, sessions))
             elif isinstance(event, SessionStarted):
                 rows.starts.append(
                     (
@@ -388,8 +410,11 @@ class Store:
                 starts,
             )
         if samples:
-            await conn.copy_records_to_table(
-                "telemetry", records=samples, columns=_TELEMETRY_COLUMNS
+            await conn.copy_to_table(
+                "telemetry",
+                source=_once("".join(samples).encode()),
+                columns=_TELEMETRY_COLUMNS,
+                format="text",
             )
         if summaries:
             await conn.execute(

@@ -211,7 +211,7 @@ def _uuid(text: str, new: Any = object.__new__, put: Any = object.__setattr__) -
     """``UUID(text)`` for text already matched by _UUID_TEXT, without re-checking it (UUID's
     own constructor is a third of a sample's decoding). Fills the same two slots UUID's
     constructor fills; a unit test holds the result to ``UUID(text)``."""
-    value = new(UUID)
+    value: UUID = new(UUID)
     put(value, "int", int(text.replace("-", ""), 16))
     put(value, "is_safe", SafeUUID.unknown)
     return value
