@@ -121,6 +121,7 @@ class Pipeline:
             )
             for kind in TopicKind
         }
+        self._arrivals: dict[Counter, int] = defaultdict(int)
         self._arrived = asyncio.Event()
         self.accepting = True
         self._stopping = False
@@ -132,7 +133,9 @@ class Pipeline:
         if self.accepting:
             parsed = self.topics.parse(delivery.topic)
             counters = self._counters[parsed.kind]
-            (counters[0] if self.takes(parsed.bike_id) else counters[4]).inc()
+            # Tallied here, added to the counters as the batch is taken: a counter's inc()
+            # takes a lock, and this runs for every message.
+            self._arrivals[counters[0] if self.takes(parsed.bike_id) else counters[4]] += 1
             self.inbox.append(delivery)
             self._inbox_bytes += len(delivery.payload)
             self._arrived.set()
@@ -165,6 +168,7 @@ class Pipeline:
     def _take(self) -> list[Delivery]:
         """What has arrived, in arrival order, up to max_batch."""
         self._busy_at = time.monotonic()
+        self._count_arrivals()
         count = min(len(self.inbox), self.max_batch)
         batch = [self.inbox.popleft() for _ in range(count)]
         self._inbox_bytes -= sum(len(d.payload) for d in batch)
@@ -177,6 +181,11 @@ class Pipeline:
             self.metrics.intake_paused.set(0)
             self.resume_intake()
         return batch
+
+    def _count_arrivals(self) -> None:
+        for counter, count in self._arrivals.items():
+            counter.inc(count)
+        self._arrivals.clear()
 
     def stop(self) -> None:
         """Take no new messages; ``run`` returns after the batch in hand is committed."""

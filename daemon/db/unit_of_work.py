@@ -47,7 +47,7 @@ def message_ref(topic: str, payload: bytes) -> bytes:
     return hashlib.sha256(topic.encode() + b"\0" + payload).digest()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message (see Delivery)
 class Arrival:
     """One inbound message as the unit of work takes it: raw, decoded, and when it came."""
 
@@ -80,7 +80,7 @@ async def _abandon(conn: PoolConnectionProxy, transaction: Transaction, store: S
         await store.pool.release(conn)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message (see Delivery)
 class Settled:
     """What one message came to once its batch is committed."""
 

@@ -20,7 +20,7 @@ class Acks(Protocol):
     def ack(self, message: Delivery) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message, and frozen init costs 4x (~0.6 us)
 class Delivery:
     """An inbound message, the connection that will acknowledge it, and when it arrived."""
 

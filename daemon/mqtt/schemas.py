@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 from uuid import UUID, SafeUUID
 
+import msgspec
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -50,7 +51,7 @@ class Rejection:
     telemetry_id: UUID | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message (see Delivery)
 class Inbound:
     """A decoded message: the command it asks for, or why it was rejected."""
 
@@ -282,6 +283,26 @@ def _reject_constant(name: str) -> Any:
 _JSON = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
 
 
+# msgspec reads JSON in a third of the standard library's time, numbers with a fraction or an
+# exponent as exact Decimals from their text (float_hook). It is only the fast way in: whatever
+# it refuses (or might read differently) goes to the standard library, whose answer stands, so
+# rejections and their details are the same either way (tests/unit/test_edge_schemas.py).
+_FAST_JSON = msgspec.json.Decoder(float_hook=Decimal)
+# Integers of more digits than Python converts (sys.get_int_max_str_digits, 4300) are refused
+# by the standard library and read by msgspec: payloads that could hold one take the slow way.
+_FAST_JSON_MAX = 4096
+
+
+def _document(payload: bytes) -> Any:
+    """The payload's JSON document (raises as ``_loads`` does)."""
+    if len(payload) <= _FAST_JSON_MAX:
+        try:
+            return _FAST_JSON.decode(payload)
+        except Exception:  # noqa: S110 - the standard library's answer below stands
+            pass
+    return _loads(payload.decode("utf-8"))
+
+
 def _loads(text: str) -> Any:
     if text.startswith("\ufeff"):  # what json.loads says of it, rather than "Expecting value"
         raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
@@ -335,7 +356,7 @@ def decode(topic: str, payload: bytes, topics: Topics | str, max_bytes: int) -> 
             Reason.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_bytes}"
         )
     try:
-        document = _loads(payload.decode("utf-8"))
+        document = _document(payload)
     except UnicodeDecodeError as exc:
         return reject(
             Reason.MALFORMED_JSON, f"payload is not UTF-8: {exc.reason} at byte {exc.start}"

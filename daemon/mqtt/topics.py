@@ -63,7 +63,7 @@ class Topics:
 
     @property
     def _bikes(self) -> str:
-        return f"{self.prefix}/bikes/"
+        return _bikes_of(self.prefix)
 
     def bike(self, bike_id: str, suffix: TopicKind | OutboundKind) -> str:
         """The topic of one bike's inbound or outbound messages.
@@ -99,6 +99,11 @@ class Topics:
 
 
 _CACHED_TOPIC_MAX = 160
+
+
+@lru_cache(maxsize=8)
+def _bikes_of(prefix: str) -> str:
+    return f"{prefix}/bikes/"
 
 
 def _parse(head: str, topic: str) -> ParsedTopic:

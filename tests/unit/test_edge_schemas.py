@@ -740,3 +740,46 @@ def test_a_uuid_read_by_the_usual_path_is_the_uuid_the_standard_library_reads(va
         read = _uuid(text)
         assert read == UUID(text) and hash(read) == hash(UUID(text))
         assert (str(read), read.version, read.is_safe) == (str(value), value.version, value.is_safe)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text()
+    | st.decimals(allow_nan=False).map(str).map(Decimal),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+def _json_text(value: Any) -> bytes:
+    return json.dumps(value, default=str).encode()
+
+
+@settings(max_examples=500)
+@given(
+    st.one_of(
+        _JSON_VALUES.map(_json_text),
+        _JSON_VALUES.map(_json_text).flatmap(
+            lambda b: st.tuples(st.just(b), st.integers(0, max(0, len(b) - 1)), st.binary(max_size=3))
+        ).map(lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + 1 :]),  # one byte or few replaced
+        st.binary(max_size=40),
+        st.sampled_from([b'{"a": NaN}', b'{"a": -Infinity}', b'\xef\xbb\xbf{}', b'{"a": "\\ud800"}',
+                         b'{"a": 1e999999}', b'{"a": 1, "a": 2}', b'[' * 3000 + b']' * 3000,
+                         b'{"a": ' + b'9' * 5000 + b'}', b'{"a": 01}', b'{"a": 1.}']),
+    )
+)  # fmt: skip
+def test_the_fast_json_reader_reads_what_the_standard_library_reads_and_refuses_the_rest(raw):
+    """msgspec is only the fast way in: the document, or the error, is the standard library's."""
+    from daemon.mqtt.schemas import _document, _loads
+
+    def outcome(read: Any) -> tuple[str, Any]:
+        try:
+            return "read", read()
+        except Exception as exc:
+            return type(exc).__name__, str(exc)
+
+    expected = outcome(lambda: _loads(raw.decode("utf-8")))
+    got = outcome(lambda: _document(raw))
+    if expected[0] == "read" and got[0] == "read":
+        assert json.dumps(got[1], default=repr) == json.dumps(expected[1], default=repr)
+    else:
+        assert got == expected
