@@ -330,9 +330,7 @@ async def test_a_refused_subscription_is_reported_with_the_filter_and_retried():
         link = _link(f"mqtt://chargeflow-daemon:pw@127.0.0.1:{port}", Inbox().deliver)
         errors = await _warnings_of(link, 1.2)
     assert len(errors) >= 2  # reported, then tried again
-    assert errors[0] == (
-        "subscription refused: chargeflow/v1/bikes/+/telemetry (NOT_AUTHORIZED)"
-    )
+    assert errors[0] == ("subscription refused: chargeflow/v1/bikes/+/telemetry (NOT_AUTHORIZED)")
 
 
 async def test_a_refused_connection_is_reported_with_the_brokers_reason():
