@@ -243,7 +243,7 @@ class Pipeline:
         rolled back before the one before is decided again)."""
         started = time.perf_counter()
         try:
-            opened: OpenBatch | None = await self.uow.begin_batch(arrivals)
+            opened: OpenBatch | None = await self.uow.begin_batch(arrivals, ahead=True)
         except Exception as exc:
             log.info("batch could not be begun; deciding it again", error=repr(exc))
             opened = None

@@ -132,6 +132,21 @@ class Fleet:
                 stale.append(bike_id)
         return stale
 
+    def knows(self, bike_ids: Iterable[str]) -> bool:
+        """Whether every one of these bikes is cached (a batch can be decided on the cache)."""
+        return all(bike_id in self.bikes for bike_id in bike_ids)
+
+    def assume_written(self, bike_ids: Iterable[str]) -> dict[str, int]:
+        """Decide ahead of the lock: take these bikes as written by us, once more, and return
+        the versions the store must give them when they are locked. Any other version means
+        another writer was there, and what was decided on this cache must be decided again."""
+        versions = {}
+        for bike_id in bike_ids:
+            bike = self.bikes[bike_id]
+            bike.version += 1
+            versions[bike_id] = bike.version
+        return versions
+
     def load_bike(
         self,
         bike_id: str,

@@ -37,7 +37,7 @@ from domain.events import (
 from domain.fleet import Fleet
 from domain.session_values import SessionPolicy
 
-__all__ = ["Arrival", "OpenBatch", "Settled", "UnitOfWork", "message_ref"]
+__all__ = ["Arrival", "DecidedOnStaleState", "OpenBatch", "Settled", "UnitOfWork", "message_ref"]
 
 log = structlog.get_logger(__name__)
 
@@ -59,14 +59,20 @@ class Arrival:
 
 @dataclass(frozen=True, slots=True)
 class OpenBatch:
-    """A decided batch whose transaction is still open: its connection, what each message
-    came to, its events, and the rows ``finish_batch`` writes."""
+    """A decided batch not yet committed: what each message came to, its events, the rows
+    ``finish_batch`` writes, and either its open transaction (its bikes locked when it was
+    decided) or, decided ahead on the cache, the versions its bikes must have once locked."""
 
-    conn: PoolConnectionProxy
-    transaction: Transaction
     settled: list[Settled]
     events: list[Event]
     rows: BatchRows
+    conn: PoolConnectionProxy | None = None
+    transaction: Transaction | None = None
+    expected: dict[str, int] | None = None
+
+
+class DecidedOnStaleState(Exception):
+    """A batch decided ahead found, on locking its bikes, that another writer had been there."""
 
 
 async def _abandon(conn: PoolConnectionProxy, transaction: Transaction, store: Store) -> None:
@@ -149,16 +155,26 @@ class UnitOfWork:
         return batch.settled, batch.events
 
     async def begin_batch(
-        self, arrivals: Sequence[Arrival], check_telemetry_ids: bool = False
+        self, arrivals: Sequence[Arrival], check_telemetry_ids: bool = False, ahead: bool = False
     ) -> OpenBatch:
-        """Lock the batch's bikes, decide it, and take its rows: the first half of a batch's
-        transaction, which stays open until ``finish_batch``.
+        """Decide a batch and take its rows; ``finish_batch`` writes and commits them.
 
-        The pipeline begins the next batch while this one's rows are written and committed
-        (``finish_batch``); whatever the next batch shares with this one waits in PostgreSQL
-        for this one's commit (its bikes are locked), so it decides on what this one wrote.
+        Usually: lock the batch's bikes, load what the cache lacks, decide, in a transaction
+        that stays open until ``finish_batch``.
+
+        ``ahead`` (the pipeline, while the batch before is being written and committed): when
+        the cache holds every bike and everything the batch needs, decide on the cache at once
+        and lock the bikes only in ``finish_batch``, which then checks that each bike's version
+        is the one after ours (nobody else wrote it since; the batch before is committed by
+        then). Otherwise the batch would wait here for the batch before's locks, and deciding
+        would not overlap its commit. A failed check raises ``DecidedOnStaleState``: both are
+        decided again, one by one, from the store.
         """
         commands = [a.inbound.command for a in arrivals if a.inbound.command is not None]
+        if ahead and not check_telemetry_ids:
+            opened = self._decide_ahead(arrivals, commands)
+            if opened is not None:
+                return opened
         conn = await self.store.pool.acquire()
         transaction = conn.transaction()
         try:
@@ -168,36 +184,71 @@ class UnitOfWork:
             if check_telemetry_ids:
                 keys = Fleet.telemetry_keys(commands)
                 self.fleet.load_telemetry_owners(await self.store.telemetry_owners(conn, keys))
-            settled = [self._decide(a) for a in arrivals]
-            rejections = [
-                self._rejection_row(a, s.rejection)
-                for a, s in zip(arrivals, settled, strict=True)
-                if s.rejection is not None
-            ]
-            waiting = [
-                a for a, s in zip(arrivals, settled, strict=True) if s.outcome is Outcome.DEFERRED
-            ]
-            events, rows = self._rows(waiting, rejections)
+            settled, events, rows = self._decide_all(arrivals)
         except BaseException:
             await _abandon(conn, transaction, self.store)
             raise
+        return OpenBatch(settled, events, rows, conn, transaction)
+
+    def _decide_ahead(
+        self, arrivals: Sequence[Arrival], commands: list[Command]
+    ) -> OpenBatch | None:
+        fleet = self.fleet
+        bike_ids = {c.bike_id for c in commands}
+        if (
+            not fleet.knows(bike_ids)
+            or fleet.sessions_to_load(commands)
+            or fleet.samples_to_load(commands)
+        ):
+            return None  # the store has something the cache lacks: lock and load first
+        expected = fleet.assume_written(bike_ids)
+        settled, events, rows = self._decide_all(arrivals)
+        return OpenBatch(settled, events, rows, expected=expected)
+
+    def _decide_all(
+        self, arrivals: Sequence[Arrival]
+    ) -> tuple[list[Settled], list[Event], BatchRows]:
+        settled = [self._decide(a) for a in arrivals]
+        rejections = [
+            self._rejection_row(a, s.rejection)
+            for a, s in zip(arrivals, settled, strict=True)
+            if s.rejection is not None
+        ]
+        waiting = [
+            a for a, s in zip(arrivals, settled, strict=True) if s.outcome is Outcome.DEFERRED
+        ]
+        events, rows = self._rows(waiting, rejections)
         if any(s.dropped for s in settled):
             self.reset()  # a command failed half-way through the domain: trust the store
-        return OpenBatch(conn, transaction, settled, events, rows)
+        return settled, events, rows
 
     async def finish_batch(self, batch: OpenBatch) -> None:
-        """Write the batch's rows and commit: the second half of its transaction."""
+        """Write the batch's rows and commit: the second half of its transaction (for a batch
+        decided ahead, all of it: lock, check the versions, write, commit)."""
+        conn, transaction = batch.conn, batch.transaction
+        if conn is None or transaction is None:
+            conn = await self.store.pool.acquire()
+            transaction = conn.transaction()
         try:
-            await self.store.write_rows(batch.conn, batch.rows)
-            await batch.transaction.commit()
+            if batch.expected is not None:
+                await transaction.start()
+                versions = await self.store.lock_bikes(conn, batch.expected)
+                if versions != batch.expected:
+                    raise DecidedOnStaleState(
+                        f"{sum(versions[b] != v for b, v in batch.expected.items())} of "
+                        f"{len(versions)} bikes were written by another writer meanwhile"
+                    )
+            await self.store.write_rows(conn, batch.rows)
+            await transaction.commit()
         except BaseException:
-            await _abandon(batch.conn, batch.transaction, self.store)
+            await _abandon(conn, transaction, self.store)
             raise
-        await self.store.pool.release(batch.conn)
+        await self.store.pool.release(conn)
 
     async def abandon_batch(self, batch: OpenBatch) -> None:
         """Roll a begun batch back (its decisions are to be made again: ``reset`` first)."""
-        await _abandon(batch.conn, batch.transaction, self.store)
+        if batch.conn is not None and batch.transaction is not None:
+            await _abandon(batch.conn, batch.transaction, self.store)
 
     async def commit_rejections(self, arrivals: Sequence[Arrival], why: str) -> None:
         """Keep messages the database refused to store as they are, as rejections."""

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.db.store import Store
-from daemon.db.unit_of_work import UnitOfWork
+from daemon.db.unit_of_work import Arrival, UnitOfWork
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import Ackable
 from daemon.mqtt.delivery import Delivery
@@ -50,6 +50,10 @@ def deliveries(acks: Acks, first_mid: int, *commands) -> list[Delivery]:
         topic = f"{PREFIX}/bikes/{command.bike_id}/{kind}"
         out.append(Delivery(topic, payload_of(command), mid, 1, acks, NOW))  # type: ignore[arg-type]
     return out
+
+
+def _arrival(p: Pipeline, d: Delivery) -> Arrival:
+    return Arrival(d.topic, d.payload, d.received_at, p._decode(d))
 
 
 async def totals(pool: asyncpg.Pool, session_id: uuid.UUID) -> tuple[Decimal, int, list[int]]:
@@ -107,3 +111,44 @@ async def test_a_batch_that_fails_to_commit_is_decided_again_with_the_one_begun_
     )
     assert kept == "schema_violation"
     assert p.metrics.dropped.labels("commit_failed")._value.get() == 0
+
+
+async def test_a_batch_of_cached_bikes_is_decided_without_waiting_for_the_one_before(pool):
+    """The second batch's bikes are locked by the first's open transaction; decided ahead on
+    the cache, it does not wait for them, and its lock finds the versions it expected."""
+    acks = Acks()
+    p = pipeline(pool)
+    a = start(bike_id(), at=T0)
+    await p.process(deliveries(acks, 1, a))
+    await p.settle_in_flight()  # a is cached now
+    uow = p.uow
+    first = await uow.begin_batch(
+        [_arrival(p, d) for d in deliveries(acks, 2, sample(a, 1, "1.5"))], ahead=True
+    )
+    second = await uow.begin_batch(
+        [_arrival(p, d) for d in deliveries(acks, 3, sample(a, 2, "2.5"))], ahead=True
+    )
+    assert first.conn is None and second.conn is None  # neither holds a lock yet
+    assert second.expected == {a.bike_id: first.expected[a.bike_id] + 1}
+    await uow.finish_batch(first)
+    await uow.finish_batch(second)
+    assert await totals(pool, a.session_id) == (Decimal("4.0"), 2, [1, 2])
+
+
+async def test_a_batch_decided_ahead_that_another_writer_overtook_is_decided_again(pool):
+    acks = Acks()
+    p = pipeline(pool)
+    a = start(bike_id(), at=T0)
+    await p.process(deliveries(acks, 1, a, sample(a, 1, "1")))
+    await p.settle_in_flight()
+    # Another instance takes the bike (and adds a sample) behind this one's back.
+    other = pipeline(pool)
+    await other.process(deliveries(Acks(), 1, sample(a, 2, "2")))
+    await other.settle_in_flight()
+    with capture_logs() as logs:
+        await p.process(deliveries(acks, 3, sample(a, 3, "3", at=T0 + timedelta(seconds=3))))
+        await p.process(deliveries(acks, 4, sample(a, 4, "4", at=T0 + timedelta(seconds=4))))
+        await p.settle_in_flight()
+    assert any("not committed" in e["event"] for e in logs)
+    assert acks.sent == [1, 2, 3, 4]
+    assert await totals(pool, a.session_id) == (Decimal(10), 4, [1, 4])
