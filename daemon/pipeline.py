@@ -234,22 +234,32 @@ class Pipeline:
     async def _pipelined(
         self, batch: Sequence[Delivery], owned: Sequence[bool], arrivals: Sequence[Arrival]
     ) -> None:
-        """Begin this batch while the one before is written and committed; once that one is
-        in, write and commit this one in the background.
+        """Decide this batch on the cache while the one before is written and committed; once
+        that one is in, write and commit this one in the background.
 
-        If either fails, whatever is open is rolled back, the cache is dropped and both are
-        decided again one by one, with the usual retries (this one was decided on what the one
-        before had decided; the one before may hold locks this one waits for, so it is
-        rolled back before the one before is decided again)."""
+        A batch that needs the store (a bike or a session the cache lacks) waits for the one
+        before to commit before it locks anything: the one before locks its bikes only when
+        it is written, and would otherwise wait for this one's locks while this one waits for
+        it. If either fails, whatever is open is rolled back, the cache is dropped and both
+        are decided again one by one, with the usual retries (this one was decided on what
+        the one before had decided)."""
         started = time.perf_counter()
+        opened: OpenBatch | None = None
         try:
-            opened: OpenBatch | None = await self.uow.begin_batch(arrivals, ahead=True)
-        except Exception as exc:
-            log.info("batch could not be begun; deciding it again", error=repr(exc))
-            opened = None
-        begun_s = time.perf_counter() - started
+            opened = self.uow.decide_ahead(arrivals)
+        except Exception as exc:  # the domain refused half-way: decided again from the store
+            log.info("batch could not be decided ahead; deciding it again", error=repr(exc))
+            self.uow.reset()
         tail, self._tail = self._tail, None
         committed = tail is None or await tail.task
+        if opened is None and committed:
+            started = time.perf_counter()
+            try:
+                opened = await self.uow.begin_batch(arrivals)
+            except Exception as exc:
+                log.info("batch could not be begun; deciding it again", error=repr(exc))
+                committed = False
+        begun_s = time.perf_counter() - started
         if opened is not None and committed:
             task = asyncio.create_task(self._finish(opened, begun_s, batch, owned, arrivals))
             self._tail = _InFlight(task, batch, owned, arrivals)
@@ -257,8 +267,7 @@ class Pipeline:
         if opened is not None:
             await self.uow.abandon_batch(opened)
         self.uow.reset()
-        if not committed:
-            assert tail is not None
+        if tail is not None and not await tail.task:
             await self._one_by_one(tail.batch, tail.owned, tail.arrivals)
         await self._one_by_one(batch, owned, arrivals)
 

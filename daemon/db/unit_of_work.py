@@ -155,32 +155,16 @@ class UnitOfWork:
         return batch.settled, batch.events
 
     async def begin_batch(
-        self, arrivals: Sequence[Arrival], check_telemetry_ids: bool = False, ahead: bool = False
+        self, arrivals: Sequence[Arrival], check_telemetry_ids: bool = False
     ) -> OpenBatch:
-        """Decide a batch and take its rows; ``finish_batch`` writes and commits them.
-
-        Usually: lock the batch's bikes, load what the cache lacks, decide, in a transaction
-        that stays open until ``finish_batch``.
-
-        ``ahead`` (the pipeline, while the batch before is being written and committed): when
-        the cache holds every bike and everything the batch needs, decide on the cache at once
-        and lock the bikes only in ``finish_batch``, which then checks that each bike's version
-        is the one after ours (nobody else wrote it since; the batch before is committed by
-        then). Otherwise the batch would wait here for the batch before's locks, and deciding
-        would not overlap its commit. A failed check raises ``DecidedOnStaleState``: both are
-        decided again, one by one, from the store.
-        """
+        """Lock the batch's bikes, load what the cache lacks and decide, in a transaction that
+        stays open until ``finish_batch`` writes the batch's rows and commits."""
         commands = [a.inbound.command for a in arrivals if a.inbound.command is not None]
-        if ahead and not check_telemetry_ids:
-            opened = self._decide_ahead(arrivals, commands)
-            if opened is not None:
-                return opened
         conn = await self.store.pool.acquire()
         transaction = conn.transaction()
         try:
             await transaction.start()
             await self._take(conn, {c.bike_id for c in commands})
-            await self._load(conn, commands)
             if check_telemetry_ids:
                 keys = Fleet.telemetry_keys(commands)
                 self.fleet.load_telemetry_owners(await self.store.telemetry_owners(conn, keys))
@@ -190,9 +174,16 @@ class UnitOfWork:
             raise
         return OpenBatch(settled, events, rows, conn, transaction)
 
-    def _decide_ahead(
-        self, arrivals: Sequence[Arrival], commands: list[Command]
-    ) -> OpenBatch | None:
+    def decide_ahead(self, arrivals: Sequence[Arrival]) -> OpenBatch | None:
+        """Decide a batch on the cache alone, without the database, or None when the store
+        holds something the batch needs that the cache lacks (then: ``begin_batch``).
+
+        The pipeline decides the next batch this way while the one before is written and
+        committed, so deciding overlaps committing. ``finish_batch`` then locks the bikes and
+        checks that each one's version is the one after ours: nobody else wrote it since (the
+        batch before is committed by then). A failed check raises ``DecidedOnStaleState``, and
+        both batches are decided again, one by one, from the store."""
+        commands = [a.inbound.command for a in arrivals if a.inbound.command is not None]
         fleet = self.fleet
         bike_ids = {c.bike_id for c in commands}
         if (
@@ -200,7 +191,7 @@ class UnitOfWork:
             or fleet.sessions_to_load(commands)
             or fleet.samples_to_load(commands)
         ):
-            return None  # the store has something the cache lacks: lock and load first
+            return None
         expected = fleet.assume_written(bike_ids)
         settled, events, rows = self._decide_all(arrivals)
         return OpenBatch(settled, events, rows, expected=expected)

@@ -3,6 +3,7 @@ is decided, and a failure of either costs nothing already accepted, in any order
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -122,16 +123,31 @@ async def test_a_batch_of_cached_bikes_is_decided_without_waiting_for_the_one_be
     await p.process(deliveries(acks, 1, a))
     await p.settle_in_flight()  # a is cached now
     uow = p.uow
-    first = await uow.begin_batch(
-        [_arrival(p, d) for d in deliveries(acks, 2, sample(a, 1, "1.5"))], ahead=True
-    )
-    second = await uow.begin_batch(
-        [_arrival(p, d) for d in deliveries(acks, 3, sample(a, 2, "2.5"))], ahead=True
-    )
+    first = uow.decide_ahead([_arrival(p, d) for d in deliveries(acks, 2, sample(a, 1, "1.5"))])
+    second = uow.decide_ahead([_arrival(p, d) for d in deliveries(acks, 3, sample(a, 2, "2.5"))])
+    assert first is not None and second is not None
     assert first.conn is None and second.conn is None  # neither holds a lock yet
     assert second.expected == {a.bike_id: first.expected[a.bike_id] + 1}
     await uow.finish_batch(first)
     await uow.finish_batch(second)
+    assert await totals(pool, a.session_id) == (Decimal("4.0"), 2, [1, 2])
+
+
+async def test_a_batch_with_a_bike_new_to_the_cache_waits_for_the_one_before_to_commit(pool):
+    """The first batch is decided on the cache and locks its bike only when written; the
+    second needs the store (a new bike) and must not lock the first's bike before then, or
+    each would wait for the other."""
+    acks = Acks()
+    p = pipeline(pool)
+    a = start(bike_id(), at=T0)
+    await p.process(deliveries(acks, 1, a))
+    await p.settle_in_flight()
+    c = start(bike_id(), at=T0)
+    await p.process(deliveries(acks, 2, sample(a, 1, "1.5")))
+    assert p.uow.decide_ahead([_arrival(p, d) for d in deliveries(Acks(), 9, c)]) is None
+    await asyncio.wait_for(p.process(deliveries(acks, 3, sample(a, 2, "2.5"), c)), 20)
+    await asyncio.wait_for(p.settle_in_flight(), timeout=20)
+    assert acks.sent == [1, 2, 3, 4]
     assert await totals(pool, a.session_id) == (Decimal("4.0"), 2, [1, 2])
 
 
