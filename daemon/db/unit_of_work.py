@@ -165,6 +165,7 @@ class UnitOfWork:
         try:
             await transaction.start()
             await self._take(conn, {c.bike_id for c in commands})
+            await self._load(conn, commands)
             if check_telemetry_ids:
                 keys = Fleet.telemetry_keys(commands)
                 self.fleet.load_telemetry_owners(await self.store.telemetry_owners(conn, keys))
