@@ -47,6 +47,7 @@ _UNAVAILABLE = (
 # Another writer got in the way: decide again from the store, as often as it takes.
 _TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _ATTEMPTS_BEFORE_SPLIT = 2
+_YIELD_EVERY = 64  # messages decoded between two turns given to the batch in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,13 +209,16 @@ class Pipeline:
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Decide and commit a batch (retrying, bisecting), then acknowledge it in order."""
-        parse, takes = self.topics.parse, self.takes
+        parse, takes, decode = self.topics.parse, self.takes, self._decode
         owned = [takes(parse(d.topic).bike_id) for d in batch]
-        arrivals = [
-            Arrival(d.topic, d.payload, d.received_at, self._decode(d))
-            for d, mine in zip(batch, owned, strict=True)
-            if mine
-        ]
+        arrivals = []
+        for i, (d, mine) in enumerate(zip(batch, owned, strict=True), start=1):
+            if mine:
+                arrivals.append(Arrival(d.topic, d.payload, d.received_at, decode(d)))
+            if i % _YIELD_EVERY == 0 and self._tail is not None:
+                # Let the batch in flight take its next round trip to PostgreSQL: its write
+                # and commit overlap this decoding only if it gets a turn of the loop.
+                await asyncio.sleep(0)
         if self.pipelined and arrivals:
             await self._pipelined(batch, owned, arrivals)
             return
@@ -263,6 +267,7 @@ class Pipeline:
         if opened is not None and committed:
             task = asyncio.create_task(self._finish(opened, begun_s, batch, owned, arrivals))
             self._tail = _InFlight(task, batch, owned, arrivals)
+            await asyncio.sleep(0)  # its first round trip goes out before the next batch
             return
         if opened is not None:
             await self.uow.abandon_batch(opened)
