@@ -8,7 +8,6 @@ for each. Then, one at a time, each contender is started and drains its copy:
 - ``paho 3.1.1`` / ``paho v5``: paho's own loop, a callback that only counts (the ceiling);
 - ``aiomqtt``: ``async for message in client.messages``, counting;
 - ``mqtt5 codec``: the daemon's own reader (``daemon.mqtt.v5``), acknowledging every message;
-- ``gmqtt v5`` (when installed): acknowledging as its callback returns;
 - ``naive bridge``: aiomqtt, ``json.loads`` and one autocommitted INSERT per message (what a
   hand-rolled bridge does, without validation, sessions or ack after commit);
 - ``ChargeFlow``: ``chargeflow run`` as its own process (validation, sessions, COPY, outbox,
@@ -205,45 +204,9 @@ async def _drain_v5session(args: argparse.Namespace) -> dict[str, float]:
     return state
 
 
-async def _drain_gmqtt(args: argparse.Namespace) -> dict[str, float]:
-    """gmqtt on MQTT v5, acknowledging when the callback returns (``optimistic_acknowledgement``
-    off: its default acknowledges on receipt, before anything is stored). Not a dependency:
-    run when installed (``pip install gmqtt``)."""
-    import gmqtt
-
-    state: dict[str, float] = {"count": 0}
-    done = asyncio.Event()
-    expect = args.expect
-
-    def on_message(client: object, topic: str, payload: bytes, qos: int, props: object) -> int:
-        n = state["count"] = state["count"] + 1
-        if n == 1:
-            state["first_wall"], state["first_cpu"] = time.time(), time.process_time()
-        if n >= expect:
-            state["last_wall"], state["last_cpu"] = time.time(), time.process_time()
-            done.set()
-        return 0  # PUBACK reason: success
-
-    client = gmqtt.Client(args.client_id, clean_session=False, optimistic_acknowledgement=False,
-                          session_expiry_interval=SESSION_EXPIRY_S,
-                          receive_maximum=RECEIVE_MAXIMUM)  # fmt: skip
-    client.on_message = on_message
-    client.set_auth_credentials(*DAEMON)
-    await client.connect("127.0.0.1", args.port, version=gmqtt.constants.MQTTv50)
-    client.subscribe([gmqtt.Subscription(f, qos=1) for f in FILTERS])
-    if expect:
-        await done.wait()
-    else:
-        await asyncio.sleep(0.5)  # the SUBACK: the persistent session now exists
-    await client.disconnect()
-    return state
-
-
 def drain_main(args: argparse.Namespace) -> None:
     if args.contender in ("paho311", "paho5"):
         state = _drain_paho(args, v5=args.contender == "paho5")
-    elif args.contender == "gmqtt":
-        state = asyncio.run(_drain_gmqtt(args))
     elif args.contender == "v5session":
         import uvloop
 
@@ -394,7 +357,7 @@ class Result:
 @dataclass
 class Contender:
     name: str
-    kind: str  # paho311, paho5, aiomqtt, v5session, gmqtt, naive, chargeflow
+    kind: str  # paho311, paho5, aiomqtt, v5session, naive, chargeflow
     client_id: str
     workers: int = 1
     checkout: str | None = None
@@ -402,12 +365,6 @@ class Contender:
     env: dict[str, str] = field(default_factory=dict)
     daemon: ChargeFlow | None = None
     startup_cpu_s: float = 0.0
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def _database(base: str, suffix: str) -> str:
@@ -658,7 +615,6 @@ async def main(args: argparse.Namespace) -> None:
         Contender("paho v5", "paho5", f"tp-paho5-{run}"),
         Contender("aiomqtt", "aiomqtt", f"tp-aiomqtt-{run}"),
         Contender("mqtt5 codec (daemon.mqtt.v5)", "v5session", f"tp-v5s-{run}"),
-        *([Contender("gmqtt v5", "gmqtt", f"tp-gmqtt-{run}")] if _installed("gmqtt") else []),
         Contender("naive bridge", "naive", f"tp-naive-{run}"),
     ]
     if args.baseline:
@@ -797,9 +753,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode")
     drain = sub.add_parser("drain", help="(internal) one raw contender")
-    drain.add_argument(
-        "contender", choices=["paho311", "paho5", "aiomqtt", "v5session", "gmqtt", "naive"]
-    )
+    drain.add_argument("contender", choices=["paho311", "paho5", "aiomqtt", "v5session", "naive"])
     drain.add_argument("--port", type=int, required=True)
     drain.add_argument("--client-id", required=True)
     drain.add_argument("--expect", type=int, required=True)

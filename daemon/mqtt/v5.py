@@ -3,7 +3,7 @@
 Why not paho (through aiomqtt): reading and acknowledging a message cost paho about 26-35 µs
 of CPU, a quarter of the daemon's; the ``mqtt5`` codec (the protocol written in Rust) parses a
 PUBLISH in about a microsecond, and the few states the daemon needs are short to write down
-(``python -m benchmarks.throughput --only paho311,paho5,aiomqtt,v5session,gmqtt``
+(``python -m benchmarks.throughput --only paho311,paho5,aiomqtt,v5session``
 measures the candidates side by side; README, "Measured").
 
 What the daemon relies on, each tested against the repo's Mosquitto
