@@ -679,6 +679,13 @@ async def main(args: argparse.Namespace) -> None:
             for workers in sorted({1, args.workers}):
                 for rate in args.rates:
                     for pipelined in args.pipelined:
+                        # A broker of its own for each: the persistent sessions of the drains
+                        # and of earlier lag runs (offline now, subscribed to every bike) would
+                        # otherwise have every live message queued for each of them too.
+                        broker.terminate()
+                        broker.wait(timeout=10)
+                        port = free_port()
+                        broker = start_broker(port, data_dir / f"lag-{len(rows)}")
                         row = await lag(
                             args, port, rate, workers, args.seed + len(rows), broker.pid,
                             pipelined,
