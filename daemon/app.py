@@ -16,26 +16,21 @@ import structlog
 from daemon.config import ConfigError, DatabaseUnavailable, Settings
 from daemon.db.migrate import TimescaleUnavailable, ensure_database, migrate
 from daemon.db.store import Store
-from daemon.db.unit_of_work import UnitOfWork
 from daemon.db.views import ReadModel
 from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.contract import asyncapi_document
 from daemon.mqtt.delivery import Link
-from daemon.mqtt.publisher import OutboxPublisher
 from daemon.mqtt.v5 import V5Link
 from daemon.partition import Ownership, PartitionRegistry
-from daemon.pipeline import Pipeline
+from daemon.service.outbox import OutboxPublisher
+from daemon.service.pipeline import Pipeline
+from daemon.service.unit_of_work import UnitOfWork
 
-__all__ = ["Daemon", "open_store", "read_model", "run_daemon"]
+__all__ = ["Daemon", "open_store", "run_daemon"]
 
 log = structlog.get_logger(__name__)
-
-
-def read_model(settings: Settings, store: Store) -> ReadModel:
-    """The read side over the store's pool."""
-    return ReadModel(store.pool, settings.topic_prefix)
 
 
 async def open_store(settings: Settings, *, create: bool = True) -> Store:
@@ -165,7 +160,7 @@ class Daemon:
                     " give the new prices a new version"
                 )
             pricing = recorded  # bills are derived from the recorded text, wherever they are
-            self.http.reads = read_model(s, store)
+            self.http.reads = ReadModel(store.pool)
             unit_of_work = UnitOfWork(
                 store,
                 replace(s.policy, pricing_version=pricing.version),

@@ -320,14 +320,14 @@ def analytics(
     as_json: Json = False,
 ) -> None:
     """Totals, counts, averages and revenue of finalized sessions."""
-    from daemon.app import read_model
+    from daemon.db.views import ReadModel
 
     async def work() -> dict[str, Any]:
         settings = _settings()
         start, end = _timestamp(since, "--from"), _timestamp(until, "--to")
         store = await _store(settings)
         try:
-            return await read_model(settings, store).analytics(start, end, bike_id, pricing_version)
+            return await ReadModel(store.pool).analytics(start, end, bike_id, pricing_version)
         finally:
             await store.pool.close()
 
@@ -368,13 +368,13 @@ def analytics(
 @app.command()
 def pricing(as_json: Json = False) -> None:
     """Every pricing version recorded, its prices and when it was first used."""
-    from daemon.app import read_model
+    from daemon.db.views import ReadModel
 
     async def work() -> list[dict[str, Any]]:
         settings = _settings()
         store = await _store(settings)
         try:
-            return await read_model(settings, store).pricing()
+            return await ReadModel(store.pool).pricing()
         finally:
             await store.pool.close()
 
@@ -406,7 +406,7 @@ def session(
     session_id: Annotated[str, typer.Argument(metavar="SESSION_ID")], as_json: Json = False
 ) -> None:
     """A session, its billing record and its stored telemetry count."""
-    from daemon.app import read_model
+    from daemon.db.views import ReadModel
 
     try:
         wanted = UUID(session_id)
@@ -418,13 +418,13 @@ def session(
         settings = _settings()
         store = await _store(settings)
         try:
-            view = await read_model(settings, store).session_view(wanted)
+            view = await ReadModel(store.pool).session_view(wanted)
         finally:
             await store.pool.close()
         if view is None:
             _say(f"no session {wanted}")
             raise _Stop(EXIT_NOT_FOUND)
-        return view.to_document(settings.topic_prefix)
+        return view.to_document()
 
     view = _run(work)
     if _as_json(as_json):
@@ -465,14 +465,14 @@ def rejections_list(
     as_json: Json = False,
 ) -> None:
     """Kept rejections, newest first."""
-    from daemon.app import read_model
+    from daemon.db.views import ReadModel
 
     async def work() -> list[Any]:
         settings = _settings()
         selection = _selection(bike_id, reason, since, until, limit)
         store = await _store(settings)
         try:
-            return await read_model(settings, store).rejections(selection)
+            return await ReadModel(store.pool).rejections(selection)
         finally:
             await store.pool.close()
 
@@ -507,7 +507,7 @@ def rejections_replay(
     as_json: Json = False,
 ) -> None:
     """Decide selected kept rejections again (oldest first), as if they had just arrived."""
-    from daemon.replay import replay
+    from daemon.service.replay import replay
 
     async def work() -> list[Any]:
         settings = _settings()

@@ -321,7 +321,7 @@ def build_app(server: HttpServer) -> FastAPI:
         view = await model.session_view(session_id)
         if view is None:
             return problem(404, "Not Found", f"no session {session_id}", request.url.path)
-        return SessionBody.model_validate(view.to_document(model.prefix))
+        return SessionBody.model_validate(view.to_document())
 
     @app.get(
         "/rejections",

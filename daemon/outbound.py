@@ -1,4 +1,6 @@
-"""Outbound messages of SPEC §2: topics and canonical JSON payloads."""
+"""The documents ChargeFlow publishes (SPEC §2), one form each, and the formatters of their
+values: the MQTT payloads (``daemon.mqtt.outbound`` pairs them with their topics) and the
+records that HTTP and the CLI show as they were published."""
 
 from __future__ import annotations
 
@@ -7,18 +9,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from daemon.mqtt.topics import OutboundKind, topics_for
-from domain.billing import BillingRecord
 from domain.errors import Reason
 from domain.session_values import FinalizedSession, quantity_text, utc_text
 
-__all__ = [
-    "billing_message",
-    "finalized_message",
-    "iso",
-    "plain",
-    "rejection_message",
-]
+__all__ = ["encode", "finalized_document", "iso", "plain", "rejection_document"]
 
 
 # The one published form of quantities and instants, on MQTT, over HTTP and in the CLI.
@@ -35,45 +29,37 @@ def encode(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def finalized_message(prefix: str, session: FinalizedSession) -> tuple[str, bytes]:
+def finalized_document(session: FinalizedSession) -> dict[str, Any]:
     duration = Decimal(str(session.duration.total_seconds()))
-    return topics_for(prefix).bike(session.bike_id, OutboundKind.FINALIZED), encode(
-        {
-            "session_id": str(session.session_id),
-            "bike_id": session.bike_id,
-            "kind": str(session.kind),
-            session.kind.party_field: session.party_id,
-            "started_at": iso(session.started_at),
-            "ended_at": iso(session.ended_at),
-            "duration_s": _seconds(duration),
-            "energy_wh": plain(session.energy_wh),
-            "distance_m": plain(session.distance_m),
-            "telemetry_count": session.telemetry_count,
-            "missing_samples": session.missing_samples,
-            "end_reason": str(session.end_reason),
-            "finalized_at": iso(session.finalized_at),
-        }
-    )
+    return {
+        "session_id": str(session.session_id),
+        "bike_id": session.bike_id,
+        "kind": str(session.kind),
+        session.kind.party_field: session.party_id,
+        "started_at": iso(session.started_at),
+        "ended_at": iso(session.ended_at),
+        "duration_s": _seconds(duration),
+        "energy_wh": plain(session.energy_wh),
+        "distance_m": plain(session.distance_m),
+        "telemetry_count": session.telemetry_count,
+        "missing_samples": session.missing_samples,
+        "end_reason": str(session.end_reason),
+        "finalized_at": iso(session.finalized_at),
+    }
 
 
-def billing_message(prefix: str, record: BillingRecord) -> tuple[str, bytes]:
-    return topics_for(prefix).bike(record.bike_id, OutboundKind.BILLING), record.to_json()
-
-
-def rejection_message(
-    prefix: str,
-    bike_id: str,
+def rejection_document(
     topic: str,
     reason: Reason,
     detail: str,
     received_at: datetime,
     session_id: object | None = None,
     telemetry_id: object | None = None,
-) -> tuple[str, bytes]:
+) -> dict[str, Any]:
     document: dict[str, Any] = {"topic": topic, "reason": reason, "detail": detail}
     if session_id is not None:
         document["session_id"] = str(session_id)
     if telemetry_id is not None:
         document["telemetry_id"] = str(telemetry_id)
     document["received_at"] = iso(received_at)
-    return topics_for(prefix).bike(bike_id, OutboundKind.REJECTIONS), encode(document)
+    return document

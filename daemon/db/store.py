@@ -2,7 +2,7 @@
 
 Hand-written SQL, explicit row mappers, batches: one statement locks a batch's bikes, one COPY
 appends its telemetry, one statement writes every changed session summary. Nothing here
-decides or renders: the unit of work does (``daemon.db.unit_of_work``).
+decides or renders: the unit of work does (``daemon.service.unit_of_work``).
 """
 
 from __future__ import annotations

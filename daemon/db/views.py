@@ -14,7 +14,7 @@ from uuid import UUID
 import asyncpg
 
 from daemon.db.store import Store, finalized_from_row
-from daemon.outbound import finalized_message, iso, plain
+from daemon.outbound import finalized_document, iso, plain
 from domain.analytics import AnalyticsReport, KindFigures, project
 from domain.billing import BillingRecord, PricingHistory
 from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
@@ -79,7 +79,7 @@ class SessionView:
     finalized: FinalizedSession | None
     bill: BillingRecord | None
 
-    def to_document(self, prefix: str) -> dict[str, Any]:
+    def to_document(self) -> dict[str, Any]:
         """The JSON of HTTP and the CLI; a finalized record as it was published on MQTT."""
         view: dict[str, Any] = {
             "session_id": str(self.session_id),
@@ -91,7 +91,7 @@ class SessionView:
             "stored_telemetry_count": self.stored_telemetry_count,
         }
         if self.finalized is not None and self.bill is not None:
-            view["finalized"] = json.loads(finalized_message(prefix, self.finalized)[1])
+            view["finalized"] = finalized_document(self.finalized)
             view["billing"] = self.bill.to_payload()
             return view
         view["last_heard_at"] = iso(self.last_heard_at)
@@ -127,9 +127,8 @@ class ReadModel:
     every query (a handful of rows), so that versions another instance recorded are known too.
     """
 
-    def __init__(self, pool: asyncpg.Pool, prefix: str) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.prefix = prefix
 
     async def history(self) -> PricingHistory:
         return (await Store(self.pool).pricing_history())[0]

@@ -2,7 +2,7 @@
 
 Inbound payloads are described by the same pydantic models that decode them (``schemas.py``);
 outbound payloads by the models below, which a test holds to what the message builders in
-``daemon/outbound.py`` really publish. ``daemon/asyncapi.json`` is this document for the
+``daemon/mqtt/outbound.py`` really publish. ``daemon/asyncapi.json`` is this document for the
 default prefix, committed; a test regenerates it and fails when it is stale. Regenerate with
 ``chargeflow asyncapi > daemon/asyncapi.json``.
 """

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.db.store import Store
-from daemon.db.unit_of_work import Arrival, UnitOfWork
 from daemon.mqtt.schemas import Inbound, decode
+from daemon.service.unit_of_work import Arrival, UnitOfWork
 from daemon.simulate import json_payload
 from domain.commands import RecordTelemetry
 from domain.events import Outcome

@@ -14,11 +14,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.db.store import Store
-from daemon.db.unit_of_work import Arrival, UnitOfWork
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import Ackable
 from daemon.mqtt.delivery import Delivery
-from daemon.pipeline import Pipeline
+from daemon.service.pipeline import Pipeline
+from daemon.service.unit_of_work import Arrival, UnitOfWork
 from domain.billing import parse_pricing
 from domain.session_values import SessionPolicy
 from tests.builders import T0, bike_id, sample, start

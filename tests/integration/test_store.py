@@ -18,8 +18,8 @@ import pytest
 
 from daemon.db.migrate import ensure_database, migrate
 from daemon.db.store import Store
-from daemon.db.unit_of_work import Arrival, Settled, UnitOfWork
 from daemon.mqtt.schemas import Inbound, Rejection, TopicKind, decode
+from daemon.service.unit_of_work import Arrival, Settled, UnitOfWork
 from domain.billing import PricingRules, parse_pricing
 from domain.commands import Command, RecordTelemetry, StartSession
 from domain.events import DeferredMessageSettled, Outcome, SessionFinalized

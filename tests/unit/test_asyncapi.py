@@ -18,7 +18,7 @@ from daemon.mqtt.contract import (
     RejectionPayload,
     asyncapi_document,
 )
-from daemon.outbound import billing_message, finalized_message, rejection_message
+from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
 from daemon.simulate import FleetPlan, json_payload, messages
 from domain.billing import bill
 from domain.errors import Reason

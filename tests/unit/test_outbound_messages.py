@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from daemon.config import DEFAULT_PRICING_FILE
-from daemon.outbound import billing_message, finalized_message, rejection_message
+from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
 from domain.billing import bill, parse_pricing
 from domain.session_values import EndReason, FinalizedSession, SessionKind
 from tests.builders import T0, bike_id

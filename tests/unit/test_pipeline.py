@@ -10,12 +10,12 @@ from datetime import timedelta
 
 import asyncpg
 
-from daemon.db.unit_of_work import Settled
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import Ackable
 from daemon.mqtt.delivery import Delivery
 from daemon.mqtt.schemas import Rejection
-from daemon.pipeline import Pipeline
+from daemon.service.pipeline import Pipeline
+from daemon.service.unit_of_work import Settled
 from domain.errors import DomainError
 from domain.events import SessionFinalized, TelemetrySampleAccepted
 from domain.fleet import Fleet
@@ -253,7 +253,7 @@ async def test_a_message_decoding_fails_on_is_kept_as_a_rejection_not_dropped(mo
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the edge")
 
-    monkeypatch.setattr("daemon.pipeline.decode", broken)
+    monkeypatch.setattr("daemon.service.pipeline.decode", broken)
     log: list[str] = []
     bike = Bike(log)
     p = pipeline(FakeUnitOfWork(log))

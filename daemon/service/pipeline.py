@@ -22,11 +22,11 @@ import asyncpg
 import structlog
 from prometheus_client import Counter
 
-from daemon.db.unit_of_work import Arrival, OpenBatch, Settled, UnitOfWork
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Delivery
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import TopicKind, topics_for
+from daemon.service.unit_of_work import Arrival, OpenBatch, Settled, UnitOfWork
 from domain.errors import Reason
 from domain.events import DeferredMessageSettled, Event, MessageDeferred, Outcome, SessionFinalized
 

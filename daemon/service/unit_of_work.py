@@ -21,9 +21,9 @@ from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
 from daemon.db.store import BatchRows, Conn, OutboxEntry, RejectionRow, Store, WaitingRow
+from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import TopicKind, topics_for
-from daemon.outbound import billing_message, finalized_message, rejection_message
 from domain.billing import PricingRules, bill
 from domain.commands import Command, RecordTelemetry
 from domain.errors import DomainError, Reason

@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 
 from daemon.config import ConfigError, Settings
 from daemon.db.store import Store
-from daemon.db.unit_of_work import Arrival, UnitOfWork
 from daemon.db.views import KeptRejection, ReadModel, RejectionFilter
 from daemon.mqtt.schemas import decode
 from daemon.mqtt.topics import topics_for
+from daemon.service.unit_of_work import Arrival, UnitOfWork
 from domain.events import Outcome
 
 __all__ = ["Replayed", "replay"]
@@ -72,7 +72,7 @@ async def replay(
 ) -> list[Replayed]:
     """Decide the (at most ``most``) selected kept rejections again, oldest first, in batches;
     what each became. ``selection.limit`` is the page size they are read with."""
-    reads = ReadModel(store.pool, settings.topic_prefix)
+    reads = ReadModel(store.pool)
     chosen: list[KeptRejection] = []
     page = selection
     while True:
