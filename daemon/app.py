@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import asyncpg
 import structlog
 
+from daemon.backoff import Backoff
 from daemon.config import ConfigError, DatabaseUnavailable, Settings
 from daemon.db.migrate import TimescaleUnavailable, ensure_database, migrate
 from daemon.db.store import Store
@@ -99,7 +100,7 @@ class Daemon:
 
     async def _start_store(self) -> Store | None:
         """Open the store, retrying while the database is away; None if stopped meanwhile."""
-        backoff = 1.0
+        backoff = Backoff()
         while not self.stop.is_set():
             try:
                 store = await open_store(self.settings)
@@ -107,12 +108,14 @@ class Daemon:
                 self.metrics.database_up.set(1)
                 return store
             except DatabaseUnavailable as exc:
+                wait = backoff.next_wait()
                 log.error(
-                    "database unavailable at start-up; retrying", error=str(exc), retry_in_s=backoff
+                    "database unavailable at start-up; retrying",
+                    error=str(exc),
+                    retry_in_s=round(wait, 2),
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), timeout=backoff)
-                backoff = min(backoff * 2, 30.0)
+                    await asyncio.wait_for(self.stop.wait(), timeout=wait)
         return None
 
     async def _watch_database(self, store: Store) -> None:

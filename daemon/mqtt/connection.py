@@ -4,7 +4,6 @@ reconnect with backoff. MQTT v5, the default, has its own lighter link (``daemon
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,12 +17,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from daemon.backoff import Backoff
 from daemon.config import Settings
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import ManualAcks, PausableClient, disconnect, receive_directly
 from daemon.mqtt.delivery import Delivery, LinkDown
 from daemon.mqtt.topics import topics_for
-from daemon.mqtt.v5 import RECONNECT_CAP_S
 
 __all__ = ["MqttLink"]
 
@@ -104,8 +103,9 @@ class MqttLink:
 
     async def run(self) -> None:
         """Connect, subscribe, pass messages on; on any MQTT error, back off and reconnect."""
-        backoff = 0.5
+        backoff = Backoff()
         while not self.stopping:
+            wait: float | None = None
             client = self._new_client()
             acks = ManualAcks(client)
 
@@ -129,7 +129,7 @@ class MqttLink:
                         broker=self._settings.broker.display,
                         client_id=self._settings.client_id,
                     )
-                    backoff = 0.5
+                    backoff.reset()
                     subscriptions = self._subscriptions()
                     granted = await client.subscribe(subscriptions)
                     refused = [
@@ -155,16 +155,19 @@ class MqttLink:
                     if acks.sent or self.connected.is_set()
                     else "cannot connect to the MQTT broker; retrying"
                 )
+                wait = backoff.next_wait()
                 log.warning(
-                    what, error=str(exc), retry_in_s=backoff, broker=self._settings.broker.display
+                    what,
+                    error=str(exc),
+                    retry_in_s=round(wait, 2),
+                    broker=self._settings.broker.display,
                 )
             finally:
                 acks.close()
                 self._client = None
                 self.connected.clear()
                 self._metrics.mqtt_connected.set(0)
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, RECONNECT_CAP_S)
+            await asyncio.sleep(backoff.next_wait() if wait is None else wait)
 
     def pause_reading(self) -> None:
         """Take nothing more from the broker for now (the daemon holds enough)."""

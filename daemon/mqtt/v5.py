@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -37,17 +36,15 @@ from typing import Any, cast
 import mqtt5
 import structlog
 
+from daemon.backoff import Backoff
 from daemon.config import Settings
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Delivery, LinkDown
 from daemon.mqtt.topics import topics_for
 
-__all__ = ["RECONNECT_CAP_S", "V5Link", "V5Session"]
+__all__ = ["V5Link", "V5Session"]
 
 log = structlog.get_logger(__name__)
-# However long the broker was away, the daemon is back within this (with jitter, so that
-# several instances do not all knock at once): README, "Scaling out".
-RECONNECT_CAP_S = 2.0
 CONNECT_TIMEOUT_S = 10.0
 PUBLISH_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 30
@@ -401,8 +398,9 @@ class V5Link:
 
     async def run(self) -> None:
         """Connect, subscribe, pass messages on; when the connection ends, back off and retry."""
-        backoff = 0.5
+        backoff = Backoff()
         while not self.stopping:
+            wait: float | None = None
             session: V5Session | None = None
             try:
                 session = await self._open()
@@ -416,7 +414,7 @@ class V5Link:
                     broker=self._settings.broker.display,
                     client_id=self._settings.client_id,
                 )
-                backoff = 0.5
+                backoff.reset()
                 filters = self._filters()
                 codes = await session.subscribe(filters)
                 refused = [
@@ -437,10 +435,11 @@ class V5Link:
                     if session is not None and (session.sent or self.connected.is_set())
                     else "cannot connect to the MQTT broker; retrying"
                 )
+                wait = backoff.next_wait()
                 log.warning(
                     what,
                     error=_why(exc),
-                    retry_in_s=backoff,
+                    retry_in_s=round(wait, 2),
                     broker=self._settings.broker.display,
                 )
             finally:
@@ -451,8 +450,7 @@ class V5Link:
                 self._session = None
                 self.connected.clear()
                 self._metrics.mqtt_connected.set(0)
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, RECONNECT_CAP_S)
+            await asyncio.sleep(backoff.next_wait() if wait is None else wait)
 
     def pause_reading(self) -> None:
         """Take nothing more from the broker for now (the daemon holds enough)."""

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 
+from daemon.backoff import Backoff
 from daemon.db.store import Conn, OutboxRow, Store
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Link, LinkDown
@@ -55,7 +56,7 @@ class OutboxPublisher:
         self._wake.set()
 
     async def run(self) -> None:
-        backoff = 0.5
+        backoff = Backoff()
         while True:
             await self.link.connected.wait()
             try:
@@ -67,18 +68,16 @@ class OutboxPublisher:
                         await self._publish_until_down(conn)
                     finally:
                         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
-                backoff = 0.5
+                backoff.reset()
             except LinkDown as exc:
                 log.info("outbox publishing paused: broker unavailable", error=str(exc))
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("outbox publishing paused: database unavailable", error=repr(exc))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                await asyncio.sleep(backoff.next_wait())
             except Exception as exc:
                 # Outbound trouble must never take ingestion down with it.
                 log.exception("outbox publishing failed; retrying", error=repr(exc))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                await asyncio.sleep(backoff.next_wait())
 
     async def _publish_until_down(self, conn: Conn) -> None:
         while True:

@@ -22,6 +22,7 @@ import asyncpg
 import structlog
 from prometheus_client import Counter
 
+from daemon.backoff import Backoff
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Delivery
 from daemon.mqtt.schemas import Inbound, Rejection, decode
@@ -308,6 +309,7 @@ class Pipeline:
 
     async def _commit(self, arrivals: Sequence[Arrival]) -> list[Settled] | None:
         attempt = 0
+        backoff = Backoff()
         while True:
             attempt += 1
             started = time.perf_counter()
@@ -322,14 +324,14 @@ class Pipeline:
                         batch=len(arrivals),
                     )
                     return None
-                backoff = min(0.5 * 2 ** min(attempt - 1, 6), 30.0)
+                wait = backoff.next_wait()
                 log.warning(
                     "database unavailable; batch held unacknowledged",
                     error=repr(exc),
-                    retry_in_s=backoff,
+                    retry_in_s=round(wait, 2),
                     batch=len(arrivals),
                 )
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(wait)
                 continue
             except _TRANSIENT as exc:
                 self.uow.reset()
