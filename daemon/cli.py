@@ -244,7 +244,7 @@ def migrate() -> None:
 
 
 @app.command()
-def simulate(
+def simulate(  # noqa: PLR0913 - a Typer command: each option is a parameter
     bikes: int = 10,
     sessions: Annotated[int, typer.Option(help="sessions per bike")] = 2,
     samples: Annotated[int, typer.Option(help="telemetry samples per session")] = 20,
@@ -456,7 +456,7 @@ def _selection(
 
 
 @rejections_app.command("list")
-def rejections_list(
+def rejections_list(  # noqa: PLR0913 - a Typer command: each option is a parameter
     bike_id: str | None = None,
     reason: Annotated[str | None, typer.Option(help=", ".join(r.value for r in Reason))] = None,
     since: Since = None,
@@ -498,7 +498,7 @@ def rejections_list(
 
 
 @rejections_app.command("replay")
-def rejections_replay(
+def rejections_replay(  # noqa: PLR0913 - a Typer command: each option is a parameter
     bike_id: str | None = None,
     reason: Annotated[str | None, typer.Option(help=", ".join(r.value for r in Reason))] = None,
     since: Since = None,

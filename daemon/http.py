@@ -329,7 +329,7 @@ def build_app(server: HttpServer) -> FastAPI:
         dependencies=data,
         responses=_DATA,
     )
-    async def rejections(
+    async def rejections(  # noqa: PLR0913 - a FastAPI route: each query parameter is a parameter
         request: Request,
         bike_id: BikeId = None,
         reason: Reason | None = None,
@@ -398,7 +398,7 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """The HTTP port, served inside the daemon's TaskGroup until cancelled."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - wiring; to become the bootstrap's (issue 18)
         self,
         metrics: Metrics,
         reads: ReadModel | None,

@@ -48,7 +48,7 @@ def finalized_document(session: FinalizedSession) -> dict[str, Any]:
     }
 
 
-def rejection_document(
+def rejection_document(  # noqa: PLR0913 - a rejection's fields, each named where it is built
     topic: str,
     reason: Reason,
     detail: str,

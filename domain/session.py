@@ -61,7 +61,7 @@ class Session:
 
     kind: ClassVar[SessionKind]
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - a session's summary as the store keeps it, by keyword
         self,
         *,
         session_id: UUID,

@@ -379,7 +379,7 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------
 
-    async def write(
+    async def write(  # noqa: PLR0913 - the tables of one batch's write; BatchRows is the named form
         self,
         conn: Conn,
         events: Sequence[Event],

@@ -22,7 +22,7 @@ def billing_message(prefix: str, record: BillingRecord) -> tuple[str, bytes]:
     return topics_for(prefix).bike(record.bike_id, OutboundKind.BILLING), record.to_json()
 
 
-def rejection_message(
+def rejection_message(  # noqa: PLR0913 - a rejection's fields, each named where it is built
     prefix: str,
     bike_id: str,
     topic: str,

@@ -336,7 +336,8 @@ def _ids(document: Any) -> tuple[UUID | None, UUID | None]:
     return found[0], found[1]
 
 
-def decode(topic: str, payload: bytes, topics: Topics | str, max_bytes: int) -> Inbound:
+# One return per rejection reason reads as the contract's list.
+def decode(topic: str, payload: bytes, topics: Topics | str, max_bytes: int) -> Inbound:  # noqa: PLR0911
     """Turn one MQTT message into a domain command, or a rejection that says why not."""
     parsed = (topics if isinstance(topics, Topics) else topics_for(topics)).parse(topic)
     kind, bike_id, problem = parsed.kind, parsed.bike_id, parsed.problem

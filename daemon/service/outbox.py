@@ -27,7 +27,7 @@ _LOCK = 0x43_46_4F_42  # "CFOB"
 
 
 class OutboxPublisher:
-    def __init__(
+    def __init__(  # noqa: PLR0913 - wiring; to become the bootstrap's (issue 18)
         self,
         store: Store,
         link: Link,

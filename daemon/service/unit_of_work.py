@@ -109,7 +109,7 @@ def storable(text: str) -> str:
 class UnitOfWork:
     """Owns the fleet (a cache of the store) and commits batches and expiry sweeps."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - wiring; to become the bootstrap's (issue 18)
         self,
         store: Store,
         policy: SessionPolicy,
