@@ -397,100 +397,41 @@ class Store:
         """Write a batch's rows inside the caller's transaction.
 
         Order matters: new sessions, then their telemetry (only an Active session takes
-        samples), then the summaries (which may finalize them), then the waiting room.
+        samples), then the summaries (which may finalize them), then the waiting room, the
+        outbound messages and the kept rejections.
         """
-        rows, summaries, outbox, rejections = (
-            batch.events, batch.summaries, batch.outbox, batch.rejections
-        )  # fmt: skip
-        starts, samples, deferred, settled = rows.starts, rows.samples, rows.deferred, rows.settled
-        if starts:
-            await conn.executemany(
-                "INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at,"
-                " received_at, last_heard_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
-                starts,
-            )
-        if samples:
+        await self._write_sessions(conn, batch)
+        await self._write_waiting_and_answers(conn, batch)
+
+    async def _write_sessions(self, conn: Conn, batch: BatchRows) -> None:
+        rows = batch.events
+        if rows.starts:
+            await conn.executemany(_INSERT_STARTS, rows.starts)
+        if rows.samples:
             await conn.copy_to_table(
                 "telemetry",
-                source=_once("".join(samples).encode()),
+                source=_once("".join(rows.samples).encode()),
                 columns=_TELEMETRY_COLUMNS,
                 format="text",
             )
-        if summaries:
-            await conn.execute(
-                "UPDATE sessions s SET last_heard_at = t.last_heard_at, ended_at = t.ended_at,"
-                " last_seq = t.last_seq, end_received_at = t.end_received_at,"
-                " energy_wh = t.energy_wh, distance_m = t.distance_m,"
-                " telemetry_count = t.telemetry_count, seq_ranges = t.seq_ranges::integer[],"
-                " latest_emitted_at = t.latest_emitted_at, state = t.state,"
-                " missing_samples = t.missing_samples, end_reason = t.end_reason,"
-                " finalized_at = t.finalized_at, pricing_version = t.pricing_version"
-                " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::integer[],"
-                " $5::timestamptz[], $6::numeric[], $7::numeric[], $8::integer[], $9::text[],"
-                " $10::timestamptz[], $11::text[], $12::integer[], $13::text[],"
-                " $14::timestamptz[], $15::text[]) AS t(session_id, last_heard_at, ended_at,"
-                " last_seq, end_received_at, energy_wh, distance_m, telemetry_count, seq_ranges,"
-                " latest_emitted_at, state, missing_samples, end_reason, finalized_at,"
-                " pricing_version)"
-                " WHERE s.session_id = t.session_id",
-                *summaries,
-            )
-        if deferred:
-            await conn.executemany(
-                "INSERT INTO waiting_messages (bike_id, ref, topic, payload, received_at,"
-                " session_id, telemetry_id) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                " ON CONFLICT DO NOTHING",
-                deferred,
-            )
-        if settled:
+        if batch.summaries:
+            await conn.execute(_UPDATE_SUMMARIES, *batch.summaries)
+
+    async def _write_waiting_and_answers(self, conn: Conn, batch: BatchRows) -> None:
+        rows = batch.events
+        if rows.deferred:
+            await conn.executemany(_INSERT_WAITING, rows.deferred)
+        if rows.settled:
             # A settled message leaves the waiting room; a rejected one is kept as a rejection
             # with its raw payload (its answer is in ``outbox``).
-            await conn.execute(
-                "WITH gone AS (DELETE FROM waiting_messages w"
-                " USING unnest($1::text[], $2::bytea[], $3::text[], $4::text[])"
-                " AS x(bike_id, ref, reason, detail)"
-                " WHERE w.bike_id = x.bike_id AND w.ref = x.ref"
-                " RETURNING w.*, x.reason, x.detail)"
-                " INSERT INTO rejected_messages (received_at, topic, bike_id, reason, detail,"
-                " session_id, telemetry_id, payload, payload_size, payload_sha256)"
-                " SELECT received_at, topic, bike_id, reason, detail, session_id, telemetry_id,"
-                " substring(payload FROM 1 FOR $5), length(payload), sha256(payload)"
-                " FROM gone WHERE reason IS NOT NULL"
-                " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING",
-                *[list(c) for c in zip(*settled, strict=True)],
-                _PAYLOAD_CAP,
-            )
-        if outbox:
+            columns = [list(c) for c in zip(*rows.settled, strict=True)]
+            await conn.execute(_SETTLE_WAITING, *columns, _PAYLOAD_CAP)
+        if batch.outbox:
             await conn.executemany(
-                "INSERT INTO outbox (created_at, event, topic, payload) VALUES ($1, $2, $3, $4)",
-                [(o.created_at, o.event, o.topic, o.payload) for o in outbox],
+                _INSERT_OUTBOX, [(o.created_at, o.event, o.topic, o.payload) for o in batch.outbox]
             )
-        if rejections:
-            await conn.executemany(
-                "WITH kept AS (INSERT INTO rejected_messages (received_at, topic, bike_id,"
-                " reason, detail, session_id, telemetry_id, payload, payload_size,"
-                " payload_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-                " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING RETURNING 1)"
-                " INSERT INTO outbox (created_at, event, topic, payload)"
-                " SELECT $1, 'rejection', $11, $12 FROM kept WHERE $11::text IS NOT NULL",
-                [
-                    (
-                        r.received_at,
-                        r.topic,
-                        r.bike_id,
-                        r.reason,
-                        r.detail,
-                        r.session_id,
-                        r.telemetry_id,
-                        r.payload[:_PAYLOAD_CAP],
-                        r.payload_size,
-                        r.payload_sha256,
-                        r.answer.topic if r.answer else None,
-                        r.answer.payload if r.answer else None,
-                    )
-                    for r in rejections
-                ],
-            )
+        if batch.rejections:
+            await conn.executemany(_KEEP_REJECTION, [_rejection_args(r) for r in batch.rejections])
 
     # -- instance partitions ---------------------------------------------------------------
 
@@ -628,3 +569,73 @@ _DUE_OR_DARK = (
 )
 _PRICING_LOCK = 0x43_46_50_52  # "CFPR": one instance records a price list at a time
 _PAYLOAD_CAP = 4096  # bytes of a rejected payload kept; payload_size says what was received
+
+
+# -- what a batch writes (Store.write_rows) ----------------------------------------------------
+
+_INSERT_STARTS = (
+    "INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at,"
+    " received_at, last_heard_at) VALUES ($1, $2, $3, $4, $5, $6, $6)"
+)
+_UPDATE_SUMMARIES = (
+    "UPDATE sessions s SET last_heard_at = t.last_heard_at, ended_at = t.ended_at,"
+    " last_seq = t.last_seq, end_received_at = t.end_received_at,"
+    " energy_wh = t.energy_wh, distance_m = t.distance_m,"
+    " telemetry_count = t.telemetry_count, seq_ranges = t.seq_ranges::integer[],"
+    " latest_emitted_at = t.latest_emitted_at, state = t.state,"
+    " missing_samples = t.missing_samples, end_reason = t.end_reason,"
+    " finalized_at = t.finalized_at, pricing_version = t.pricing_version"
+    " FROM unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::integer[],"
+    " $5::timestamptz[], $6::numeric[], $7::numeric[], $8::integer[], $9::text[],"
+    " $10::timestamptz[], $11::text[], $12::integer[], $13::text[],"
+    " $14::timestamptz[], $15::text[]) AS t(session_id, last_heard_at, ended_at,"
+    " last_seq, end_received_at, energy_wh, distance_m, telemetry_count, seq_ranges,"
+    " latest_emitted_at, state, missing_samples, end_reason, finalized_at,"
+    " pricing_version)"
+    " WHERE s.session_id = t.session_id"
+)
+_INSERT_WAITING = (
+    "INSERT INTO waiting_messages (bike_id, ref, topic, payload, received_at,"
+    " session_id, telemetry_id) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    " ON CONFLICT DO NOTHING"
+)
+_SETTLE_WAITING = (
+    "WITH gone AS (DELETE FROM waiting_messages w"
+    " USING unnest($1::text[], $2::bytea[], $3::text[], $4::text[])"
+    " AS x(bike_id, ref, reason, detail)"
+    " WHERE w.bike_id = x.bike_id AND w.ref = x.ref"
+    " RETURNING w.*, x.reason, x.detail)"
+    " INSERT INTO rejected_messages (received_at, topic, bike_id, reason, detail,"
+    " session_id, telemetry_id, payload, payload_size, payload_sha256)"
+    " SELECT received_at, topic, bike_id, reason, detail, session_id, telemetry_id,"
+    " substring(payload FROM 1 FOR $5), length(payload), sha256(payload)"
+    " FROM gone WHERE reason IS NOT NULL"
+    " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING"
+)
+_INSERT_OUTBOX = "INSERT INTO outbox (created_at, event, topic, payload) VALUES ($1, $2, $3, $4)"
+_KEEP_REJECTION = (
+    "WITH kept AS (INSERT INTO rejected_messages (received_at, topic, bike_id,"
+    " reason, detail, session_id, telemetry_id, payload, payload_size,"
+    " payload_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING RETURNING 1)"
+    " INSERT INTO outbox (created_at, event, topic, payload)"
+    " SELECT $1, 'rejection', $11, $12 FROM kept WHERE $11::text IS NOT NULL"
+)
+
+
+def _rejection_args(r: RejectionRow) -> tuple[object, ...]:
+    """A kept rejection's row and, when it names a bike to answer, its outbox message."""
+    return (
+        r.received_at,
+        r.topic,
+        r.bike_id,
+        r.reason,
+        r.detail,
+        r.session_id,
+        r.telemetry_id,
+        r.payload[:_PAYLOAD_CAP],
+        r.payload_size,
+        r.payload_sha256,
+        r.answer.topic if r.answer else None,
+        r.answer.payload if r.answer else None,
+    )
