@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 import asyncpg
 import structlog
@@ -27,11 +28,12 @@ from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Delivery
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import TopicKind, topics_for
-from daemon.service.unit_of_work import Arrival, OpenBatch, Settled, UnitOfWork
+from daemon.service.unit_of_work import Arrival, OpenBatch, Settled
 from domain.errors import Reason
 from domain.events import DeferredMessageSettled, Event, MessageDeferred, Outcome, SessionFinalized
+from domain.session_values import SessionPolicy
 
-__all__ = ["Pipeline"]
+__all__ = ["Batches", "Pipeline"]
 
 log = structlog.get_logger(__name__)
 
@@ -61,12 +63,33 @@ class _InFlight:
     arrivals: Sequence[Arrival]
 
 
+class Batches(Protocol):
+    """What the pipeline asks of a unit of work (``UnitOfWork``; faked in its unit tests)."""
+
+    policy: SessionPolicy
+
+    def reset(self) -> None: ...
+    async def commit_batch(
+        self, arrivals: Sequence[Arrival]
+    ) -> tuple[list[Settled], list[Event]]: ...
+    def decide_ahead(self, arrivals: Sequence[Arrival]) -> OpenBatch | None: ...
+    async def begin_batch(self, arrivals: Sequence[Arrival]) -> OpenBatch: ...
+    async def finish_batch(self, batch: OpenBatch) -> None: ...
+    async def abandon_batch(self, batch: OpenBatch) -> None: ...
+    async def commit_rejections(self, arrivals: Sequence[Arrival], why: str) -> None: ...
+    async def due_bikes(
+        self, grace_cutoff: datetime, abandon_cutoff: datetime | None = None
+    ) -> list[str]: ...
+    async def expire(self, bike_ids: Iterable[str], now: datetime) -> list[Event]: ...
+    def active_count(self) -> int: ...
+
+
 class Pipeline:
     """Turns deliveries into committed state and outbox rows; acknowledges after commit."""
 
     def __init__(  # noqa: PLR0913 - wiring; to become the bootstrap's (issue 18)
         self,
-        unit_of_work: UnitOfWork,
+        unit_of_work: Batches,
         metrics: Metrics,
         *,
         prefix: str,
@@ -495,7 +518,7 @@ class Pipeline:
             every = min(self.abandon_check_s, policy.abandon_after.total_seconds() / 20)
             if time.monotonic() - self._abandon_checked >= every:
                 abandon = now - policy.abandon_after
-            due = await self.uow.store.due_bikes(now - policy.finalize_grace, abandon)
+            due = await self.uow.due_bikes(now - policy.finalize_grace, abandon)
             if abandon is not None:
                 self._abandon_checked = time.monotonic()
             due = [bike_id for bike_id in due if self.takes(bike_id)]
@@ -504,7 +527,7 @@ class Pipeline:
                 self._count(events)
                 if events:
                     self.on_commit()
-            self.metrics.active_sessions.set(self.uow.fleet.active_count())
+            self.metrics.active_sessions.set(self.uow.active_count())
             self.metrics.database_up.set(1)
         except Exception as exc:
             # Nothing was committed; the cache may be ahead of the store, so drop it.

@@ -260,6 +260,16 @@ class UnitOfWork:
         async with self.store.pool.acquire() as conn, conn.transaction():
             await self.store.write(conn, [], [], [], rows, {})
 
+    async def due_bikes(
+        self, grace_cutoff: datetime, abandon_cutoff: datetime | None = None
+    ) -> list[str]:
+        """The bikes the store says are due for a sweep (``Store.due_bikes``)."""
+        return await self.store.due_bikes(grace_cutoff, abandon_cutoff)
+
+    def active_count(self) -> int:
+        """Active sessions in the cache."""
+        return self.fleet.active_count()
+
     async def expire(self, bike_ids: Iterable[str], now: datetime) -> list[Event]:
         """Finalize these bikes' due sessions and settle their overdue waiting messages."""
         ids = sorted(set(bike_ids))

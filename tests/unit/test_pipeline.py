@@ -50,7 +50,6 @@ class FakeUnitOfWork:
         self.failures: list[BaseException] = []
         self.poison: set[uuid.UUID] = set()
         self.fleet = Fleet(self.policy)
-        self.store = self
 
     def reset(self) -> None:
         self.log.append("reset")
@@ -97,6 +96,15 @@ class FakeUnitOfWork:
     async def due_bikes(self, grace_cutoff, abandon_cutoff=None):
         return ["any"]
 
+    def active_count(self) -> int:
+        return self.fleet.active_count()
+
+    # Pipelined commits are tested on a real PostgreSQL (tests/integration/test_pipelined.py).
+    def decide_ahead(self, arrivals):
+        raise AssertionError("these tests run the pipeline one batch at a time")
+
+    begin_batch = finish_batch = abandon_batch = decide_ahead
+
     async def expire(self, bike_ids, now):
         harness = self._rebuilt()
         events = harness.expire(now)
@@ -115,7 +123,7 @@ class Bike:
     def delivery(self, suffix: str, payload: dict, at=NOW) -> Delivery:
         self.mid += 1
         return Delivery(f"{PREFIX}/bikes/{self.bike_id}/{suffix}", json.dumps(payload).encode(),
-                        self.mid, 1, FakeAcks(self.log), at)  # type: ignore[arg-type]  # fmt: skip
+                        self.mid, 1, FakeAcks(self.log), at)  # fmt: skip
 
     def start(self, at=NOW) -> Delivery:
         return self.delivery("lifecycle", {"event": "ride_started", "session_id": self.session_id,
@@ -134,7 +142,7 @@ class Bike:
 
 
 def pipeline(uow: FakeUnitOfWork, clock=lambda: NOW) -> Pipeline:
-    return Pipeline(uow, Metrics(), prefix=PREFIX, clock=clock)  # type: ignore[arg-type]
+    return Pipeline(uow, Metrics(), prefix=PREFIX, clock=clock)
 
 
 async def test_a_batch_is_acknowledged_in_order_only_after_it_is_committed():
@@ -209,7 +217,7 @@ async def test_intake_pauses_when_the_inbox_is_full_and_resumes_once_half_is_tak
     bike = Bike(log)
     p = Pipeline(FakeUnitOfWork(log), Metrics(), prefix=PREFIX, max_inbox=4, max_batch=2,
                  pause_intake=lambda: log.append("pause"),
-                 resume_intake=lambda: log.append("resume"))  # type: ignore[arg-type]  # fmt: skip
+                 resume_intake=lambda: log.append("resume"))  # fmt: skip
     for seq in range(1, 6):
         p.deliver(bike.sample(seq))
     assert log == ["pause"]
@@ -226,7 +234,7 @@ async def test_intake_pauses_on_payload_bytes_too_so_large_garbage_cannot_fill_m
     bike = Bike(log)
     p = Pipeline(FakeUnitOfWork(log), Metrics(), prefix=PREFIX, max_inbox=1000, max_batch=1,
                  max_inbox_bytes=3 * 1024, pause_intake=lambda: log.append("pause"),
-                 resume_intake=lambda: log.append("resume"))  # type: ignore[arg-type]  # fmt: skip
+                 resume_intake=lambda: log.append("resume"))  # fmt: skip
     big = bike.sample(1)
     big = dataclasses.replace(big, payload=b"x" * 1024)
     for _ in range(3):
@@ -273,7 +281,7 @@ async def test_the_messages_of_bikes_another_instance_takes_are_acknowledged_in_
     log: list[str] = []
     mine, theirs = Bike(log), Bike(log)
     store = FakeUnitOfWork(log)
-    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: b == mine.bike_id)  # type: ignore[arg-type]
+    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: b == mine.bike_id)
     foreign = theirs.delivery("telemetry", {"not": "even valid"})
     batch = [mine.start(), foreign, mine.sample(1)]
     for delivery in batch:
@@ -291,7 +299,7 @@ async def test_a_batch_of_other_instances_bikes_alone_touches_no_database():
     theirs = Bike(log)
     store = FakeUnitOfWork(log)
     store.failures.append(ConnectionResetError("a commit was attempted"))
-    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: False)  # type: ignore[arg-type]
+    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: False)
     await p.process([theirs.start(), theirs.sample(1)])
     assert log == ["ack 1", "ack 2"]
 
@@ -306,7 +314,7 @@ async def test_a_sweep_settles_only_the_bikes_this_instance_takes():
         return []
 
     store.expire = expire  # type: ignore[method-assign]
-    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: False)  # type: ignore[arg-type]
+    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: False)
     await p.sweep()
     assert expired == []
     p.takes = lambda b: True
