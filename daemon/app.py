@@ -7,8 +7,7 @@ import contextlib
 import gc
 import signal
 import time
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 
 import asyncpg
 import structlog
@@ -27,7 +26,7 @@ from daemon.mqtt.v5 import V5Link
 from daemon.partition import Ownership, PartitionRegistry
 from daemon.service.outbox import OutboxPublisher
 from daemon.service.pipeline import Pipeline
-from daemon.service.unit_of_work import UnitOfWork
+from daemon.service.unit_of_work import configured_unit_of_work
 
 __all__ = ["Daemon", "open_store", "run_daemon"]
 
@@ -156,21 +155,8 @@ class Daemon:
                 http_task.cancel()
                 return
             self.store = store
-            recorded = await store.record_pricing(pricing, datetime.now(UTC))
-            if recorded is None:
-                raise ConfigError(
-                    f"pricing version {pricing.version} is already recorded with other prices;"
-                    " give the new prices a new version"
-                )
-            pricing = recorded  # bills are derived from the recorded text, wherever they are
+            unit_of_work = await configured_unit_of_work(s, store, pricing)
             self.http.reads = ReadModel(store.pool)
-            unit_of_work = UnitOfWork(
-                store,
-                replace(s.policy, pricing_version=pricing.version),
-                pricing,
-                prefix=s.topic_prefix,
-                max_payload_bytes=s.max_payload_bytes,
-            )
             ownership = Ownership()
             registry = self.registry = None
             if s.partition_of is not None:

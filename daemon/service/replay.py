@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from daemon.config import ConfigError, Settings
+from daemon.config import Settings
 from daemon.db.store import Store
 from daemon.db.views import KeptRejection, ReadModel, RejectionFilter
 from daemon.mqtt.schemas import decode
 from daemon.mqtt.topics import topics_for
-from daemon.service.unit_of_work import Arrival, UnitOfWork
+from daemon.service.unit_of_work import Arrival, configured_unit_of_work
 from domain.events import Outcome
 
 __all__ = ["Replayed", "replay"]
@@ -46,23 +46,6 @@ class Replayed:
         }
 
 
-async def _unit_of_work(settings: Settings, store: Store) -> UnitOfWork:
-    pricing = settings.load_pricing()
-    recorded = await store.record_pricing(pricing, datetime.now(UTC))
-    if recorded is None:
-        raise ConfigError(
-            f"pricing version {pricing.version} is already recorded with other prices;"
-            " give the new prices a new version"
-        )
-    return UnitOfWork(
-        store,
-        replace(settings.policy, pricing_version=recorded.version),
-        recorded,
-        prefix=settings.topic_prefix,
-        max_payload_bytes=settings.max_payload_bytes,
-    )
-
-
 async def replay(
     settings: Settings,
     store: Store,
@@ -82,7 +65,7 @@ async def replay(
             break
         page = replace(page, before=found[-1].id)
     chosen = sorted(chosen[:most], key=lambda r: r.id)  # in arrival order
-    uow = await _unit_of_work(settings, store)
+    uow = await configured_unit_of_work(settings, store)
     topics = topics_for(settings.topic_prefix)
     results: list[Replayed] = []
     for start in range(0, len(chosen), _CHUNK):

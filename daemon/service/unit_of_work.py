@@ -13,13 +13,14 @@ import dataclasses
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
+from daemon.config import ConfigError, Settings
 from daemon.db.store import BatchRows, Conn, OutboxEntry, RejectionRow, Store, WaitingRow
 from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
 from daemon.mqtt.schemas import Inbound, Rejection, decode
@@ -37,7 +38,15 @@ from domain.events import (
 from domain.fleet import Fleet
 from domain.session_values import SessionPolicy
 
-__all__ = ["Arrival", "DecidedOnStaleState", "OpenBatch", "Settled", "UnitOfWork", "message_ref"]
+__all__ = [
+    "Arrival",
+    "DecidedOnStaleState",
+    "OpenBatch",
+    "Settled",
+    "UnitOfWork",
+    "configured_unit_of_work",
+    "message_ref",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -436,3 +445,25 @@ class UnitOfWork:
             hashlib.sha256(arrival.payload).digest(),
             answer,
         )
+
+
+async def configured_unit_of_work(
+    settings: Settings, store: Store, pricing: PricingRules | None = None
+) -> UnitOfWork:
+    """The unit of work ``chargeflow run`` and ``chargeflow rejections replay`` decide with:
+    the configured prices (``pricing``, already read, or the pricing file), recorded in the
+    store first, so that bills are derived from the recorded text wherever they are read."""
+    pricing = pricing if pricing is not None else settings.load_pricing()
+    recorded = await store.record_pricing(pricing, datetime.now(UTC))
+    if recorded is None:
+        raise ConfigError(
+            f"pricing version {pricing.version} is already recorded with other prices;"
+            " give the new prices a new version"
+        )
+    return UnitOfWork(
+        store,
+        dataclasses.replace(settings.policy, pricing_version=recorded.version),
+        recorded,
+        prefix=settings.topic_prefix,
+        max_payload_bytes=settings.max_payload_bytes,
+    )
