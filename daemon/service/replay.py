@@ -18,7 +18,7 @@ from daemon.db.store import Store
 from daemon.db.views import KeptRejection, ReadModel, RejectionFilter
 from daemon.mqtt.schemas import decode
 from daemon.mqtt.topics import topics_for
-from daemon.service.unit_of_work import Arrival, configured_unit_of_work
+from daemon.service.unit_of_work import Arrival, Settled, configured_unit_of_work
 from domain.events import Outcome
 
 __all__ = ["Replayed", "replay"]
@@ -55,16 +55,7 @@ async def replay(
 ) -> list[Replayed]:
     """Decide the (at most ``most``) selected kept rejections again, oldest first, in batches;
     what each became. ``selection.limit`` is the page size they are read with."""
-    reads = ReadModel(store.pool)
-    chosen: list[KeptRejection] = []
-    page = selection
-    while True:
-        found = await reads.rejections(page)
-        chosen += found
-        if len(found) < page.limit or len(chosen) >= most:
-            break
-        page = replace(page, before=found[-1].id)
-    chosen = sorted(chosen[:most], key=lambda r: r.id)  # in arrival order
+    chosen = await _chosen(ReadModel(store.pool), selection, most)
     uow = await configured_unit_of_work(settings, store)
     topics = topics_for(settings.topic_prefix)
     results: list[Replayed] = []
@@ -83,15 +74,28 @@ async def replay(
             arrivals.append(Arrival(kept.topic, kept.payload, now, inbound))
         if arrivals:
             settled, _ = await uow.commit_batch(arrivals)
-            for kept, s in zip(chunk, settled, strict=True):
-                if s.rejection is not None:
-                    results.append(
-                        Replayed(kept, "rejected", str(s.rejection.reason), s.rejection.detail)
-                    )
-                elif s.dropped is not None:
-                    results.append(Replayed(kept, "not_replayed", None, s.dropped))
-                else:
-                    outcome = s.outcome or Outcome.ACCEPTED
-                    results.append(Replayed(kept, str(outcome)))
+            results += map(_replayed, chunk, settled)
         progress(len(results))
     return sorted(results, key=lambda r: r.rejection.id)
+
+
+async def _chosen(reads: ReadModel, selection: RejectionFilter, most: int) -> list[KeptRejection]:
+    """The selected kept rejections, page by page up to ``most``, in arrival order."""
+    chosen: list[KeptRejection] = []
+    page = selection
+    while True:
+        found = await reads.rejections(page)
+        chosen += found
+        if len(found) < page.limit or len(chosen) >= most:
+            break
+        page = replace(page, before=found[-1].id)
+    return sorted(chosen[:most], key=lambda r: r.id)
+
+
+def _replayed(kept: KeptRejection, settled: Settled) -> Replayed:
+    if settled.rejection is not None:
+        reason = settled.rejection
+        return Replayed(kept, "rejected", str(reason.reason), reason.detail)
+    if settled.dropped is not None:
+        return Replayed(kept, "not_replayed", None, settled.dropped)
+    return Replayed(kept, str(settled.outcome or Outcome.ACCEPTED))
