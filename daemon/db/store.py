@@ -154,30 +154,35 @@ def session_from_row(row: asyncpg.Record) -> Session:
 
 def _summary_columns(sessions: Sequence[Session]) -> list[list[Any]]:
     """Column arrays for the one UPDATE that writes every changed summary of a batch."""
-    rows = []
-    for s in sessions:
-        final = s.finalized
-        end = s.end
-        rows.append(
-            (
-                s.session_id,
-                s.last_heard_at,
-                final.ended_at if final else (end.occurred_at if end else None),
-                end.last_seq if end else None,
-                end.received_at if end else None,
-                s.energy_wh,
-                s.distance_m,
-                len(s.seqs),
-                "{" + ",".join(map(str, s.seqs.flat())) + "}",
-                s.latest_emitted_at,
-                "finalized" if final else "active",
-                final.missing_samples if final else None,
-                str(final.end_reason) if final else None,
-                final.finalized_at if final else None,
-                final.pricing_version if final else None,
-            )
-        )
+    rows = [_summary_row(s) for s in sessions]
     return [list(column) for column in zip(*rows, strict=True)]
+
+
+_NOT_FINALIZED = ("active", None, None, None, None)
+
+
+def _summary_row(s: Session) -> tuple[Any, ...]:
+    final, end = s.finalized, s.end
+    if end is None:
+        ended: tuple[Any, ...] = (final.ended_at if final else None, None, None)
+    else:
+        ended = (final.ended_at if final else end.occurred_at, end.last_seq, end.received_at)
+    closing = (
+        ("finalized", final.missing_samples, str(final.end_reason), final.finalized_at,
+         final.pricing_version)
+        if final else _NOT_FINALIZED
+    )  # fmt: skip
+    return (
+        s.session_id,
+        s.last_heard_at,
+        *ended,
+        s.energy_wh,
+        s.distance_m,
+        len(s.seqs),
+        "{" + ",".join(map(str, s.seqs.flat())) + "}",
+        s.latest_emitted_at,
+        *closing,
+    )
 
 
 def _sample_line(
