@@ -295,6 +295,17 @@ class Pipeline:
             return
         if opened is not None:
             await self.uow.abandon_batch(opened)
+        await self._decide_again(tail, batch, owned, arrivals)
+
+    async def _decide_again(
+        self,
+        tail: _InFlight | None,
+        batch: Sequence[Delivery],
+        owned: Sequence[bool],
+        arrivals: Sequence[Arrival],
+    ) -> None:
+        """Drop the cache and decide again, one by one, the batch in flight if it failed and
+        then this one."""
         self.uow.reset()
         if tail is not None and not await tail.task:
             await self._one_by_one(tail.batch, tail.owned, tail.arrivals)
