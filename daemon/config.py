@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from daemon.http_auth import Tokens, load_tokens
 from daemon.mqtt.topics import Topics
@@ -284,27 +285,36 @@ def load_settings(
     environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
 ) -> Settings:
     """Build Settings from CHARGEFLOW_* variables; a .env file fills what the environment lacks."""
-    source: dict[str, str | None] = {}
-    if env_file is not None and env_file.is_file():
-        source.update(dotenv_values(env_file))
-    source.update(os.environ if environ is None else environ)
-    prefix = "CHARGEFLOW_"
-    values = {
-        key[len(prefix) :].lower(): value
-        for key, value in source.items()
-        if key.startswith(prefix) and value not in (None, "")
-    }
+    values = _chargeflow_values(os.environ if environ is None else environ, env_file)
     known = set(Settings.model_fields)
-    unknown = sorted(f"{prefix}{key.upper()}" for key in values if key not in known)
+    unknown = sorted(f"CHARGEFLOW_{key.upper()}" for key in values if key not in known)
     if unknown:
         raise ConfigError(f"unknown setting {', '.join(unknown)}; see README for the list")
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            message = error["msg"].removeprefix("Value error, ")
-            if error["loc"]:
-                message = f"{prefix}{str(error['loc'][0]).upper()}: {message}"
-            problems.append(message)  # a rule across settings names them itself
-        raise ConfigError("; ".join(problems)) from None
+        raise ConfigError("; ".join(map(_problem, exc.errors()))) from None
+
+
+def _chargeflow_values(environ: Mapping[str, str], env_file: Path | None) -> dict[str, str]:
+    """The CHARGEFLOW_* variables set (not empty), as setting names; the environment wins
+    over the .env file."""
+    source: dict[str, str | None] = {}
+    if env_file is not None and env_file.is_file():
+        source.update(dotenv_values(env_file))
+    source.update(environ)
+    prefix = "CHARGEFLOW_"
+    return {
+        key[len(prefix) :].lower(): value
+        for key, value in source.items()
+        if key.startswith(prefix) and value
+    }
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One setting's problem, named as the operator sets it (a rule across settings names
+    them itself)."""
+    message = error["msg"].removeprefix("Value error, ")
+    if error["loc"]:
+        message = f"CHARGEFLOW_{str(error['loc'][0]).upper()}: {message}"
+    return message

@@ -50,16 +50,7 @@ async def run_workers(settings: Settings, count: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    workers = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "daemon",
-            "run",
-            env={**os.environ, **worker_environment(settings, i, count)},
-        )
-        for i in range(count)
-    ]
+    workers = [await _spawn(settings, i, count) for i in range(count)]
     log.info(
         "workers started",
         workers=count,
@@ -73,12 +64,33 @@ async def run_workers(settings: Settings, count: int) -> int:
     first = next((exits[f] for f in done if f in exits), None)
     if first is not None:
         log.error("a worker exited; stopping the others", pid=first.pid, code=first.returncode)
+    codes = await _stop_all(workers)
+    stopping.cancel()
+    return _exit_code(first, codes)
+
+
+def _exit_code(first: asyncio.subprocess.Process | None, codes: list[int]) -> int:
+    """The code of the worker that exited first (1 if it exited cleanly: the others did not),
+    or after a signal the most telling of theirs."""
+    if first is not None:
+        return first.returncode or 1
+    return max(codes, key=abs, default=0)
+
+
+async def _spawn(settings: Settings, index: int, count: int) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daemon",
+        "run",
+        env={**os.environ, **worker_environment(settings, index, count)},
+    )
+
+
+async def _stop_all(workers: list[asyncio.subprocess.Process]) -> list[int]:
+    """SIGTERM to every worker still running (each drains and disconnects); their exit codes."""
     for worker in workers:
         if worker.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 worker.send_signal(signal.SIGTERM)
-    codes = await asyncio.gather(*(w.wait() for w in workers))
-    stopping.cancel()
-    if first is not None:
-        return first.returncode or 1
-    return max(codes, key=abs, default=0)
+    return list(await asyncio.gather(*(w.wait() for w in workers)))

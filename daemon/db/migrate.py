@@ -116,33 +116,51 @@ async def migrate(
     over when the operator preloads the extension), ``on`` refuses to migrate without it,
     ``off`` never touches it.
     """
-    problem = None if timescaledb == "off" else await timescale_problem(conn)
-    if timescaledb == "on" and problem is not None:
-        raise TimescaleUnavailable(f"CHARGEFLOW_TIMESCALEDB=on, but {problem}")
-    use_timescale = timescaledb != "off" and problem is None
-    applied_now: list[str] = []
+    use_timescale = await _timescale_usable(conn, timescaledb)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
-        for name, sql in _sql_files():
-            if name not in done:
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
-                applied_now.append(name)
+        done = await _applied(conn)
+        steps = [(name, [sql]) for name, sql in _sql_files() if name not in done]
         if use_timescale and TIMESCALE_STEP not in done:
-            for statement in _timescale_sql(redelivery_window_days, retention_days):
-                await conn.execute(statement)
-            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", TIMESCALE_STEP)
-            applied_now.append(TIMESCALE_STEP)
-    if timescaledb == "auto" and problem is not None and "preloaded" in problem:
-        log.warning("telemetry stays a plain table", reason=problem)
+            steps.append((TIMESCALE_STEP, _timescale_sql(redelivery_window_days, retention_days)))
+        await _apply(conn, steps)
+    applied_now = [name for name, _ in steps]
     log.info(
         "migrations applied" if applied_now else "schema up to date",
         applied=applied_now,
         timescaledb=use_timescale or TIMESCALE_STEP in done,
     )
     return applied_now
+
+
+async def _timescale_usable(conn: Conn, setting: str) -> bool:
+    """Whether telemetry is to be a hypertable: never with ``off``; with ``on``, refuse to
+    start without the extension; with ``auto``, when it can be loaded (and say why not when
+    it is installed but not preloaded)."""
+    if setting == "off":
+        return False
+    problem = await timescale_problem(conn)
+    if problem is None:
+        return True
+    if setting == "on":
+        raise TimescaleUnavailable(f"CHARGEFLOW_TIMESCALEDB=on, but {problem}")
+    if "preloaded" in problem:
+        log.warning("telemetry stays a plain table", reason=problem)
+    return False
+
+
+async def _applied(conn: Conn) -> set[str]:
+    """The steps this database has had (the ledger is made on the first start)."""
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    return {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+
+
+async def _apply(conn: Conn, steps: list[tuple[str, list[str]]]) -> None:
+    """Run each step's statements and record it, in the caller's transaction."""
+    for name, statements in steps:
+        for statement in statements:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
