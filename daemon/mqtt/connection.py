@@ -108,38 +108,13 @@ class MqttLink:
             wait: float | None = None
             client = self._new_client()
             acks = ManualAcks(client)
-
-            def receive(
-                m: MQTTMessage,
-                acks: ManualAcks = acks,
-                deliver: Callable[[Delivery], None] = self._deliver,
-                clock: Callable[[], datetime] = self._clock,
-            ) -> None:
-                deliver(Delivery(m.topic, bytes(m.payload), m.mid, m.qos, acks, clock()))
-
             # Each message goes straight to the pipeline from paho's read callback.
-            receive_directly(client, receive)
+            receive_directly(client, self._receiver(acks))
             try:
                 async with client:
-                    self._client = client
-                    self.connected.set()
-                    self._metrics.mqtt_connected.set(1)
-                    log.info(
-                        "mqtt connected",
-                        broker=self._settings.broker.display,
-                        client_id=self._settings.client_id,
-                    )
+                    self._connected(client)
                     backoff.reset()
-                    subscriptions = self._subscriptions()
-                    granted = await client.subscribe(subscriptions)
-                    refused = [
-                        f"{f} ({code})"
-                        for (f, _), code in zip(subscriptions, granted, strict=False)
-                        if _refused(code)
-                    ]
-                    if refused:
-                        # Typically an ACL that does not let this user read the bike topics.
-                        raise aiomqtt.MqttError(f"subscription refused: {', '.join(refused)}")
+                    await self._subscribe(client)
                     self.connected_since = time.monotonic()
                     if self._paused:
                         client.pause_reading()
@@ -150,24 +125,52 @@ class MqttLink:
             except aiomqtt.MqttError as exc:
                 if self.stopping:
                     break
-                what = (
-                    "mqtt connection lost; reconnecting"
-                    if acks.sent or self.connected.is_set()
-                    else "cannot connect to the MQTT broker; retrying"
-                )
                 wait = backoff.next_wait()
-                log.warning(
-                    what,
-                    error=str(exc),
-                    retry_in_s=round(wait, 2),
-                    broker=self._settings.broker.display,
-                )
+                self._report_loss(acks, exc, wait)
             finally:
                 acks.close()
                 self._client = None
                 self.connected.clear()
                 self._metrics.mqtt_connected.set(0)
             await asyncio.sleep(backoff.next_wait() if wait is None else wait)
+
+    def _receiver(self, acks: ManualAcks) -> Callable[[MQTTMessage], None]:
+        deliver, clock = self._deliver, self._clock
+
+        def receive(m: MQTTMessage) -> None:
+            deliver(Delivery(m.topic, bytes(m.payload), m.mid, m.qos, acks, clock()))
+
+        return receive
+
+    def _connected(self, client: PausableClient) -> None:
+        self._client = client
+        self.connected.set()
+        self._metrics.mqtt_connected.set(1)
+        s = self._settings
+        log.info("mqtt connected", broker=s.broker.display, client_id=s.client_id)
+
+    async def _subscribe(self, client: PausableClient) -> None:
+        """Subscribe to the bikes' topics; MqttError naming each filter the broker refused."""
+        subscriptions = self._subscriptions()
+        granted = await client.subscribe(subscriptions)
+        refused = [
+            f"{f} ({code})"
+            for (f, _), code in zip(subscriptions, granted, strict=False)
+            if _refused(code)
+        ]
+        if refused:
+            # Typically an ACL that does not let this user read the bike topics.
+            raise aiomqtt.MqttError(f"subscription refused: {', '.join(refused)}")
+
+    def _report_loss(self, acks: ManualAcks, exc: aiomqtt.MqttError, wait: float) -> None:
+        what = (
+            "mqtt connection lost; reconnecting"
+            if acks.sent or self.connected.is_set()
+            else "cannot connect to the MQTT broker; retrying"
+        )
+        log.warning(
+            what, error=str(exc), retry_in_s=round(wait, 2), broker=self._settings.broker.display
+        )
 
     def pause_reading(self) -> None:
         """Take nothing more from the broker for now (the daemon holds enough)."""

@@ -404,53 +404,60 @@ class V5Link:
             session: V5Session | None = None
             try:
                 session = await self._open()
-                self._session = session
-                if self._paused:
-                    session.pause_reading()
-                self.connected.set()
-                self._metrics.mqtt_connected.set(1)
-                log.info(
-                    "mqtt connected",
-                    broker=self._settings.broker.display,
-                    client_id=self._settings.client_id,
-                )
+                self._connected(session)
                 backoff.reset()
-                filters = self._filters()
-                codes = await session.subscribe(filters)
-                refused = [
-                    f"{f.pattern} ({code.name})"
-                    for f, code in zip(filters, codes, strict=False)
-                    if int(code) >= 0x80
-                ]
-                if refused:
-                    # Typically an ACL that does not let this user read the bike topics.
-                    raise LinkDown(f"subscription refused: {', '.join(refused)}")
+                await self._subscribe(session)
                 self.connected_since = time.monotonic()
                 await session.closed
             except (LinkDown, OSError, TimeoutError) as exc:
                 if self.stopping:
                     break
-                what = (
-                    "mqtt connection lost; reconnecting"
-                    if session is not None and (session.sent or self.connected.is_set())
-                    else "cannot connect to the MQTT broker; retrying"
-                )
                 wait = backoff.next_wait()
-                log.warning(
-                    what,
-                    error=_why(exc),
-                    retry_in_s=round(wait, 2),
-                    broker=self._settings.broker.display,
-                )
+                self._report_loss(session, exc, wait)
             finally:
-                if session is not None:
-                    session.open = False
-                    if not self.stopping:
-                        session.disconnect()
-                self._session = None
-                self.connected.clear()
-                self._metrics.mqtt_connected.set(0)
+                self._disconnected(session)
             await asyncio.sleep(backoff.next_wait() if wait is None else wait)
+
+    def _connected(self, session: V5Session) -> None:
+        self._session = session
+        if self._paused:
+            session.pause_reading()
+        self.connected.set()
+        self._metrics.mqtt_connected.set(1)
+        s = self._settings
+        log.info("mqtt connected", broker=s.broker.display, client_id=s.client_id)
+
+    async def _subscribe(self, session: V5Session) -> None:
+        """Subscribe to the bikes' topics; LinkDown naming each filter the broker refused."""
+        filters = self._filters()
+        codes = await session.subscribe(filters)
+        refused = [
+            f"{f.pattern} ({code.name})"
+            for f, code in zip(filters, codes, strict=False)
+            if int(code) >= 0x80
+        ]
+        if refused:
+            # Typically an ACL that does not let this user read the bike topics.
+            raise LinkDown(f"subscription refused: {', '.join(refused)}")
+
+    def _report_loss(self, session: V5Session | None, exc: BaseException, wait: float) -> None:
+        what = (
+            "mqtt connection lost; reconnecting"
+            if session is not None and (session.sent or self.connected.is_set())
+            else "cannot connect to the MQTT broker; retrying"
+        )
+        log.warning(
+            what, error=_why(exc), retry_in_s=round(wait, 2), broker=self._settings.broker.display
+        )
+
+    def _disconnected(self, session: V5Session | None) -> None:
+        if session is not None:
+            session.open = False
+            if not self.stopping:
+                session.disconnect()
+        self._session = None
+        self.connected.clear()
+        self._metrics.mqtt_connected.set(0)
 
     def pause_reading(self) -> None:
         """Take nothing more from the broker for now (the daemon holds enough)."""
