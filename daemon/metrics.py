@@ -16,7 +16,13 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self._messages(self.registry)
+        self._batches_and_sessions(self.registry)
+        self._health(self.registry)
+        self._bind_children()
+
+    def _messages(self, r: CollectorRegistry) -> None:
+        """What became of each inbound message."""
         self.received = Counter(
             "chargeflow_messages_received",
             "Inbound messages taken from the broker",
@@ -66,6 +72,9 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+    def _batches_and_sessions(self, r: CollectorRegistry) -> None:
+        """The waiting room, the intake, the batches, the sessions and the outbox."""
         self.waiting_messages = Gauge(
             "chargeflow_waiting_messages",
             "Messages waiting (durably) for their session's start or their bike's end",
@@ -105,6 +114,9 @@ class Metrics:
         self.outbox_published = Counter(
             "chargeflow_outbox_published", "Outbound events published", ["event"], registry=r
         )
+
+    def _health(self, r: CollectorRegistry) -> None:
+        """The connections, readiness, and refused HTTP requests."""
         self.mqtt_connected = Gauge(
             "chargeflow_mqtt_connected", "1 while connected to the broker", registry=r
         )
@@ -118,6 +130,10 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    def _bind_children(self) -> None:
+        """Every label value is exposed from the start (at 0), so that rates and alerts have
+        a series before the first event."""
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
         for denied in ("missing", "invalid", "not_configured"):
