@@ -204,6 +204,9 @@ async def _authorized(
         raise _Refused(denied)
 
 
+_DATA_DEPENDENCIES = [Depends(_authorized)]
+
+
 def _challenge(status: int) -> dict[str, str] | None:
     return {"WWW-Authenticate": 'Bearer realm="chargeflow"'} if status == 401 else None
 
@@ -216,12 +219,32 @@ def build_app(server: HttpServer) -> FastAPI:
     )
     app.router.routes.append(Route("/metrics", _Metrics(server)))
     app.state.server = server
-    data = [Depends(_authorized)]
+    _error_answers(app)
+    _health_routes(app, server)
+    _data_routes(app, _reads_of(server))
+    _rejection_routes(app, _reads_of(server))
+    if server.asyncapi is not None:
+        document = server.asyncapi
 
+        @app.get("/asyncapi.json", summary="The MQTT contract as an AsyncAPI 3.0 document")
+        async def asyncapi() -> dict[str, Any]:
+            return document
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _reads_of(server: HttpServer) -> Callable[[], ReadModel]:
     def reads() -> ReadModel:
         if server.reads is None:
             raise _Unavailable
         return server.reads
+
+    return reads
+
+
+def _error_answers(app: FastAPI) -> None:
+    """Every error as problem details; 503 only when the database cannot be reached."""
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -267,6 +290,8 @@ def build_app(server: HttpServer) -> FastAPI:
         log.error("http query refused by the database", path=request.url.path, error=repr(exc))
         return problem(500, "Internal Server Error", "the query failed", request.url.path)
 
+
+def _health_routes(app: FastAPI, server: HttpServer) -> None:
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> Health:
         return Health(status="alive")
@@ -282,6 +307,11 @@ def build_app(server: HttpServer) -> FastAPI:
         ok = all(checks.values())
         server.metrics.ready.set(1 if ok else 0)
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+
+
+def _data_routes(app: FastAPI, reads: Callable[[], ReadModel]) -> None:
+    """Finalized sessions' analytics, the pricing history and one session (token needed)."""
+    data = _DATA_DEPENDENCIES
 
     @app.get(
         "/analytics",
@@ -323,6 +353,11 @@ def build_app(server: HttpServer) -> FastAPI:
             return problem(404, "Not Found", f"no session {session_id}", request.url.path)
         return SessionBody.model_validate(view.to_document())
 
+
+def _rejection_routes(app: FastAPI, reads: Callable[[], ReadModel]) -> None:
+    """Kept rejections, a page at a time (token needed)."""
+    data = _DATA_DEPENDENCIES
+
     @app.get(
         "/rejections",
         summary="Kept rejections, newest first, a page at a time",
@@ -349,16 +384,6 @@ def build_app(server: HttpServer) -> FastAPI:
         return RejectionsPage.model_validate(
             {"rejections": [r.to_document() for r in page], "next": following}
         )
-
-    if server.asyncapi is not None:
-        document = server.asyncapi
-
-        @app.get("/asyncapi.json", summary="The MQTT contract as an AsyncAPI 3.0 document")
-        async def asyncapi() -> dict[str, Any]:
-            return document
-
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return app
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
