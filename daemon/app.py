@@ -26,7 +26,7 @@ from daemon.mqtt.v5 import V5Link
 from daemon.partition import Ownership, PartitionRegistry
 from daemon.service.outbox import OutboxPublisher
 from daemon.service.pipeline import Pipeline
-from daemon.service.unit_of_work import configured_unit_of_work
+from daemon.service.unit_of_work import UnitOfWork, configured_unit_of_work
 
 __all__ = ["Daemon", "open_store", "run_daemon"]
 
@@ -158,34 +158,8 @@ class Daemon:
             unit_of_work = await configured_unit_of_work(s, store, pricing)
             self.http.reads = ReadModel(store.pool)
             ownership = Ownership()
-            registry = self.registry = None
-            if s.partition_of is not None:
-                # Registered before connecting: from the first message on, this instance
-                # knows which bikes it takes (daemon.partition).
-                registry = self.registry = PartitionRegistry(
-                    store,
-                    s.client_id,
-                    s.partition_of,
-                    ownership,
-                    lease_s=s.partition_lease_s,
-                    idle=self._idle,
-                )
-                await registry.claim()
-            pipeline = self.pipeline = Pipeline(
-                unit_of_work,
-                self.metrics,
-                prefix=s.topic_prefix,
-                max_batch=s.max_batch,
-                max_payload_bytes=s.max_payload_bytes,
-                max_inbox=s.receive_maximum,
-                takes=ownership.takes,
-                pipelined=s.pipelined_commits,
-            )
-            kind = V5Link if s.mqtt_protocol == "5" else MqttLink
-            link = self.link = kind(s, self.metrics, pipeline.deliver)
-            pipeline.pause_intake, pipeline.resume_intake = link.pause_reading, link.resume_reading
-            publisher = OutboxPublisher(store, link, self.metrics)
-            pipeline.on_commit = publisher.notify
+            registry = self.registry = await self._claim_partition(store, ownership)
+            pipeline, link, publisher = self._wire(store, unit_of_work, ownership)
             link_task = tg.create_task(link.run())
             pipeline_task = tg.create_task(pipeline.run())
             others = [
@@ -194,31 +168,86 @@ class Daemon:
                 tg.create_task(self._watch_database(store)),
                 http_task,
             ]
-            log.info(
-                "chargeflow running",
-                broker=s.broker.display,
-                database=s.database_display,
-                prefix=s.topic_prefix,
-                partition=s.partition,
-                share_group=s.share_group,
-                mqtt_protocol=s.mqtt_protocol,
-                event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
-            )
+            _log_running(s)
             stop_task = tg.create_task(self.stop.wait())
             await asyncio.wait(
                 [stop_task, link_task, pipeline_task], return_when=asyncio.FIRST_COMPLETED
             )
-            log.info("shutting down: finishing the batch in hand")
-            pipeline.stop()
-            await pipeline_task
-            await pipeline.drain()
-            await link.disconnect()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(link_task, timeout=5)
+            await _shut_down(pipeline, pipeline_task, link, link_task)
             for task in [link_task, *others]:
                 task.cancel()
         await store.pool.close()
         log.info("stopped")
+
+    async def _claim_partition(
+        self, store: Store, ownership: Ownership
+    ) -> PartitionRegistry | None:
+        """With CHARGEFLOW_PARTITION, this instance's claim, registered before connecting:
+        from the first message on, it knows which bikes it takes (daemon.partition)."""
+        s = self.settings
+        if s.partition_of is None:
+            return None
+        registry = PartitionRegistry(
+            store,
+            s.client_id,
+            s.partition_of,
+            ownership,
+            lease_s=s.partition_lease_s,
+            idle=self._idle,
+        )
+        await registry.claim()
+        return registry
+
+    def _wire(
+        self, store: Store, unit_of_work: UnitOfWork, ownership: Ownership
+    ) -> tuple[Pipeline, Link, OutboxPublisher]:
+        """The pipeline, the broker link and the outbox relay, each told of the others: the
+        link delivers to the pipeline, the pipeline pauses the link's reading and wakes the
+        relay, the relay publishes on the link."""
+        s = self.settings
+        pipeline = self.pipeline = Pipeline(
+            unit_of_work,
+            self.metrics,
+            prefix=s.topic_prefix,
+            max_batch=s.max_batch,
+            max_payload_bytes=s.max_payload_bytes,
+            max_inbox=s.receive_maximum,
+            takes=ownership.takes,
+            pipelined=s.pipelined_commits,
+        )
+        kind = V5Link if s.mqtt_protocol == "5" else MqttLink
+        link = self.link = kind(s, self.metrics, pipeline.deliver)
+        pipeline.pause_intake, pipeline.resume_intake = link.pause_reading, link.resume_reading
+        publisher = OutboxPublisher(store, link, self.metrics)
+        pipeline.on_commit = publisher.notify
+        return pipeline, link, publisher
+
+
+def _log_running(s: Settings) -> None:
+    log.info(
+        "chargeflow running",
+        broker=s.broker.display,
+        database=s.database_display,
+        prefix=s.topic_prefix,
+        partition=s.partition,
+        share_group=s.share_group,
+        mqtt_protocol=s.mqtt_protocol,
+        event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
+    )
+
+
+async def _shut_down(
+    pipeline: Pipeline, pipeline_task: asyncio.Task[None], link: Link, link_task: asyncio.Task[None]
+) -> None:
+    """Finish the batch in hand, commit and acknowledge what has arrived, then say goodbye to
+    the broker (it keeps the session and what is not acknowledged)."""
+    log.info("shutting down: finishing the batch in hand")
+    pipeline.stop()
+    await pipeline_task
+    await pipeline.drain()
+    await link.disconnect()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(link_task, timeout=5)
 
 
 async def run_daemon(settings: Settings) -> None:
