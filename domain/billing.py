@@ -323,37 +323,51 @@ def parse_pricing(text: str, source: str = "pricing file") -> PricingRules:
     unknown = sorted(set(doc) - known)
     if unknown:
         raise InvalidPricing(f"{source}: unknown keys {', '.join(unknown)}")
-    version = doc.get("version")
-    if not isinstance(version, str | int) or isinstance(version, bool) or not str(version):
-        raise InvalidPricing(f'{source}: `version` must be set, e.g. version = "2026-01"')
-    currency = doc.get("currency")
-    if not isinstance(currency, str) or len(currency) != 3 or not currency.isupper():
-        raise InvalidPricing(f'{source}: `currency` must be an ISO 4217 code, e.g. "EUR"')
-    minor_unit = doc.get("minor_unit", MINOR_UNITS.get(currency))
-    if not isinstance(minor_unit, int) or isinstance(minor_unit, bool) or not 0 <= minor_unit <= 4:
-        raise InvalidPricing(
-            f"{source}: the minor unit of {currency} is not known; set minor_unit = 0..4"
-        )
+    version, currency = _version(doc, source), _currency(doc, source)
+    minor_unit = _minor_unit(doc, currency, source)
     try:
         rounding = Rounding(doc.get("rounding", "half_even"))
     except ValueError:
         raise InvalidPricing(
             f"{source}: `rounding` must be one of {', '.join(Rounding)}, got {doc['rounding']!r}"
         ) from None
-    rules = []
-    for kind in SessionKind:
-        table = doc.get(str(kind))
-        if not isinstance(table, dict):
-            raise InvalidPricing(f"{source}: a [{kind}] table with `unit_price` is missing")
-        extra = sorted(set(table) - {"unit_price", "session_fee"})
-        if extra:
-            raise InvalidPricing(f"{source}: [{kind}] has unknown keys {', '.join(extra)}")
-        where = f"{source} [{kind}]"
-        rules.append(
-            PricingRule(
-                kind,
-                UnitPrice(_decimal(table, "unit_price", where)),
-                _decimal(table, "session_fee", where, default="0"),
-            )
+    rules = tuple(_rule(doc, kind, source) for kind in SessionKind)
+    return PricingRules(version, currency, rounding, minor_unit, rules)
+
+
+def _version(doc: dict[str, Any], source: str) -> str:
+    version = doc.get("version")
+    if not isinstance(version, str | int) or isinstance(version, bool) or not str(version):
+        raise InvalidPricing(f'{source}: `version` must be set, e.g. version = "2026-01"')
+    return str(version)
+
+
+def _currency(doc: dict[str, Any], source: str) -> str:
+    currency = doc.get("currency")
+    if not isinstance(currency, str) or len(currency) != 3 or not currency.isupper():
+        raise InvalidPricing(f'{source}: `currency` must be an ISO 4217 code, e.g. "EUR"')
+    return currency
+
+
+def _minor_unit(doc: dict[str, Any], currency: str, source: str) -> int:
+    minor_unit = doc.get("minor_unit", MINOR_UNITS.get(currency))
+    if not isinstance(minor_unit, int) or isinstance(minor_unit, bool) or not 0 <= minor_unit <= 4:
+        raise InvalidPricing(
+            f"{source}: the minor unit of {currency} is not known; set minor_unit = 0..4"
         )
-    return PricingRules(str(version), currency, rounding, minor_unit, tuple(rules))
+    return minor_unit
+
+
+def _rule(doc: dict[str, Any], kind: SessionKind, source: str) -> PricingRule:
+    table = doc.get(str(kind))
+    if not isinstance(table, dict):
+        raise InvalidPricing(f"{source}: a [{kind}] table with `unit_price` is missing")
+    extra = sorted(set(table) - {"unit_price", "session_fee"})
+    if extra:
+        raise InvalidPricing(f"{source}: [{kind}] has unknown keys {', '.join(extra)}")
+    where = f"{source} [{kind}]"
+    return PricingRule(
+        kind,
+        UnitPrice(_decimal(table, "unit_price", where)),
+        _decimal(table, "session_fee", where, default="0"),
+    )
