@@ -366,10 +366,17 @@ class Fleet:
         if not bike.waiting:
             return
         self._apply_waiting(bike, now)
+        self._start_overdue_starts(bike, now)
+        self._reject_overdue(bike, now)
+
+    def _overdue(self, bike: Bike, now: datetime) -> list[Waiting]:
         grace = self.policy.finalize_grace
-        # A start whose grace period ran out finalizes an ended session first (SPEC: a new
-        # start during the grace period finalizes the old session first), then starts.
-        for waiting in [w for w in bike.waiting if now >= w.received_at + grace]:
+        return [w for w in bike.waiting if now >= w.received_at + grace]
+
+    def _start_overdue_starts(self, bike: Bike, now: datetime) -> None:
+        """A start whose grace period ran out finalizes an ended session first (SPEC: a new
+        start during the grace period finalizes the old session first), then starts."""
+        for waiting in self._overdue(bike, now):
             current = bike.current
             if (
                 isinstance(waiting.command, StartSession)
@@ -381,7 +388,10 @@ class Fleet:
                 self._changed[current.session_id] = current
                 self._settle_current(bike)
                 self._apply_waiting(bike, now)
-        for waiting in [w for w in bike.waiting if now >= w.received_at + grace]:
+
+    def _reject_overdue(self, bike: Bike, now: datetime) -> None:
+        """What still waits past its grace period is rejected with its usual code."""
+        for waiting in self._overdue(bike, now):
             bike.waiting.remove(waiting)
             error: DomainError
             if isinstance(waiting.command, StartSession):
