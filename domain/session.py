@@ -174,18 +174,8 @@ class Session:
         whenever the seq is taken (``sample.seq in self.seqs``).
         """
         taken = sample.seq in self.seqs
-        if taken:
-            if stored is None:
-                raise LookupError(
-                    f"seq {sample.seq} of session {self.session_id} is taken but its stored "
-                    "sample was not loaded; call Fleet.samples_to_load first"
-                )
-            if stored == sample:
-                return Outcome.DUPLICATE, []
-            if stored.telemetry_id == sample.telemetry_id:
-                raise SessionIdConflict(
-                    f"telemetry_id {sample.telemetry_id} is already stored with different content"
-                )
+        if taken and self._redelivered(sample, stored):
+            return Outcome.DUPLICATE, []
         self._require_active()
         if taken:
             assert stored is not None
@@ -203,6 +193,31 @@ class Session:
             now,
             policy.clock_skew,
         )
+        self._add(sample, now)
+        events: list[Event] = [TelemetrySampleAccepted(self.bike_id, sample, now)]
+        if self.is_complete:
+            events.append(self._finalize(now, EndReason.ENDED, policy))
+        return Outcome.ACCEPTED, events
+
+    def _redelivered(self, sample: TelemetrySample, stored: TelemetrySample | None) -> bool:
+        """At a taken seq: the stored sample again (a duplicate), its telemetry id with other
+        content (a conflict, raised), or another sample (False: a conflict once the session is
+        known to be Active)."""
+        if stored is None:
+            raise LookupError(
+                f"seq {sample.seq} of session {self.session_id} is taken but its stored "
+                "sample was not loaded; call Fleet.samples_to_load first"
+            )
+        if stored == sample:
+            return True
+        if stored.telemetry_id == sample.telemetry_id:
+            raise SessionIdConflict(
+                f"telemetry_id {sample.telemetry_id} is already stored with different content"
+            )
+        return False
+
+    def _add(self, sample: TelemetrySample, now: datetime) -> None:
+        """Sum the sample into the summary: energy, distance, its seq, the latest emission."""
         self.energy_wh = _EXACT.add(self.energy_wh, sample.energy.wh)
         if sample.distance is not None:
             self.distance_m = _EXACT.add(self.distance_m, sample.distance.m)
@@ -211,10 +226,6 @@ class Session:
         if self.latest_emitted_at is None or emitted > self.latest_emitted_at:
             self.latest_emitted_at = emitted
         self.last_heard_at = now
-        events: list[Event] = [TelemetrySampleAccepted(self.bike_id, sample, now)]
-        if self.is_complete:
-            events.append(self._finalize(now, EndReason.ENDED, policy))
-        return Outcome.ACCEPTED, events
 
     def expire(self, now: datetime, policy: SessionPolicy) -> SessionFinalized | None:
         """Finalize when the grace period after the end ran out, or the session went dark."""
