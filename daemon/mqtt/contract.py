@@ -95,6 +95,32 @@ def _asyncapi_schema(value: Any) -> Any:
     return value
 
 
+_LAYOUT = [
+    ("lifecycle", TopicKind.LIFECYCLE, "Lifecycle", "receive",
+     "A ride or charging session starts or ends."),
+    ("telemetry", TopicKind.TELEMETRY, "Telemetry", "receive",
+     "A telemetry sample of an Active session."),
+    ("sessionsFinalized", OutboundKind.FINALIZED, "SessionFinalized", "send",
+     "A session is finalized with fixed totals."),
+    ("billing", OutboundKind.BILLING, "Billing", "send",
+     "The bill of a finalized session, by the pricing version it was finalized under."),
+    ("rejections", OutboundKind.REJECTIONS, "Rejection", "send",
+     "A message of this bike was rejected (and kept): the reason and what to fix."),
+]  # fmt: skip
+
+_DESCRIPTION = (
+    "What bikes and chargers publish to ChargeFlow, and what it publishes back, "
+    "QoS 1 throughout. ChargeFlow subscribes to the inbound channels (as "
+    "`$share/{group}/...` when instances share the load) and receives them; it "
+    "sends on the outbound ones. Inbound numbers are JSON numbers: energy_wh and "
+    f"distance_m from 0 to {QUANTITY_MAX:,} and soc_pct from 0 to 100, each with at "
+    f"most {QUANTITY_PLACES} decimal places; seq and last_seq up to {SEQ_MAX:,}; "
+    "timestamps are RFC 3339 with an offset. Outbound instants are UTC with Z and "
+    "quantities and money are decimal strings. Whatever is rejected is answered on "
+    "the bike's rejections channel with one of the reason codes, and kept."
+)
+
+
 def asyncapi_document(prefix: str = "chargeflow/v1", version: str = "1") -> dict[str, Any]:
     """The AsyncAPI 3.0 document of every inbound and outbound channel, for a topic prefix."""
     schemas: dict[str, Any] = {}
@@ -105,49 +131,13 @@ def asyncapi_document(prefix: str = "chargeflow/v1", version: str = "1") -> dict
         "Billing": _schema(TypeAdapter(BillingPayload), schemas),
         "Rejection": _schema(TypeAdapter(RejectionPayload), schemas),
     }
-    channels: dict[str, Any] = {}
-    operations: dict[str, Any] = {}
-    layout = [
-        ("lifecycle", TopicKind.LIFECYCLE, "Lifecycle", "receive",
-         "A ride or charging session starts or ends."),
-        ("telemetry", TopicKind.TELEMETRY, "Telemetry", "receive",
-         "A telemetry sample of an Active session."),
-        ("sessionsFinalized", OutboundKind.FINALIZED, "SessionFinalized", "send",
-         "A session is finalized with fixed totals."),
-        ("billing", OutboundKind.BILLING, "Billing", "send",
-         "The bill of a finalized session, by the pricing version it was finalized under."),
-        ("rejections", OutboundKind.REJECTIONS, "Rejection", "send",
-         "A message of this bike was rejected (and kept): the reason and what to fix."),
-    ]  # fmt: skip
-    for name, suffix, message, action, summary in layout:
-        channels[name] = {
-            "address": f"{prefix}/bikes/{{bike_id}}/{suffix}",
-            "summary": summary,
-            "parameters": {"bike_id": {"description": f"the bike, matching {BIKE_ID_RULE}"}},
-            "messages": {message: {"$ref": f"#/components/messages/{message}"}},
-        }
-        operations[f"{action}{name[0].upper()}{name[1:]}"] = {
-            "action": action,
-            "channel": {"$ref": f"#/channels/{name}"},
-            "messages": [{"$ref": f"#/channels/{name}/messages/{message}"}],
-            "bindings": {"mqtt": {"qos": 1, "retain": False}},
-        }
+    channels, operations = _channels_and_operations(prefix)
     return {
         "asyncapi": "3.0.0",
         "info": {
             "title": "ChargeFlow MQTT contract",
             "version": version,
-            "description": (
-                "What bikes and chargers publish to ChargeFlow, and what it publishes back, "
-                "QoS 1 throughout. ChargeFlow subscribes to the inbound channels (as "
-                "`$share/{group}/...` when instances share the load) and receives them; it "
-                "sends on the outbound ones. Inbound numbers are JSON numbers: energy_wh and "
-                f"distance_m from 0 to {QUANTITY_MAX:,} and soc_pct from 0 to 100, each with at "
-                f"most {QUANTITY_PLACES} decimal places; seq and last_seq up to {SEQ_MAX:,}; "
-                "timestamps are RFC 3339 with an offset. Outbound instants are UTC with Z and "
-                "quantities and money are decimal strings. Whatever is rejected is answered on "
-                "the bike's rejections channel with one of the reason codes, and kept."
-            ),
+            "description": _DESCRIPTION,
         },
         "defaultContentType": "application/json",
         "servers": {
@@ -168,3 +158,22 @@ def asyncapi_document(prefix: str = "chargeflow/v1", version: str = "1") -> dict
             "schemas": dict(sorted(schemas.items())),
         },
     }
+
+
+def _channels_and_operations(prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+    for name, suffix, message, action, summary in _LAYOUT:
+        channels[name] = {
+            "address": f"{prefix}/bikes/{{bike_id}}/{suffix}",
+            "summary": summary,
+            "parameters": {"bike_id": {"description": f"the bike, matching {BIKE_ID_RULE}"}},
+            "messages": {message: {"$ref": f"#/components/messages/{message}"}},
+        }
+        operations[f"{action}{name[0].upper()}{name[1:]}"] = {
+            "action": action,
+            "channel": {"$ref": f"#/channels/{name}"},
+            "messages": [{"$ref": f"#/channels/{name}/messages/{message}"}],
+            "bindings": {"mqtt": {"qos": 1, "retain": False}},
+        }
+    return channels, operations
