@@ -16,6 +16,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -64,7 +65,8 @@ async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes
             "log_level": "warning",
         }
     )
-
+    # Started once so that the broker keeps a session for it, then stopped: the backlog is
+    # queued for that session while no daemon runs.
     daemon = Daemon(bench)
     task = asyncio.create_task(daemon.run())
     await _until_ready(daemon, task)
@@ -73,7 +75,11 @@ async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes
     print(f"backlog: {bikes} sessions x {per_session} samples + lifecycle = {total} messages")
     plan = FleetPlan(bikes, 1, per_session, settings.topic_prefix, seed=int(time.time()))
     await publish(publisher_url, plan)
+    await _drain(bench, bikes, total)
 
+
+async def _drain(bench: Settings, bikes: int, total: int) -> None:
+    """Start the daemon on the backlog and time it to the last finalization."""
     daemon = Daemon(bench)
     cpu_before = time.process_time()
     started = time.perf_counter()
@@ -89,10 +95,32 @@ async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes
     cpu = time.process_time() - cpu_before
     stored = await pool.fetchval("SELECT count(*) FROM telemetry")
     assert daemon.pipeline is not None
-    sizes = daemon.pipeline.batch_sizes
-    commit = daemon.metrics.commit_seconds
+    sizes = list(daemon.pipeline.batch_sizes)
+    commit_sum = next(
+        s.value
+        for m in daemon.metrics.commit_seconds.collect()
+        for s in m.samples
+        if s.name.endswith("_sum")
+    )
     daemon.stop.set()
     await task
+    _report(_Drained(total, stored, elapsed, cpu, sizes, commit_sum))
+
+
+@dataclass(frozen=True, slots=True)
+class _Drained:
+    total: int
+    stored: int
+    elapsed: float
+    cpu: float
+    sizes: list[int]
+    commit_sum: float
+
+
+def _report(d: _Drained) -> None:
+    total, stored, elapsed, cpu, sizes, commit_sum = (
+        d.total, d.stored, d.elapsed, d.cpu, d.sizes, d.commit_sum
+    )  # fmt: skip
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"ingested: {total} messages ({stored} samples stored) in {elapsed:.2f} s "
@@ -102,9 +130,6 @@ async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes
         f"batches: {len(sizes)}, size mean {statistics.mean(sizes):.0f}, "
         f"p50 {_percentile(sizes, 0.5):.0f}, p95 {_percentile(sizes, 0.95):.0f}, "
         f"max {max(sizes)}"
-    )
-    commit_sum = next(
-        s.value for m in commit.collect() for s in m.samples if s.name.endswith("_sum")
     )
     print(
         f"daemon CPU: {cpu:.2f} s ({100 * cpu / elapsed:.0f}% of one core), "
