@@ -63,6 +63,22 @@ class _InFlight:
     arrivals: Sequence[Arrival]
 
 
+def _bound_counters(metrics: Metrics) -> dict[TopicKind, tuple[Counter, ...]]:
+    """Per-message counters by topic kind (received, accepted, duplicate, deferred, not owned),
+    their label children bound once: labels() per message was 3 % of the daemon's CPU
+    draining a backlog."""
+    return {
+        kind: (
+            metrics.received.labels(kind),
+            metrics.accepted.labels(kind),
+            metrics.duplicates.labels(kind),
+            metrics.deferred.labels(kind),
+            metrics.not_owned.labels(kind),
+        )
+        for kind in TopicKind
+    }
+
+
 class Batches(Protocol):
     """What the pipeline asks of a unit of work (``UnitOfWork``; faked in its unit tests)."""
 
@@ -134,18 +150,7 @@ class Pipeline:
         self.resume_intake = resume_intake
         self.intake_paused = False
         self.inbox: deque[Delivery] = deque()
-        # Per-message counters, their label children bound once (labels() per message was 3 %
-        # of the daemon's CPU draining a backlog).
-        self._counters = {
-            kind: (
-                metrics.received.labels(kind),
-                metrics.accepted.labels(kind),
-                metrics.duplicates.labels(kind),
-                metrics.deferred.labels(kind),
-                metrics.not_owned.labels(kind),
-            )
-            for kind in TopicKind
-        }
+        self._counters = _bound_counters(metrics)
         self._arrivals: dict[Counter, int] = defaultdict(int)
         self._arrived = asyncio.Event()
         self.accepting = True
