@@ -127,10 +127,11 @@ def test_a_zero_decimal_currency_rounds_to_whole_units():
         ),
     ],
 )
-def test_a_bad_pricing_file_says_what_to_fix(text, message):
+def test_a_bad_pricing_file_says_what_to_fix_and_in_which_file(text, message):
     with pytest.raises(InvalidPricing) as err:
         parse_pricing(text, "pricing.toml")
     assert message in str(err.value)
+    assert str(err.value).startswith("pricing.toml")
 
 
 def test_toml_floats_are_read_exactly():
