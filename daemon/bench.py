@@ -26,7 +26,13 @@ from daemon.config import Settings
 from daemon.logs import configure_logging
 from daemon.simulate import FleetPlan, publish
 
-__all__ = ["run_bench"]
+__all__ = ["BacklogStalled", "run_bench"]
+
+_STALL_S = 10.0  # no new sample stored for this long, with sessions still open: stalled
+
+
+class BacklogStalled(Exception):
+    """The daemon took everything the broker had and sessions are still open."""
 
 
 async def _fresh_database(url: str) -> str:
@@ -87,9 +93,22 @@ async def _drain(bench: Settings, bikes: int, total: int) -> None:
     await _until_ready(daemon, task)
     assert daemon.store is not None
     pool = daemon.store.pool
+    stalled_at, last_count = time.monotonic(), -1
     while await pool.fetchval("SELECT count(*) FROM sessions WHERE state = 'finalized'") < bikes:
         if task.done():
             task.result()
+        count = await pool.fetchval("SELECT count(*) FROM telemetry")
+        if count != last_count:
+            stalled_at, last_count = time.monotonic(), count
+        elif time.monotonic() - stalled_at > _STALL_S:
+            daemon.stop.set()
+            await task
+            raise BacklogStalled(
+                f"the backlog stopped arriving at {count:,} stored samples of {total:,} "
+                f"messages: the broker dropped what it queued for the daemon's offline session "
+                f"(Mosquitto keeps 1,000 messages by default, max_queued_messages; the repo's "
+                f"mosquitto.conf keeps 1,000,000)"
+            )
         await asyncio.sleep(0.05)
     elapsed = time.perf_counter() - started
     cpu = time.process_time() - cpu_before
