@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiomqtt
-import structlog
 from paho.mqtt.client import MQTTMessage
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -21,12 +20,10 @@ from daemon.backoff import Backoff
 from daemon.config import Settings
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import ManualAcks, PausableClient, disconnect, receive_directly
-from daemon.mqtt.delivery import Delivery, LinkDown
+from daemon.mqtt.delivery import Delivery, LinkDown, log_connected, log_lost
 from daemon.mqtt.topics import topics_for
 
 __all__ = ["MqttLink"]
-
-log = structlog.get_logger(__name__)
 
 
 def _refused(code: object) -> bool:
@@ -146,8 +143,7 @@ class MqttLink:
         self._client = client
         self.connected.set()
         self._metrics.mqtt_connected.set(1)
-        s = self._settings
-        log.info("mqtt connected", broker=s.broker.display, client_id=s.client_id)
+        log_connected(self._settings.broker.display, self._settings.client_id)
 
     async def _subscribe(self, client: PausableClient) -> None:
         """Subscribe to the bikes' topics; MqttError naming each filter the broker refused."""
@@ -163,13 +159,9 @@ class MqttLink:
             raise aiomqtt.MqttError(f"subscription refused: {', '.join(refused)}")
 
     def _report_loss(self, acks: ManualAcks, exc: aiomqtt.MqttError, wait: float) -> None:
-        what = (
-            "mqtt connection lost; reconnecting"
-            if acks.sent or self.connected.is_set()
-            else "cannot connect to the MQTT broker; retrying"
-        )
-        log.warning(
-            what, error=str(exc), retry_in_s=round(wait, 2), broker=self._settings.broker.display
+        was_connected = bool(acks.sent) or self.connected.is_set()
+        log_lost(
+            self._settings.broker.display, was_connected=was_connected, error=str(exc), wait=wait
         )
 
     def pause_reading(self) -> None:

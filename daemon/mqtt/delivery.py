@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-__all__ = ["Acks", "Delivery", "Link", "LinkDown"]
+import structlog
+
+__all__ = ["Acks", "Delivery", "Link", "LinkDown", "log_connected", "log_lost"]
+
+log = structlog.get_logger("daemon.mqtt")
 
 
 class LinkDown(Exception):
@@ -48,3 +52,20 @@ class Link(Protocol):
     def resume_reading(self) -> None: ...
     async def disconnect(self) -> None: ...
     async def publish(self, topic: str, payload: bytes) -> None: ...
+
+
+# What either link (v5 or 3.1.1) tells the operator about its connection, in one wording.
+
+
+def log_connected(broker: str, client_id: str) -> None:
+    log.info("mqtt connected", broker=broker, client_id=client_id)
+
+
+def log_lost(broker: str, *, was_connected: bool, error: str, wait: float) -> None:
+    """A connection that ended, or an attempt that failed, and when the next one is made."""
+    what = (
+        "mqtt connection lost; reconnecting"
+        if was_connected
+        else "cannot connect to the MQTT broker; retrying"
+    )
+    log.warning(what, error=error, retry_in_s=round(wait, 2), broker=broker)

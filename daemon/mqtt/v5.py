@@ -34,17 +34,15 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import mqtt5
-import structlog
 
 from daemon.backoff import Backoff
 from daemon.config import Settings
 from daemon.metrics import Metrics
-from daemon.mqtt.delivery import Delivery, LinkDown
+from daemon.mqtt.delivery import Delivery, LinkDown, log_connected, log_lost
 from daemon.mqtt.topics import topics_for
 
 __all__ = ["V5Link", "V5Session"]
 
-log = structlog.get_logger(__name__)
 CONNECT_TIMEOUT_S = 10.0
 PUBLISH_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 30
@@ -424,8 +422,7 @@ class V5Link:
             session.pause_reading()
         self.connected.set()
         self._metrics.mqtt_connected.set(1)
-        s = self._settings
-        log.info("mqtt connected", broker=s.broker.display, client_id=s.client_id)
+        log_connected(self._settings.broker.display, self._settings.client_id)
 
     async def _subscribe(self, session: V5Session) -> None:
         """Subscribe to the bikes' topics; LinkDown naming each filter the broker refused."""
@@ -441,13 +438,9 @@ class V5Link:
             raise LinkDown(f"subscription refused: {', '.join(refused)}")
 
     def _report_loss(self, session: V5Session | None, exc: BaseException, wait: float) -> None:
-        what = (
-            "mqtt connection lost; reconnecting"
-            if session is not None and (session.sent or self.connected.is_set())
-            else "cannot connect to the MQTT broker; retrying"
-        )
-        log.warning(
-            what, error=_why(exc), retry_in_s=round(wait, 2), broker=self._settings.broker.display
+        was_connected = session is not None and (bool(session.sent) or self.connected.is_set())
+        log_lost(
+            self._settings.broker.display, was_connected=was_connected, error=_why(exc), wait=wait
         )
 
     def _disconnected(self, session: V5Session | None) -> None:
