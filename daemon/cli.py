@@ -31,8 +31,8 @@ from rich.table import Table
 from daemon import installed_version
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
-from daemon.outbound import iso
 from domain.errors import Reason
+from domain.session_values import utc_text
 
 __all__ = ["app", "main"]
 
@@ -486,7 +486,7 @@ def rejections_list(  # noqa: PLR0913 - a Typer command: each option is a parame
         [
             (
                 r.id,
-                iso(r.received_at),
+                utc_text(r.received_at),
                 r.bike_id,
                 r.reason,
                 r.detail,

@@ -1,16 +1,23 @@
 """What the HTTP port answers, as typed models: FastAPI checks every body against them and
 generates /openapi.json from them, so the document promises exactly what is sent. A finalized
-record and a bill are the MQTT contract's own models (``daemon.mqtt.contract``): one home for
-each wire format."""
+record and a bill are the published documents' own models (``daemon.outbound``), and every
+value is written by the same types as there: one home for each wire format."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from daemon.mqtt.contract import BillingPayload, DecimalText, FinalizedPayload, Instant
+from daemon.outbound import (
+    BillingPayload,
+    DecimalText,
+    FinalizedPayload,
+    Instant,
+    MoneyText,
+    Seconds,
+)
 from domain.errors import Reason
 
 __all__ = [
@@ -22,8 +29,6 @@ __all__ = [
     "RejectionsPage",
     "SessionBody",
 ]
-
-Money = Annotated[str, Field(pattern=r"^-?\d+(\.\d+)?$", description="an amount, as a string")]
 
 
 class _Body(BaseModel):
@@ -45,11 +50,11 @@ class KindFigures(_Body):
     count: int = Field(ge=0)
     energy_wh: DecimalText
     distance_m: DecimalText
-    duration_s: float = Field(ge=0)
+    duration_s: Seconds
     average_energy_wh: DecimalText | None
     average_duration_s: DecimalText | None
-    revenue: dict[str, Money] = Field(description="by currency")
-    average_amount: dict[str, Money] = Field(description="by currency")
+    revenue: dict[str, MoneyText] = Field(description="by currency")
+    average_amount: dict[str, MoneyText] = Field(description="by currency")
     timed_out: int = Field(ge=0)
     missing_samples: int = Field(ge=0)
     session_ids: list[UUID]
@@ -57,7 +62,7 @@ class KindFigures(_Body):
 
 class VersionFigures(_Body):
     sessions: int = Field(ge=0)
-    revenue: dict[str, Money] = Field(description="by currency")
+    revenue: dict[str, MoneyText] = Field(description="by currency")
 
 
 class AnalyticsFilters(_Body):
@@ -74,12 +79,12 @@ class Analytics(_Body):
     by_pricing_version: dict[str, VersionFigures]
     rides: KindFigures
     charging: KindFigures
-    revenue: dict[str, Money] = Field(description="by currency")
+    revenue: dict[str, MoneyText] = Field(description="by currency")
 
 
 class RulePrices(_Body):
-    unit_price: DecimalText = Field(description="per kWh")
-    session_fee: DecimalText
+    unit_price: MoneyText = Field(description="per kWh")
+    session_fee: MoneyText
 
 
 class PricingVersion(_Body):

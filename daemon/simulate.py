@@ -20,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.mqtt.topics import TopicKind, topics_for
-from daemon.outbound import iso
+from domain.session_values import utc_text
 
 __all__ = ["FleetPlan", "json_payload", "messages", "publish"]
 
@@ -84,7 +84,7 @@ def _bike(
         )
         yield (
             topics.bike(bike, TopicKind.LIFECYCLE),
-            {"event": f"{kind}_started", "session_id": sid, "occurred_at": iso(at), **party},
+            {"event": f"{kind}_started", "session_id": sid, "occurred_at": utc_text(at), **party},
         )
         for seq in range(1, plan.samples_per_session + 1):
             at += timedelta(milliseconds=100)
@@ -92,7 +92,7 @@ def _bike(
                 "telemetry_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
                 "session_id": sid,
                 "seq": seq,
-                "emitted_at": iso(at),
+                "emitted_at": utc_text(at),
                 "energy_wh": Decimal(rng.randint(50, 5000)) / 100,
                 "soc_pct": rng.randint(5, 100),
             }
@@ -105,7 +105,7 @@ def _bike(
             {
                 "event": f"{kind}_ended",
                 "session_id": sid,
-                "occurred_at": iso(at),
+                "occurred_at": utc_text(at),
                 "last_seq": plan.samples_per_session,
             },
         )

@@ -16,7 +16,7 @@ from typing import Any
 from uuid import UUID
 
 from domain.errors import InvalidPricing, InvalidValue
-from domain.session_values import FinalizedSession, SessionKind, quantity_text
+from domain.session_values import FinalizedSession, SessionKind
 
 __all__ = [
     "BillableEnergy",
@@ -28,6 +28,7 @@ __all__ = [
     "Rounding",
     "UnitPrice",
     "bill",
+    "money_text",
     "parse_pricing",
 ]
 
@@ -93,6 +94,12 @@ class Rounding(StrEnum):
             Rounding.CEILING: decimal.ROUND_CEILING,
             Rounding.FLOOR: decimal.ROUND_FLOOR,
         }[self]
+
+
+def money_text(value: Decimal) -> str:
+    """The one written form of money and prices: plain digits with the scale they were given
+    or rounded to (0.30 stays 0.30, an amount keeps its minor unit), never an exponent."""
+    return format(value, "f")
 
 
 def _non_negative(value: Decimal, what: str) -> None:
@@ -182,8 +189,8 @@ class PricingRules:
                 "minor_unit": self.minor_unit,
                 **{
                     str(r.kind): {
-                        "unit_price": format(r.unit_price.per_kwh, "f"),
-                        "session_fee": format(r.session_fee, "f"),
+                        "unit_price": money_text(r.unit_price.per_kwh),
+                        "session_fee": money_text(r.session_fee),
                     }
                     for r in sorted(self.rules, key=lambda r: r.kind)
                 },
@@ -247,23 +254,6 @@ class BillingRecord:
     unit_price: UnitPrice
     amount: Money
     pricing_version: str
-
-    def to_payload(self) -> dict[str, str]:
-        """The outbound message of SPEC §2; money and energy as decimal strings."""
-        return {
-            "session_id": str(self.session_id),
-            "bike_id": self.bike_id,
-            "kind": str(self.kind),
-            "billable_energy_wh": quantity_text(self.billable_energy.wh),
-            "unit_price": format(self.unit_price.per_kwh, "f"),
-            "currency": self.amount.currency,
-            "amount": format(self.amount.amount, "f"),
-            "pricing_version": self.pricing_version,
-        }
-
-    def to_json(self) -> bytes:
-        """Canonical bytes: same record, byte-identical output."""
-        return json.dumps(self.to_payload(), sort_keys=True, separators=(",", ":")).encode()
 
 
 def bill(session: FinalizedSession, pricing: PricingRules) -> BillingRecord:

@@ -14,12 +14,12 @@ from uuid import UUID
 import asyncpg
 
 from daemon.db.store import Store, finalized_from_row
-from daemon.outbound import finalized_document, iso, plain
+from daemon.outbound import BillingPayload, FinalizedPayload, seconds_number
 from domain.analytics import AnalyticsReport, KindFigures, project
-from domain.billing import BillingRecord, PricingHistory
+from domain.billing import BillingRecord, PricingHistory, money_text
 from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
 from domain.errors import Reason
-from domain.session_values import FinalizedSession, SessionKind
+from domain.session_values import FinalizedSession, SessionKind, quantity_text, utc_text
 
 __all__ = ["KeptRejection", "ReadModel", "RejectionFilter", "SessionView", "analytics_document"]
 
@@ -46,7 +46,7 @@ class KeptRejection:
             text = None
         return {
             "id": self.id,
-            "received_at": iso(self.received_at),
+            "received_at": utc_text(self.received_at),
             "topic": self.topic,
             "bike_id": self.bike_id,
             "reason": self.reason,
@@ -87,18 +87,18 @@ class SessionView:
             "kind": str(self.kind),
             self.kind.party_field: self.party_id,
             "state": self.state,
-            "started_at": iso(self.started_at),
+            "started_at": utc_text(self.started_at),
             "stored_telemetry_count": self.stored_telemetry_count,
         }
         if self.finalized is not None and self.bill is not None:
-            view["finalized"] = finalized_document(self.finalized)
-            view["billing"] = self.bill.to_payload()
+            view["finalized"] = FinalizedPayload.of(self.finalized).document()
+            view["billing"] = BillingPayload.of(self.bill).document()
             return view
-        view["last_heard_at"] = iso(self.last_heard_at)
-        view["energy_wh_so_far"] = plain(self.energy_wh_so_far)
+        view["last_heard_at"] = utc_text(self.last_heard_at)
+        view["energy_wh_so_far"] = quantity_text(self.energy_wh_so_far)
         view["telemetry_count_so_far"] = self.telemetry_count_so_far
         if self.last_seq is not None and self.ended_at is not None:
-            view["end"] = {"occurred_at": iso(self.ended_at), "last_seq": self.last_seq}
+            view["end"] = {"occurred_at": utc_text(self.ended_at), "last_seq": self.last_seq}
         return view
 
 
@@ -139,7 +139,7 @@ class ReadModel:
         return [
             {
                 **json.loads(p.canonical()),
-                "first_used_at": iso(first_used[p.version]),
+                "first_used_at": utc_text(first_used[p.version]),
             }
             for p in history.versions
         ]
@@ -206,8 +206,8 @@ class ReadModel:
         history = await self.history()
         bills = [history.bill(s) for s in sessions]
         filters = {
-            "from": None if since is None else iso(since),
-            "to": None if until is None else iso(until),
+            "from": None if since is None else utc_text(since),
+            "to": None if until is None else utc_text(until),
             "bike_id": bike_id,
             "pricing_version": pricing_version,
         }
@@ -246,17 +246,17 @@ async def _finalized_sessions(
 
 def _figures(f: KindFigures) -> dict[str, Any]:
     def dec(value: Decimal | None) -> str | None:
-        return None if value is None else plain(value)
+        return None if value is None else quantity_text(value)
 
     return {
         "count": f.count,
-        "energy_wh": plain(f.energy_wh),
-        "distance_m": plain(f.distance_m),
-        "duration_s": f.duration.total_seconds(),
+        "energy_wh": quantity_text(f.energy_wh),
+        "distance_m": quantity_text(f.distance_m),
+        "duration_s": seconds_number(f.duration),
         "average_energy_wh": dec(f.average_energy_wh),
         "average_duration_s": dec(f.average_duration_s),
-        "revenue": {cur: str(v) for cur, v in f.revenue.items()},
-        "average_amount": {cur: str(v) for cur, v in f.average_amount.items()},
+        "revenue": {cur: money_text(v) for cur, v in f.revenue.items()},
+        "average_amount": {cur: money_text(v) for cur, v in f.average_amount.items()},
         "timed_out": f.timed_out,
         "missing_samples": f.missing_samples,
         "session_ids": [str(i) for i in f.session_ids],
@@ -281,11 +281,11 @@ def analytics_document(
         "by_pricing_version": {
             version: {
                 "sessions": f["sessions"],
-                "revenue": {cur: str(v) for cur, v in f["revenue"].items()},
+                "revenue": {cur: money_text(v) for cur, v in f["revenue"].items()},
             }
             for version, f in sorted(by_version.items())
         },
         "rides": _figures(report.rides),
         "charging": _figures(report.charging),
-        "revenue": {cur: str(v) for cur, v in report.revenue.items()},
+        "revenue": {cur: money_text(v) for cur, v in report.revenue.items()},
     }

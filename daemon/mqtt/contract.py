@@ -1,76 +1,24 @@
 """The MQTT contract as an AsyncAPI 3.0 document, generated from the code that speaks it.
 
-Inbound payloads are described by the same pydantic models that decode them (``schemas.py``);
-outbound payloads by the models below, which a test holds to what the message builders in
-``daemon/mqtt/outbound.py`` really publish. ``daemon/asyncapi.json`` is this document for the
-default prefix, committed; a test regenerates it and fails when it is stale. Regenerate with
+Inbound payloads are described by the same pydantic models that decode them (``schemas.py``),
+outbound payloads by the models the published bytes are dumped from (``daemon.outbound``).
+``daemon/asyncapi.json`` is this document for the default prefix, committed; a test
+regenerates it and fails when it is stale. Regenerate with
 ``chargeflow asyncapi > daemon/asyncapi.json``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
-from uuid import UUID
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import TypeAdapter
 
 from daemon.mqtt.schemas import QUANTITY_MAX, QUANTITY_PLACES, SEQ_MAX, Lifecycle, Telemetry
 from daemon.mqtt.topics import OutboundKind, TopicKind
+from daemon.outbound import BillingPayload, FinalizedPayload, RejectionPayload
 from domain.commands import BIKE_ID_RULE
-from domain.errors import Reason
 
-__all__ = ["BillingPayload", "FinalizedPayload", "RejectionPayload", "asyncapi_document"]
-
-_DECIMAL = r"^-?\d+(\.\d+)?$"
-DecimalText = Annotated[str, Field(pattern=_DECIMAL, description="a decimal, as a string")]
-Instant = Annotated[str, Field(pattern=r"Z$", description="RFC 3339 in UTC, ending in Z")]
-
-
-class _Outbound(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class FinalizedPayload(_Outbound):
-    """A finalized session with its fixed totals."""
-
-    session_id: UUID
-    bike_id: str
-    kind: Literal["ride", "charging"]
-    rider_id: str | None = Field(None, description="rides only")
-    station_id: str | None = Field(None, description="charging sessions only")
-    started_at: Instant
-    ended_at: Instant
-    duration_s: float = Field(ge=0, description="a JSON number of seconds")
-    energy_wh: DecimalText
-    distance_m: DecimalText
-    telemetry_count: int = Field(ge=0)
-    missing_samples: int = Field(ge=0)
-    end_reason: Literal["ended", "timed_out"]
-    finalized_at: Instant
-
-
-class BillingPayload(_Outbound):
-    """The bill of a finalized session; money as decimal strings, never floats."""
-
-    session_id: UUID
-    bike_id: str
-    kind: Literal["ride", "charging"]
-    billable_energy_wh: DecimalText
-    unit_price: DecimalText = Field(description="per kWh")
-    currency: str
-    amount: DecimalText
-    pricing_version: str
-
-
-class RejectionPayload(_Outbound):
-    """Why a message was rejected; it is kept, with its raw payload."""
-
-    topic: str
-    reason: Reason
-    detail: str
-    session_id: UUID | None = Field(None, description="when it could be read")
-    telemetry_id: UUID | None = Field(None, description="when it could be read")
-    received_at: Instant
+__all__ = ["asyncapi_document"]
 
 
 def _schema(adapter: TypeAdapter[Any], schemas: dict[str, Any]) -> dict[str, Any]:

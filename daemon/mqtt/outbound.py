@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from daemon.mqtt.schemas import Rejection
 from daemon.mqtt.topics import OutboundKind, topics_for
-from daemon.outbound import encode, finalized_document, rejection_document
+from daemon.outbound import BillingPayload, FinalizedPayload, RejectionPayload
 from domain.billing import BillingRecord
-from domain.errors import Reason
 from domain.session_values import FinalizedSession
 
 __all__ = ["billing_message", "finalized_message", "rejection_message"]
@@ -15,22 +15,24 @@ __all__ = ["billing_message", "finalized_message", "rejection_message"]
 
 def finalized_message(prefix: str, session: FinalizedSession) -> tuple[str, bytes]:
     topic = topics_for(prefix).bike(session.bike_id, OutboundKind.FINALIZED)
-    return topic, encode(finalized_document(session))
+    return topic, FinalizedPayload.of(session).encode()
 
 
 def billing_message(prefix: str, record: BillingRecord) -> tuple[str, bytes]:
-    return topics_for(prefix).bike(record.bike_id, OutboundKind.BILLING), record.to_json()
+    topic = topics_for(prefix).bike(record.bike_id, OutboundKind.BILLING)
+    return topic, BillingPayload.of(record).encode()
 
 
-def rejection_message(  # noqa: PLR0913 - a rejection's fields, each named where it is built
-    prefix: str,
-    bike_id: str,
-    topic: str,
-    reason: Reason,
-    detail: str,
-    received_at: datetime,
-    session_id: object | None = None,
-    telemetry_id: object | None = None,
+def rejection_message(
+    prefix: str, bike_id: str, rejection: Rejection, received_at: datetime
 ) -> tuple[str, bytes]:
-    document = rejection_document(topic, reason, detail, received_at, session_id, telemetry_id)
-    return topics_for(prefix).bike(bike_id, OutboundKind.REJECTIONS), encode(document)
+    """The answer on ``bike_id``'s rejections topic to a message it sent on ``rejection.topic``."""
+    payload = RejectionPayload(
+        topic=rejection.topic,
+        reason=rejection.reason,
+        detail=rejection.detail,
+        session_id=rejection.session_id,
+        telemetry_id=rejection.telemetry_id,
+        received_at=received_at,
+    )
+    return topics_for(prefix).bike(bike_id, OutboundKind.REJECTIONS), payload.encode()

@@ -36,6 +36,19 @@ class OutboundKind(StrEnum):
     BILLING = "billing"
     REJECTIONS = "rejections"
 
+    @property
+    def event(self) -> str:
+        """What an outbox row of this kind is called, there and in
+        ``chargeflow_outbox_published_total{event=...}``."""
+        return _OUTBOX_EVENTS[self]
+
+
+_OUTBOX_EVENTS = {
+    OutboundKind.FINALIZED: "session_finalized",
+    OutboundKind.BILLING: "billing",
+    OutboundKind.REJECTIONS: "rejection",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:

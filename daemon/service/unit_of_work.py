@@ -24,7 +24,7 @@ from daemon.config import ConfigError, Settings
 from daemon.db.store import BatchRows, Conn, OutboxEntry, RejectionRow, Store, WaitingRow
 from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
 from daemon.mqtt.schemas import Inbound, Rejection, decode
-from daemon.mqtt.topics import TopicKind, topics_for
+from daemon.mqtt.topics import OutboundKind, TopicKind, topics_for
 from domain.billing import PricingRules, bill
 from domain.commands import Command, RecordTelemetry
 from domain.errors import DomainError, Reason
@@ -256,14 +256,10 @@ class UnitOfWork:
         rows = []
         for a in arrivals:
             command = a.inbound.command
-            sample = command.sample if isinstance(command, RecordTelemetry) else None
-            rejection = Rejection(
-                a.topic,
-                a.inbound.bike_id,
-                Reason.SCHEMA_VIOLATION,
-                why,
-                command.session_id if command else None,
-                sample.telemetry_id if sample else None,  # SPEC: named when known
+            rejection = (
+                Rejection(a.topic, a.inbound.bike_id, Reason.SCHEMA_VIOLATION, why)
+                if command is None
+                else _rejection(command, a.topic, Reason.SCHEMA_VIOLATION, why)
             )
             rows.append(self._rejection_row(a, rejection))
         async with self.store.pool.acquire() as conn, conn.transaction():
@@ -339,17 +335,7 @@ class UnitOfWork:
         try:
             return Settled(outcome=self.fleet.handle(command, arrival.received_at, ref).outcome)
         except DomainError as exc:
-            sample = command.sample if isinstance(command, RecordTelemetry) else None
-            return Settled(
-                rejection=Rejection(
-                    arrival.topic,
-                    command.bike_id,
-                    exc.reason,
-                    exc.detail,
-                    command.session_id,
-                    sample.telemetry_id if sample is not None else None,
-                )
-            )
+            return Settled(rejection=_rejection(command, arrival.topic, exc.reason, exc.detail))
         except Exception:
             # A bug must not stop ingestion: the message is counted as dropped and logged.
             log.exception(
@@ -385,29 +371,22 @@ class UnitOfWork:
         for event in events:
             if isinstance(event, SessionFinalized):
                 s = event.session
-                topic, payload = finalized_message(self.prefix, s)
-                entries.append(OutboxEntry(s.finalized_at, "session_finalized", topic, payload))
-                topic, payload = billing_message(self.prefix, bill(s, self.pricing))
-                entries.append(OutboxEntry(s.finalized_at, "billing", topic, payload))
+                entries += [
+                    _entry(s.finalized_at, FINALIZED, finalized_message(self.prefix, s)),
+                    _entry(
+                        s.finalized_at, BILLING, billing_message(self.prefix, bill(s, self.pricing))
+                    ),
+                ]
             elif isinstance(event, DeferredMessageSettled) and event.reason is not None:
                 w = event.waiting
-                kind = (
-                    TopicKind.TELEMETRY
-                    if isinstance(w.command, RecordTelemetry)
-                    else TopicKind.LIFECYCLE
-                )
-                sample = w.command.sample if isinstance(w.command, RecordTelemetry) else None
-                topic, payload = rejection_message(
-                    self.prefix,
-                    event.bike_id,
-                    topics_for(self.prefix).bike(event.bike_id, kind),
+                answer = _rejection(
+                    w.command,
+                    topics_for(self.prefix).bike(event.bike_id, _topic_kind(w.command)),
                     event.reason,
                     event.detail or "",
-                    w.received_at,
-                    w.command.session_id,
-                    sample.telemetry_id if sample is not None else None,
                 )
-                entries.append(OutboxEntry(w.received_at, "rejection", topic, payload))
+                message = rejection_message(self.prefix, event.bike_id, answer, w.received_at)
+                entries.append(_entry(w.received_at, REJECTIONS, message))
         return entries
 
     def _rejection_row(self, arrival: Arrival, r: Rejection) -> RejectionRow:
@@ -421,17 +400,8 @@ class UnitOfWork:
         )
         answer = None
         if r.bike_id:
-            topic, payload = rejection_message(
-                self.prefix,
-                r.bike_id,
-                r.topic,
-                r.reason,
-                r.detail,
-                arrival.received_at,
-                r.session_id,
-                r.telemetry_id,
-            )
-            answer = OutboxEntry(arrival.received_at, "rejection", topic, payload)
+            message = rejection_message(self.prefix, r.bike_id, r, arrival.received_at)
+            answer = _entry(arrival.received_at, REJECTIONS, message)
         return RejectionRow(
             arrival.received_at,
             r.topic,
@@ -445,6 +415,31 @@ class UnitOfWork:
             hashlib.sha256(arrival.payload).digest(),
             answer,
         )
+
+
+FINALIZED, BILLING, REJECTIONS = OutboundKind
+
+
+def _entry(at: datetime, kind: OutboundKind, message: tuple[str, bytes]) -> OutboxEntry:
+    topic, payload = message
+    return OutboxEntry(at, kind.event, topic, payload)
+
+
+def _topic_kind(command: Command) -> TopicKind:
+    return TopicKind.TELEMETRY if isinstance(command, RecordTelemetry) else TopicKind.LIFECYCLE
+
+
+def _rejection(command: Command, topic: str, reason: Reason, detail: str) -> Rejection:
+    """Why ``command``, sent on ``topic``, is refused: its ids named when it has them (SPEC)."""
+    sample = command.sample if isinstance(command, RecordTelemetry) else None
+    return Rejection(
+        topic,
+        command.bike_id,
+        reason,
+        detail,
+        command.session_id,
+        sample.telemetry_id if sample is not None else None,
+    )
 
 
 async def configured_unit_of_work(

@@ -12,13 +12,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from daemon.mqtt.contract import (
-    BillingPayload,
-    FinalizedPayload,
-    RejectionPayload,
-    asyncapi_document,
-)
+from daemon.mqtt.contract import asyncapi_document
 from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
+from daemon.mqtt.schemas import Rejection
+from daemon.outbound import BillingPayload, FinalizedPayload, RejectionPayload
 from daemon.simulate import FleetPlan, json_payload, messages
 from domain.billing import bill
 from domain.errors import Reason
@@ -103,10 +100,11 @@ def test_what_the_builders_publish_matches_the_outbound_messages(kind):
     session = _finalized(kind)
     finalized = json.loads(finalized_message(PREFIX, session)[1])
     billing = json.loads(billing_message(PREFIX, bill(session, shipped_pricing()))[1])
-    rejection = json.loads(rejection_message(
-        PREFIX, "bike-7", f"{PREFIX}/bikes/bike-7/telemetry", Reason.SEQ_BEYOND_END, "seq 9",
-        datetime.now(UTC), uuid.uuid4(), uuid.uuid4(),
-    )[1])  # fmt: skip
+    refused = Rejection(
+        f"{PREFIX}/bikes/bike-7/telemetry", "bike-7", Reason.SEQ_BEYOND_END, "seq 9",
+        uuid.uuid4(), uuid.uuid4(),
+    )  # fmt: skip
+    rejection = json.loads(rejection_message(PREFIX, "bike-7", refused, datetime.now(UTC))[1])
 
     for name, payload, model in [("SessionFinalized", finalized, FinalizedPayload),
                                  ("Billing", billing, BillingPayload),

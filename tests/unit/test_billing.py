@@ -9,7 +9,7 @@ from importlib import resources
 
 import pytest
 
-from domain.billing import Rounding, bill, parse_pricing
+from domain.billing import Rounding, bill, money_text, parse_pricing
 from domain.errors import InvalidPricing
 from domain.session_values import EndReason, FinalizedSession, SessionKind
 from tests.builders import T0
@@ -52,19 +52,11 @@ def test_golden_examples_of_the_shipped_pricing_file(kind, energy_wh, amount):
     assert record.amount.currency == "EUR"
 
 
-def test_the_billing_message_carries_money_as_decimal_strings():
-    session = finalized(SessionKind.RIDE, "1234.5")
-    payload = bill(session, shipped_pricing()).to_payload()
-    assert payload == {
-        "session_id": str(session.session_id),
-        "bike_id": "bike-1",
-        "kind": "ride",
-        "billable_energy_wh": "1234.5",
-        "unit_price": "0.30",
-        "currency": "EUR",
-        "amount": "0.37",
-        "pricing_version": "2026-01",
-    }
+def test_a_bill_keeps_the_price_and_the_amount_with_their_scale():
+    record = bill(finalized(SessionKind.RIDE, "1234.5"), shipped_pricing())
+    assert money_text(record.unit_price.per_kwh) == "0.30"
+    assert money_text(record.amount.amount) == "0.37"
+    assert record.billable_energy.wh == Decimal("1234.5")
 
 
 def test_the_session_fee_is_added_before_the_single_rounding():
@@ -139,15 +131,6 @@ def test_toml_floats_are_read_exactly():
         'version="1"\ncurrency="EUR"\n[ride]\nunit_price=0.1\n[charging]\nunit_price=0.3\n'
     )
     assert pricing.rule_for(SessionKind.RIDE).unit_price.per_kwh == Decimal("0.1")
-
-
-def test_the_billing_record_is_written_as_these_exact_bytes():
-    session = finalized(SessionKind.RIDE, "1234.5")
-    assert bill(session, shipped_pricing()).to_json() == (
-        b'{"amount":"0.37","bike_id":"bike-1","billable_energy_wh":"1234.5",'
-        b'"currency":"EUR","kind":"ride","pricing_version":"2026-01",'
-        b'"session_id":"' + str(session.session_id).encode() + b'","unit_price":"0.30"}'
-    )
 
 
 def test_the_recorded_price_list_is_this_exact_text_however_the_file_is_written():

@@ -12,7 +12,9 @@ import pytest
 
 from daemon.config import DEFAULT_PRICING_FILE
 from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
+from daemon.mqtt.schemas import Rejection
 from domain.billing import bill, parse_pricing
+from domain.errors import Reason
 from domain.session_values import EndReason, FinalizedSession, SessionKind
 from tests.builders import T0, bike_id
 
@@ -183,9 +185,11 @@ def test_every_published_timestamp_is_utc_with_z_whatever_offset_it_came_in(offs
 def test_a_rejection_is_published_on_the_bikes_rejections_topic():
     bike = bike_id()
 
-    topic, _ = rejection_message(
-        PREFIX, bike, f"{PREFIX}/bikes/{bike}/telemetry", "schema_violation", "seq: …", T0
+    rejection = Rejection(
+        f"{PREFIX}/bikes/{bike}/telemetry", bike, Reason.SCHEMA_VIOLATION, "seq: …"
     )
+
+    topic, _ = rejection_message(PREFIX, bike, rejection, T0)
 
     assert topic == f"chargeflow/v1/bikes/{bike}/rejections"
 
@@ -199,12 +203,15 @@ def test_a_rejection_names_both_ids_when_they_are_known():
         rejection_message(
             PREFIX,
             bike,
-            inbound_topic,
-            "unknown_session",
-            "no such session",
+            Rejection(
+                inbound_topic,
+                bike,
+                Reason.UNKNOWN_SESSION,
+                "no such session",
+                session_id=session_id,
+                telemetry_id=telemetry_id,
+            ),
             T0,
-            session_id=session_id,
-            telemetry_id=telemetry_id,
         )
     )
 
@@ -223,7 +230,10 @@ def test_a_rejection_leaves_out_ids_that_are_not_known():
 
     payload = payload_of(
         rejection_message(
-            PREFIX, bike, f"{PREFIX}/bikes/{bike}/telemetry", "malformed_json", "not JSON", T0
+            PREFIX,
+            bike,
+            Rejection(f"{PREFIX}/bikes/{bike}/telemetry", bike, Reason.MALFORMED_JSON, "not JSON"),
+            T0,
         )
     )
 
@@ -238,11 +248,14 @@ def test_a_rejection_with_only_a_session_id_names_only_that():
         rejection_message(
             PREFIX,
             bike,
-            f"{PREFIX}/bikes/{bike}/lifecycle",
-            "active_session_exists",
-            "bike is busy",
+            Rejection(
+                f"{PREFIX}/bikes/{bike}/lifecycle",
+                bike,
+                Reason.ACTIVE_SESSION_EXISTS,
+                "bike is busy",
+                session_id=session_id,
+            ),
             T0,
-            session_id=session_id,
         )
     )
 
@@ -293,3 +306,18 @@ def test_different_billing_records_give_different_payloads():
     large = bill(finalized(bike=bike, session_id=session_id, energy_wh="1500"), PRICING)
 
     assert billing_message(PREFIX, small)[1] != billing_message(PREFIX, large)[1]
+
+
+def test_a_billing_record_is_published_as_these_exact_bytes():
+    """The bytes of a bill are its fields sorted by key, as in every release since the first:
+    the same record is the same bytes, whichever version published it."""
+    session = finalized(SessionKind.RIDE, energy_wh="1234.5")
+
+    _, raw = billing_message(PREFIX, bill(session, PRICING))
+
+    assert raw == (
+        b'{"amount":"0.37","bike_id":"' + session.bike_id.encode() + b'",'
+        b'"billable_energy_wh":"1234.5","currency":"EUR","kind":"ride",'
+        b'"pricing_version":"2026-01","session_id":"' + str(session.session_id).encode() + b'",'
+        b'"unit_price":"0.30"}'
+    )

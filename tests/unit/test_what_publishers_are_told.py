@@ -23,6 +23,7 @@ from domain.billing import (
     Rounding,
     UnitPrice,
     bill,
+    money_text,
     parse_pricing,
 )
 from domain.commands import EndSession, RecordTelemetry, StartSession
@@ -481,8 +482,11 @@ def test_a_price_written_with_an_exponent_is_recorded_and_billed_in_plain_digits
         uuid.uuid4(), "b", SessionKind.RIDE, "r", T0, T0, Decimal(1000), Decimal(0), 1, 0,
         EndReason.ENDED, NOW, "1",
     )  # fmt: skip
-    payload = bill(session, pricing).to_payload()
-    assert (payload["unit_price"], payload["amount"]) == ("10", "10.00")
+    record = bill(session, pricing)
+    assert (money_text(record.unit_price.per_kwh), money_text(record.amount.amount)) == (
+        "10",
+        "10.00",
+    )
 
 
 def test_a_price_list_needs_a_version_and_one_rule_per_kind():
