@@ -21,7 +21,7 @@ from daemon.http import HttpServer
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.contract import asyncapi_document
-from daemon.mqtt.delivery import Link
+from daemon.mqtt.delivery import Link, ReadGate
 from daemon.mqtt.v5 import V5Link
 from daemon.partition import Ownership, PartitionRegistry
 from daemon.service.outbox import OutboxPublisher
@@ -82,6 +82,10 @@ class Daemon:
     registry: PartitionRegistry | None = None
     database_ok: bool = False
 
+    def read_model(self) -> ReadModel | None:
+        """What HTTP reads from: None until the store is open (then it answers 503)."""
+        return None if self.store is None else ReadModel(self.store.pool)
+
     def ready(self) -> dict[str, bool]:
         return {
             "database": self.database_ok and self.store is not None,
@@ -140,7 +144,7 @@ class Daemon:
         s.tls_context()  # a certificate, key or CA that cannot be used stops the start at once
         self.http = HttpServer(
             self.metrics,
-            None,
+            self.read_model,
             self.ready,
             s.http_host,
             s.http_port,
@@ -156,7 +160,6 @@ class Daemon:
                 return
             self.store = store
             unit_of_work = await configured_unit_of_work(s, store, pricing)
-            self.http.reads = ReadModel(store.pool)
             ownership = Ownership()
             registry = self.registry = await self._claim_partition(store, ownership)
             pipeline, link, publisher = self._wire(store, unit_of_work, ownership)
@@ -201,10 +204,13 @@ class Daemon:
     def _wire(
         self, store: Store, unit_of_work: UnitOfWork, ownership: Ownership
     ) -> tuple[Pipeline, Link, OutboxPublisher]:
-        """The pipeline, the broker link and the outbox relay, each told of the others: the
-        link delivers to the pipeline, the pipeline pauses the link's reading and wakes the
-        relay, the relay publishes on the link."""
+        """The pipeline, the broker link and the outbox relay, built in that order, each
+        given what it needs: the link delivers to the pipeline, the pipeline closes and opens
+        the gate the link reads by and sets the event the relay wakes on, the relay publishes
+        on the link."""
         s = self.settings
+        gate = ReadGate()  # the pipeline closes it when it holds enough; the link follows it
+        committed = asyncio.Event()  # set by the pipeline at each commit; wakes the relay
         pipeline = self.pipeline = Pipeline(
             unit_of_work,
             self.metrics,
@@ -214,12 +220,12 @@ class Daemon:
             max_inbox=s.receive_maximum,
             takes=ownership.takes,
             pipelined=s.pipelined_commits,
+            gate=gate,
+            on_commit=committed.set,
         )
         kind = V5Link if s.mqtt_protocol == "5" else MqttLink
-        link = self.link = kind(s, self.metrics, pipeline.deliver)
-        pipeline.pause_intake, pipeline.resume_intake = link.pause_reading, link.resume_reading
-        publisher = OutboxPublisher(store, link, self.metrics)
-        pipeline.on_commit = publisher.notify
+        link = self.link = kind(s, self.metrics, pipeline.deliver, gate)
+        publisher = OutboxPublisher(store, link, self.metrics, wake=committed)
         return pipeline, link, publisher
 
 

@@ -236,9 +236,10 @@ def build_app(server: HttpServer) -> FastAPI:
 
 def _reads_of(server: HttpServer) -> Callable[[], ReadModel]:
     def reads() -> ReadModel:
-        if server.reads is None:
+        model = server.reads()
+        if model is None:
             raise _Unavailable
-        return server.reads
+        return model
 
     return reads
 
@@ -423,10 +424,10 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """The HTTP port, served inside the daemon's TaskGroup until cancelled."""
 
-    def __init__(  # noqa: PLR0913 - wiring; to become the bootstrap's (issue 18)
+    def __init__(  # noqa: PLR0913 - the port's parts and settings, named where it is built (app.py)
         self,
         metrics: Metrics,
-        reads: ReadModel | None,
+        reads: Callable[[], ReadModel | None],
         ready: Callable[[], dict[str, bool]],
         host: str,
         port: int,

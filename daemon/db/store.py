@@ -7,8 +7,8 @@ decides or renders: the unit of work does (``daemon.service.unit_of_work``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -73,7 +73,7 @@ class OutboxRow:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RejectionRow:
     """A rejected message as it is kept, and the answer published if it is kept for the first
     time (``answer`` is None when the topic names no bike to answer)."""
@@ -222,50 +222,72 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 class _EventRows:
     """The rows a batch's events become, by table."""
 
-    starts: list[tuple[Any, ...]]
-    samples: list[str]  # lines of COPY's text format, in _TELEMETRY_COLUMNS order
-    deferred: list[tuple[Any, ...]]
-    settled: list[tuple[Any, ...]]
+    starts: list[tuple[Any, ...]] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)  # COPY's text lines, _TELEMETRY_COLUMNS
+    deferred: list[tuple[Any, ...]] = field(default_factory=list)
+    settled: list[tuple[Any, ...]] = field(default_factory=list)
+    # Shared text of the samples' columns: a read's messages share their instant, a
+    # session's samples its id.
+    _received: dict[datetime, str] = field(default_factory=dict)
+    _sessions: dict[UUID, str] = field(default_factory=dict)
 
     @classmethod
     def of(
         cls, events: Sequence[Event], waiting_payloads: dict[bytes, tuple[str, bytes]]
     ) -> _EventRows:
-        rows = cls([], [], [], [])
-        received: dict[datetime, str] = {}  # a read's messages share their instant
-        sessions: dict[UUID, str] = {}  # a session's samples share its id
+        rows = cls()
+        add = _ADD_ROW
         for event in events:
-            if isinstance(event, TelemetrySampleAccepted):
-                rows.samples.append(_sample_line(event, received, sessions))
-            elif isinstance(event, SessionStarted):
-                rows.starts.append(
-                    (
-                        event.session_id,
-                        event.bike_id,
-                        str(event.kind),
-                        event.party_id,
-                        event.started_at,
-                        event.received_at,
-                    )
-                )
-            elif isinstance(event, MessageDeferred):
-                w = event.waiting
-                topic, payload = waiting_payloads[w.ref]
-                sample = getattr(w.command, "sample", None)
-                rows.deferred.append(
-                    (
-                        event.bike_id,
-                        w.ref,
-                        topic,
-                        payload,
-                        w.received_at,
-                        w.command.session_id,
-                        sample.telemetry_id if sample is not None else None,
-                    )
-                )
-            elif isinstance(event, DeferredMessageSettled):
-                rows.settled.append((event.bike_id, event.waiting.ref, event.reason, event.detail))
+            row_of = add.get(type(event))
+            if row_of is not None:
+                row_of(rows, event, waiting_payloads)
         return rows
+
+    def _sample(self, event: TelemetrySampleAccepted, _: object) -> None:
+        self.samples.append(_sample_line(event, self._received, self._sessions))
+
+    def _start(self, event: SessionStarted, _: object) -> None:
+        self.starts.append(
+            (
+                event.session_id,
+                event.bike_id,
+                str(event.kind),
+                event.party_id,
+                event.started_at,
+                event.received_at,
+            )
+        )
+
+    def _deferred(
+        self, event: MessageDeferred, waiting_payloads: dict[bytes, tuple[str, bytes]]
+    ) -> None:
+        w = event.waiting
+        topic, payload = waiting_payloads[w.ref]
+        sample = getattr(w.command, "sample", None)
+        self.deferred.append(
+            (
+                event.bike_id,
+                w.ref,
+                topic,
+                payload,
+                w.received_at,
+                w.command.session_id,
+                sample.telemetry_id if sample is not None else None,
+            )
+        )
+
+    def _settled(self, event: DeferredMessageSettled, _: object) -> None:
+        self.settled.append((event.bike_id, event.waiting.ref, event.reason, event.detail))
+
+
+# Which table each kind of event writes to (the events not named write nothing of their own:
+# an end or a finalization is in the session's summary row).
+_ADD_ROW: dict[type, Callable[[_EventRows, Any, dict[bytes, tuple[str, bytes]]], None]] = {
+    TelemetrySampleAccepted: _EventRows._sample,
+    SessionStarted: _EventRows._start,
+    MessageDeferred: _EventRows._deferred,
+    DeferredMessageSettled: _EventRows._settled,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,14 +303,17 @@ class BatchRows:
     @classmethod
     def of(
         cls,
-        events: Sequence[Event],
-        changed: Sequence[Session],
-        outbox: Sequence[OutboxEntry],
-        rejections: Sequence[RejectionRow],
-        waiting_payloads: dict[bytes, tuple[str, bytes]],
+        *,
+        events: Sequence[Event] = (),
+        changed: Sequence[Session] = (),
+        outbox: Sequence[OutboxEntry] = (),
+        rejections: Sequence[RejectionRow] = (),
+        waiting_payloads: dict[bytes, tuple[str, bytes]] | None = None,
     ) -> BatchRows:
+        """The rows of a batch: its events, the sessions it changed, its outbound messages
+        and kept rejections, and the raw payloads of the messages it set waiting (by ref)."""
         summaries = _summary_columns(changed) if changed else []
-        return cls(_EventRows.of(events, waiting_payloads), summaries, outbox, rejections)
+        return cls(_EventRows.of(events, waiting_payloads or {}), summaries, outbox, rejections)
 
 
 class Store:
@@ -383,20 +408,6 @@ class Store:
         return [r["bike_id"] for r in rows]
 
     # -- writing ---------------------------------------------------------------------------
-
-    async def write(  # noqa: PLR0913 - the tables of one batch's write; BatchRows is the named form
-        self,
-        conn: Conn,
-        events: Sequence[Event],
-        changed: Sequence[Session],
-        outbox: Sequence[OutboxEntry],
-        rejections: Sequence[RejectionRow],
-        waiting_payloads: dict[bytes, tuple[str, bytes]],
-    ) -> None:
-        """Write a batch's decisions inside the caller's transaction."""
-        await self.write_rows(
-            conn, BatchRows.of(events, changed, outbox, rejections, waiting_payloads)
-        )
 
     async def write_rows(self, conn: Conn, batch: BatchRows) -> None:
         """Write a batch's rows inside the caller's transaction.
@@ -624,7 +635,7 @@ _KEEP_REJECTION = (
     " payload_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
     " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING RETURNING 1)"
     " INSERT INTO outbox (created_at, event, topic, payload)"
-    " SELECT $1, 'rejection', $11, $12 FROM kept WHERE $11::text IS NOT NULL"
+    " SELECT $1, $13, $11, $12 FROM kept WHERE $11::text IS NOT NULL"
 )
 
 
@@ -643,4 +654,5 @@ def _rejection_args(r: RejectionRow) -> tuple[object, ...]:
         r.payload_sha256,
         r.answer.topic if r.answer else None,
         r.answer.payload if r.answer else None,
+        r.answer.event if r.answer else None,
     )

@@ -20,7 +20,7 @@ from daemon.backoff import Backoff
 from daemon.config import Settings
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import ManualAcks, PausableClient, disconnect, receive_directly
-from daemon.mqtt.delivery import Delivery, LinkDown, log_connected, log_lost
+from daemon.mqtt.delivery import Delivery, LinkDown, ReadGate, log_connected, log_lost
 from daemon.mqtt.topics import topics_for
 
 __all__ = ["MqttLink"]
@@ -46,6 +46,7 @@ class MqttLink:
         settings: Settings,
         metrics: Metrics,
         deliver: Callable[[Delivery], None],
+        gate: ReadGate | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._settings = settings
@@ -57,6 +58,8 @@ class MqttLink:
         self.connected = asyncio.Event()
         self.connected_since = 0.0  # time.monotonic() of the last subscription granted
         self.stopping = False
+        if gate is not None:
+            gate.follow(self)
 
     def _new_client(self) -> PausableClient:
         s = self._settings

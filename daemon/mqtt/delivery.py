@@ -9,7 +9,7 @@ from typing import Protocol
 
 import structlog
 
-__all__ = ["Acks", "Delivery", "Link", "LinkDown", "log_connected", "log_lost"]
+__all__ = ["Acks", "Delivery", "Link", "LinkDown", "ReadGate", "log_connected", "log_lost"]
 
 log = structlog.get_logger("daemon.mqtt")
 
@@ -38,6 +38,39 @@ class Delivery:
     def ack(self) -> bool:
         """Send its PUBACK (after its batch is committed); False if its connection is gone."""
         return self.acks.ack(self)
+
+
+class _Reader(Protocol):
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class ReadGate:
+    """Flow control between the pipeline and the link: the pipeline closes the gate when it
+    holds enough and opens it once half is taken; the link follows it (stops and restarts
+    reading the broker, across reconnects too). Made first, given to both."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._readers: list[_Reader] = []
+
+    def follow(self, reader: _Reader) -> None:
+        """``reader`` reads only while the gate is open (a link, as it is built)."""
+        self._readers.append(reader)
+        if self.closed:
+            reader.pause_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for reader in self._readers:
+                reader.pause_reading()
+
+    def open(self) -> None:
+        if self.closed:
+            self.closed = False
+            for reader in self._readers:
+                reader.resume_reading()
 
 
 class Link(Protocol):

@@ -38,7 +38,7 @@ import mqtt5
 from daemon.backoff import Backoff
 from daemon.config import Settings
 from daemon.metrics import Metrics
-from daemon.mqtt.delivery import Delivery, LinkDown, log_connected, log_lost
+from daemon.mqtt.delivery import Delivery, LinkDown, ReadGate, log_connected, log_lost
 from daemon.mqtt.topics import topics_for
 
 __all__ = ["V5Link", "V5Session"]
@@ -335,6 +335,7 @@ class V5Link:
         settings: Settings,
         metrics: Metrics,
         deliver: Callable[[Delivery], None],
+        gate: ReadGate | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._settings = settings
@@ -346,6 +347,8 @@ class V5Link:
         self.connected = asyncio.Event()
         self.connected_since = 0.0  # time.monotonic() of the last subscription granted
         self.stopping = False
+        if gate is not None:
+            gate.follow(self)
 
     def _connect_packet(self) -> mqtt5.ConnectPacket:
         s = self._settings

@@ -27,12 +27,13 @@ _LOCK = 0x43_46_4F_42  # "CFOB"
 
 
 class OutboxPublisher:
-    def __init__(  # noqa: PLR0913 - wiring; to become the bootstrap's (issue 18)
+    def __init__(  # noqa: PLR0913 - keyword-only tunables with defaults, set in app.Daemon._wire
         self,
         store: Store,
         link: Link,
         metrics: Metrics,
         *,
+        wake: asyncio.Event | None = None,
         batch: int = 1000,
         in_flight: int = 100,
         poll_s: float = 1.0,
@@ -47,13 +48,11 @@ class OutboxPublisher:
         self.poll_s = poll_s
         self.keep_published = keep_published
         self.clock = clock
-        self._wake = asyncio.Event()
+        # Set when new rows are committed (the pipeline's ``on_commit``): publish them now
+        # rather than at the next poll.
+        self._wake = wake if wake is not None else asyncio.Event()
         self._last_prune = float("-inf")
         self._last_count = float("-inf")
-
-    def notify(self) -> None:
-        """New rows were committed: publish them now rather than at the next poll."""
-        self._wake.set()
 
     async def run(self) -> None:
         backoff = Backoff()

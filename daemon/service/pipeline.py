@@ -25,12 +25,13 @@ from prometheus_client import Counter
 
 from daemon.backoff import Backoff
 from daemon.metrics import Metrics
-from daemon.mqtt.delivery import Delivery
+from daemon.mqtt.delivery import Delivery, ReadGate
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import TopicKind, topics_for
+from daemon.service.events import report
 from daemon.service.unit_of_work import Arrival, OpenBatch, Settled
 from domain.errors import Reason
-from domain.events import DeferredMessageSettled, Event, MessageDeferred, Outcome, SessionFinalized
+from domain.events import Event, Outcome
 from domain.session_values import SessionPolicy
 
 __all__ = ["Batches", "Pipeline"]
@@ -103,7 +104,7 @@ class Batches(Protocol):
 class Pipeline:
     """Turns deliveries into committed state and outbox rows; acknowledges after commit."""
 
-    def __init__(  # noqa: PLR0913 - wiring; to become the bootstrap's (issue 18)
+    def __init__(  # noqa: PLR0913 - keyword-only limits with defaults, set in app.Daemon._wire
         self,
         unit_of_work: Batches,
         metrics: Metrics,
@@ -117,8 +118,7 @@ class Pipeline:
         max_inbox_bytes: int = 8 * 1024 * 1024,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_commit: Callable[[], None] = lambda: None,
-        pause_intake: Callable[[], None] = lambda: None,
-        resume_intake: Callable[[], None] = lambda: None,
+        gate: ReadGate | None = None,
         takes: Callable[[str | None], bool] = lambda _bike_id: True,
         pipelined: bool = False,
     ) -> None:
@@ -142,13 +142,11 @@ class Pipeline:
         self._busy_at = time.monotonic()
         # Bounded memory whatever the broker sends: past max_inbox messages or max_inbox_bytes
         # of payload (a stream of 60 KiB garbage is 60 times a stream of samples), stop
-        # reading the broker until half of both is taken.
+        # reading the broker (closing the link's gate) until half of both is taken.
         self.max_inbox = max_inbox
         self.max_inbox_bytes = max_inbox_bytes
         self._inbox_bytes = 0
-        self.pause_intake = pause_intake
-        self.resume_intake = resume_intake
-        self.intake_paused = False
+        self.gate = gate if gate is not None else ReadGate()
         self.inbox: deque[Delivery] = deque()
         self._counters = _bound_counters(metrics)
         self._arrivals: dict[Counter, int] = defaultdict(int)
@@ -169,12 +167,11 @@ class Pipeline:
             self.inbox.append(delivery)
             self._inbox_bytes += len(delivery.payload)
             self._arrived.set()
-            if not self.intake_paused and (
+            if not self.gate.closed and (
                 len(self.inbox) >= self.max_inbox or self._inbox_bytes >= self.max_inbox_bytes
             ):
-                self.intake_paused = True
                 self.metrics.intake_paused.set(1)
-                self.pause_intake()
+                self.gate.close()
 
     async def run(self) -> None:
         """Process batches until stopped; sweep expired sessions every ``sweep_every_s``."""
@@ -203,13 +200,12 @@ class Pipeline:
         batch = [self.inbox.popleft() for _ in range(count)]
         self._inbox_bytes -= sum(len(d.payload) for d in batch)
         if (
-            self.intake_paused
+            self.gate.closed
             and len(self.inbox) <= self.max_inbox // 2
             and self._inbox_bytes <= self.max_inbox_bytes // 2
         ):
-            self.intake_paused = False
             self.metrics.intake_paused.set(0)
-            self.resume_intake()
+            self.gate.open()
         return batch
 
     def _count_arrivals(self) -> None:
@@ -397,7 +393,7 @@ class Pipeline:
         self.metrics.commit_seconds.observe(took)
         self.metrics.batch_size.observe(len(settled))
         self.batch_sizes.append(len(settled))
-        self._count(events)
+        report(self.metrics, events)
         if events or any(s.rejection for s in settled):
             self.on_commit()
 
@@ -481,39 +477,6 @@ class Pipeline:
         for counter, count in tally.items():
             counter.inc(count)
 
-    def _count(self, events: Sequence[Event]) -> None:
-        m = self.metrics
-        for event in events:
-            if isinstance(event, SessionFinalized):
-                s = event.session
-                m.finalized.labels(str(s.kind), str(s.end_reason)).inc()
-                log.info(
-                    "session finalized",
-                    bike_id=s.bike_id,
-                    session_id=str(s.session_id),
-                    kind=str(s.kind),
-                    energy_wh=str(s.energy_wh),
-                    missing_samples=s.missing_samples,
-                    end_reason=str(s.end_reason),
-                )
-            elif isinstance(event, MessageDeferred):
-                log.info(
-                    "message waits for what it depends on",
-                    bike_id=event.bike_id,
-                    session_id=str(event.waiting.command.session_id),
-                )
-            elif isinstance(event, DeferredMessageSettled):
-                m.waiting_settled.labels(event.reason or "applied").inc()
-                if event.reason is not None:
-                    m.rejected.labels(event.reason).inc()
-                    log.info(
-                        "waiting message rejected: grace period over",
-                        bike_id=event.bike_id,
-                        reason=event.reason,
-                        detail=event.detail,
-                        session_id=str(event.waiting.command.session_id),
-                    )
-
     # -- expiry ------------------------------------------------------------------------
 
     async def sweep(self) -> None:
@@ -540,7 +503,7 @@ class Pipeline:
             due = [bike_id for bike_id in due if self.takes(bike_id)]
             if due:
                 events = await self.uow.expire(due, now)
-                self._count(events)
+                report(self.metrics, events)
                 if events:
                     self.on_commit()
             self.metrics.active_sessions.set(self.uow.active_count())

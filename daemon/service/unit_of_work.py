@@ -21,18 +21,17 @@ from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
 from daemon.config import ConfigError, Settings
-from daemon.db.store import BatchRows, Conn, OutboxEntry, RejectionRow, Store, WaitingRow
-from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
+from daemon.db.store import BatchRows, Conn, RejectionRow, Store, WaitingRow
+from daemon.mqtt.outbound import rejection_message
 from daemon.mqtt.schemas import Inbound, Rejection, decode
-from daemon.mqtt.topics import OutboundKind, TopicKind, topics_for
-from domain.billing import PricingRules, bill
-from domain.commands import Command, RecordTelemetry
+from daemon.mqtt.topics import OutboundKind
+from daemon.service.events import Outbound, entry, outbox_entries, refusal
+from domain.billing import PricingRules
+from domain.commands import Command
 from domain.errors import DomainError, Reason
 from domain.events import (
-    DeferredMessageSettled,
     Event,
     Outcome,
-    SessionFinalized,
     Waiting,
 )
 from domain.fleet import Fleet
@@ -259,11 +258,11 @@ class UnitOfWork:
             rejection = (
                 Rejection(a.topic, a.inbound.bike_id, Reason.SCHEMA_VIOLATION, why)
                 if command is None
-                else _rejection(command, a.topic, Reason.SCHEMA_VIOLATION, why)
+                else refusal(command, a.topic, Reason.SCHEMA_VIOLATION, why)
             )
             rows.append(self._rejection_row(a, rejection))
         async with self.store.pool.acquire() as conn, conn.transaction():
-            await self.store.write(conn, [], [], [], rows, {})
+            await self.store.write_rows(conn, BatchRows.of(rejections=rows))
 
     async def due_bikes(
         self, grace_cutoff: datetime, abandon_cutoff: datetime | None = None
@@ -335,7 +334,7 @@ class UnitOfWork:
         try:
             return Settled(outcome=self.fleet.handle(command, arrival.received_at, ref).outcome)
         except DomainError as exc:
-            return Settled(rejection=_rejection(command, arrival.topic, exc.reason, exc.detail))
+            return Settled(rejection=refusal(command, arrival.topic, exc.reason, exc.detail))
         except Exception:
             # A bug must not stop ingestion: the message is counted as dropped and logged.
             log.exception(
@@ -362,32 +361,14 @@ class UnitOfWork:
         changed = self.fleet.changed_sessions()
         events = self.fleet.pop_events()
         payloads = {message_ref(a.topic, a.payload): (a.topic, a.payload) for a in waiting}
-        rows = BatchRows.of(events, changed, self._outbox(events), rejections, payloads)
+        rows = BatchRows.of(
+            events=events,
+            changed=changed,
+            outbox=outbox_entries(Outbound(self.prefix, self.pricing), events),
+            rejections=rejections,
+            waiting_payloads=payloads,
+        )
         return events, rows
-
-    def _outbox(self, events: Sequence[Event]) -> list[OutboxEntry]:
-        """The outbound messages of what was decided: rendered here, and only here."""
-        entries = []
-        for event in events:
-            if isinstance(event, SessionFinalized):
-                s = event.session
-                entries += [
-                    _entry(s.finalized_at, FINALIZED, finalized_message(self.prefix, s)),
-                    _entry(
-                        s.finalized_at, BILLING, billing_message(self.prefix, bill(s, self.pricing))
-                    ),
-                ]
-            elif isinstance(event, DeferredMessageSettled) and event.reason is not None:
-                w = event.waiting
-                answer = _rejection(
-                    w.command,
-                    topics_for(self.prefix).bike(event.bike_id, _topic_kind(w.command)),
-                    event.reason,
-                    event.detail or "",
-                )
-                message = rejection_message(self.prefix, event.bike_id, answer, w.received_at)
-                entries.append(_entry(w.received_at, REJECTIONS, message))
-        return entries
 
     def _rejection_row(self, arrival: Arrival, r: Rejection) -> RejectionRow:
         # Details can quote what the publisher sent (pydantic names the character it found):
@@ -401,45 +382,20 @@ class UnitOfWork:
         answer = None
         if r.bike_id:
             message = rejection_message(self.prefix, r.bike_id, r, arrival.received_at)
-            answer = _entry(arrival.received_at, REJECTIONS, message)
+            answer = entry(arrival.received_at, OutboundKind.REJECTIONS, message)
         return RejectionRow(
-            arrival.received_at,
-            r.topic,
-            r.bike_id,
-            r.reason,
-            r.detail,
-            r.session_id,
-            r.telemetry_id,
-            arrival.payload,
-            len(arrival.payload),
-            hashlib.sha256(arrival.payload).digest(),
-            answer,
+            received_at=arrival.received_at,
+            topic=r.topic,
+            bike_id=r.bike_id,
+            reason=r.reason,
+            detail=r.detail,
+            session_id=r.session_id,
+            telemetry_id=r.telemetry_id,
+            payload=arrival.payload,
+            payload_size=len(arrival.payload),
+            payload_sha256=hashlib.sha256(arrival.payload).digest(),
+            answer=answer,
         )
-
-
-FINALIZED, BILLING, REJECTIONS = OutboundKind
-
-
-def _entry(at: datetime, kind: OutboundKind, message: tuple[str, bytes]) -> OutboxEntry:
-    topic, payload = message
-    return OutboxEntry(at, kind.event, topic, payload)
-
-
-def _topic_kind(command: Command) -> TopicKind:
-    return TopicKind.TELEMETRY if isinstance(command, RecordTelemetry) else TopicKind.LIFECYCLE
-
-
-def _rejection(command: Command, topic: str, reason: Reason, detail: str) -> Rejection:
-    """Why ``command``, sent on ``topic``, is refused: its ids named when it has them (SPEC)."""
-    sample = command.sample if isinstance(command, RecordTelemetry) else None
-    return Rejection(
-        topic,
-        command.bike_id,
-        reason,
-        detail,
-        command.session_id,
-        sample.telemetry_id if sample is not None else None,
-    )
 
 
 async def configured_unit_of_work(

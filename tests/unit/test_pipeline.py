@@ -12,7 +12,7 @@ import asyncpg
 
 from daemon.metrics import Metrics
 from daemon.mqtt.acks import Ackable
-from daemon.mqtt.delivery import Delivery
+from daemon.mqtt.delivery import Delivery, ReadGate
 from daemon.mqtt.schemas import Rejection
 from daemon.service.pipeline import Pipeline
 from daemon.service.unit_of_work import Settled
@@ -212,12 +212,30 @@ async def test_a_rejection_is_committed_before_it_is_acknowledged():
     assert p.metrics.rejected.labels("seq_beyond_end")._value.get() == 1
 
 
+class LoggedReader:
+    """What follows the gate in the daemon (the MQTT link), logging what it is told."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def pause_reading(self) -> None:
+        self.log.append("pause")
+
+    def resume_reading(self) -> None:
+        self.log.append("resume")
+
+
+def reader_logged_to(log: list[str]) -> ReadGate:
+    gate = ReadGate()
+    gate.follow(LoggedReader(log))
+    return gate
+
+
 async def test_intake_pauses_when_the_inbox_is_full_and_resumes_once_half_is_taken():
     log: list[str] = []
     bike = Bike(log)
     p = Pipeline(FakeUnitOfWork(log), Metrics(), prefix=PREFIX, max_inbox=4, max_batch=2,
-                 pause_intake=lambda: log.append("pause"),
-                 resume_intake=lambda: log.append("resume"))  # fmt: skip
+                 gate=reader_logged_to(log))  # fmt: skip
     for seq in range(1, 6):
         p.deliver(bike.sample(seq))
     assert log == ["pause"]
@@ -229,12 +247,25 @@ async def test_intake_pauses_when_the_inbox_is_full_and_resumes_once_half_is_tak
     assert p.metrics.intake_paused._value.get() == 0
 
 
+def test_the_gate_tells_its_reader_only_of_changes_and_a_late_reader_of_its_state():
+    log: list[str] = []
+    gate = reader_logged_to(log)
+    gate.open()
+    gate.close()
+    gate.close()
+    assert log == ["pause"]
+    late: list[str] = []
+    gate.follow(LoggedReader(late))  # a link built while the gate is closed
+    assert late == ["pause"]
+    gate.open()
+    assert (log, late) == (["pause", "resume"], ["pause", "resume"])
+
+
 async def test_intake_pauses_on_payload_bytes_too_so_large_garbage_cannot_fill_memory():
     log: list[str] = []
     bike = Bike(log)
     p = Pipeline(FakeUnitOfWork(log), Metrics(), prefix=PREFIX, max_inbox=1000, max_batch=1,
-                 max_inbox_bytes=3 * 1024, pause_intake=lambda: log.append("pause"),
-                 resume_intake=lambda: log.append("resume"))  # fmt: skip
+                 max_inbox_bytes=3 * 1024, gate=reader_logged_to(log))  # fmt: skip
     big = bike.sample(1)
     big = dataclasses.replace(big, payload=b"x" * 1024)
     for _ in range(3):
