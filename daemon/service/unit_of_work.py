@@ -29,11 +29,7 @@ from daemon.service.events import Outbound, entry, outbox_entries, refusal
 from domain.billing import PricingRules
 from domain.commands import Command
 from domain.errors import DomainError, Reason
-from domain.events import (
-    Event,
-    Outcome,
-    Waiting,
-)
+from domain.events import Event, Outcome, Waiting
 from domain.fleet import Fleet
 from domain.session_values import SessionPolicy
 
@@ -131,6 +127,7 @@ class UnitOfWork:
         self.policy = policy
         self.pricing = pricing
         self.prefix = prefix
+        self.outbound = Outbound(prefix, pricing)
         self.max_payload_bytes = max_payload_bytes
         self.finalized_cache = finalized_cache
         self.fleet = Fleet(policy, finalized_cache)
@@ -364,7 +361,7 @@ class UnitOfWork:
         rows = BatchRows.of(
             events=events,
             changed=changed,
-            outbox=outbox_entries(Outbound(self.prefix, self.pricing), events),
+            outbox=outbox_entries(self.outbound, events),
             rejections=rejections,
             waiting_payloads=payloads,
         )
