@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from daemon import installed_version
+from daemon import MAX_PAGE, installed_version
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
 from domain.errors import Reason
@@ -461,7 +461,7 @@ def rejections_list(  # noqa: PLR0913 - a Typer command: each option is a parame
     reason: Annotated[str | None, typer.Option(help=", ".join(r.value for r in Reason))] = None,
     since: Since = None,
     until: Until = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE)] = 50,
     as_json: Json = False,
 ) -> None:
     """Kept rejections, newest first."""
@@ -511,7 +511,7 @@ def rejections_replay(  # noqa: PLR0913 - a Typer command: each option is a para
 
     async def work() -> list[Any]:
         settings = _settings()
-        selection = _selection(bike_id, reason, since, until, min(limit, 1000))
+        selection = _selection(bike_id, reason, since, until, min(limit, MAX_PAGE))
         store = await _store(settings)
         try:
             with _progress("replaying", None) as step:

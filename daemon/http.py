@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from daemon import installed_version
+from daemon import MAX_PAGE, installed_version
 from daemon.config import ConfigError
 from daemon.db.views import ReadModel, RejectionFilter
 from daemon.http_auth import Denied, Tokens
@@ -374,7 +374,7 @@ def _rejection_routes(app: FastAPI, reads: Callable[[], ReadModel]) -> None:
         before: Annotated[
             int | None, Query(ge=1, le=2**63 - 1, description="id from `next`")
         ] = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     ) -> RejectionsPage:
         f = RejectionFilter(bike_id, reason, since, until, before, limit)
         page = await reads().rejections(f)

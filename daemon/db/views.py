@@ -13,6 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
+from daemon import MAX_PAGE
 from daemon.db.store import Store, finalized_from_row
 from daemon.outbound import BillingPayload, FinalizedPayload, seconds_number
 from domain.analytics import AnalyticsReport, KindFigures, project
@@ -116,8 +117,8 @@ class RejectionFilter:
     def __post_init__(self) -> None:
         if self.bike_id is not None and not BIKE_ID_PATTERN.fullmatch(self.bike_id):
             raise ValueError(f"bike_id must match {BIKE_ID_RULE}")
-        if not 1 <= self.limit <= 1000:
-            raise ValueError("limit must be between 1 and 1000")
+        if not 1 <= self.limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
 
 
 class ReadModel:
