@@ -185,14 +185,14 @@ class Pipeline:
                 await self.sweep()
                 last_sweep = time.monotonic()
             if self.inbox:
-                await self.process(self._take())
-        await self.settle_in_flight()
+                await self.process(self._next_batch())
+        await self.finish_in_flight()
 
     def idle_s(self) -> float:
         """How long nothing has waited in the inbox (0 while something does)."""
         return 0.0 if self.inbox else time.monotonic() - self._busy_at
 
-    def _take(self) -> list[Delivery]:
+    def _next_batch(self) -> list[Delivery]:
         """What has arrived, in arrival order, up to max_batch."""
         self._busy_at = time.monotonic()
         self._count_arrivals()
@@ -224,10 +224,10 @@ class Pipeline:
         deadline = time.monotonic() + timeout_s
         while self.inbox and time.monotonic() < deadline:
             await asyncio.wait_for(
-                self.process(self._take()), timeout=max(0.1, deadline - time.monotonic())
+                self.process(self._next_batch()), timeout=max(0.1, deadline - time.monotonic())
             )
         await asyncio.wait_for(
-            self.settle_in_flight(), timeout=max(0.1, deadline - time.monotonic())
+            self.finish_in_flight(), timeout=max(0.1, deadline - time.monotonic())
         )
 
     # -- one batch ---------------------------------------------------------------------
@@ -247,7 +247,7 @@ class Pipeline:
         if self.pipelined and arrivals:
             await self._pipelined(batch, owned, arrivals)
             return
-        await self.settle_in_flight()  # acknowledged in order: the batch in flight first
+        await self.finish_in_flight()  # acknowledged in order: the batch in flight first
         await self._one_by_one(batch, owned, arrivals)
 
     async def _one_by_one(
@@ -333,7 +333,7 @@ class Pipeline:
         self._acknowledge(batch, owned, arrivals, opened.settled)
         return True
 
-    async def settle_in_flight(self) -> None:
+    async def finish_in_flight(self) -> None:
         """Wait for the batch being committed in the background (it acknowledges itself); if
         it failed, decide it again one by one."""
         tail, self._tail = self._tail, None
@@ -487,7 +487,7 @@ class Pipeline:
         "Now" is never later than the oldest message still waiting in the inbox: a sample that
         arrived inside the grace period is not refused because it waited here.
         """
-        await self.settle_in_flight()
+        await self.finish_in_flight()
         now = min(self.clock(), self.inbox[0].received_at) if self.inbox else self.clock()
         policy = self.uow.policy
         try:

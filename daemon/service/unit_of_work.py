@@ -169,7 +169,7 @@ class UnitOfWork:
         transaction = conn.transaction()
         try:
             await transaction.start()
-            await self._take(conn, {c.bike_id for c in commands})
+            await self._lock_and_refresh(conn, {c.bike_id for c in commands})
             await self._load(conn, commands)
             if check_telemetry_ids:
                 keys = Fleet.telemetry_keys(commands)
@@ -275,13 +275,13 @@ class UnitOfWork:
         """Finalize these bikes' due sessions and settle their overdue waiting messages."""
         ids = sorted(set(bike_ids))
         async with self.store.pool.acquire() as conn, conn.transaction():
-            await self._take(conn, ids)
+            await self._lock_and_refresh(conn, ids)
             self.fleet.expire(now, ids)
             return await self._write(conn, [], [])
 
     # -- inside ----------------------------------------------------------------------------
 
-    async def _take(self, conn: Conn, bike_ids: Iterable[str]) -> None:
+    async def _lock_and_refresh(self, conn: Conn, bike_ids: Iterable[str]) -> None:
         versions = await self.store.lock_bikes(conn, bike_ids)
         stale = self.fleet.refresh(versions)
         if not stale:

@@ -73,7 +73,7 @@ async def test_consecutive_batches_overlap_and_are_acknowledged_in_order(pool):
     second = deliveries(acks, 3, sample(a, 2, "2.5"), sample(a, 3, "3"))
     await p.process(first)  # begun and committing in the background
     await p.process(second)  # begun while the first commits; the bike waits in PostgreSQL
-    await p.settle_in_flight()
+    await p.finish_in_flight()
     assert acks.sent == [1, 2, 3, 4]
     assert await totals(pool, a.session_id) == (Decimal("7.0"), 3, [1, 3])
 
@@ -97,7 +97,7 @@ async def test_a_batch_that_fails_to_commit_is_decided_again_with_the_one_begun_
         with capture_logs() as logs:
             await p.process(first)
             await p.process(second)
-            await p.settle_in_flight()
+            await p.finish_in_flight()
     finally:
         await pool.execute(f"ALTER TABLE telemetry DROP CONSTRAINT {constraint}")
     assert [e["event"] for e in logs if "pipelined" in e["event"]] == [
@@ -121,7 +121,7 @@ async def test_a_batch_of_cached_bikes_is_decided_without_waiting_for_the_one_be
     p = pipeline(pool)
     a = start(bike_id(), at=T0)
     await p.process(deliveries(acks, 1, a))
-    await p.settle_in_flight()  # a is cached now
+    await p.finish_in_flight()  # a is cached now
     uow = p.uow
     first = uow.decide_ahead([_arrival(p, d) for d in deliveries(acks, 2, sample(a, 1, "1.5"))])
     second = uow.decide_ahead([_arrival(p, d) for d in deliveries(acks, 3, sample(a, 2, "2.5"))])
@@ -141,12 +141,12 @@ async def test_a_batch_with_a_bike_new_to_the_cache_waits_for_the_one_before_to_
     p = pipeline(pool)
     a = start(bike_id(), at=T0)
     await p.process(deliveries(acks, 1, a))
-    await p.settle_in_flight()
+    await p.finish_in_flight()
     c = start(bike_id(), at=T0)
     await p.process(deliveries(acks, 2, sample(a, 1, "1.5")))
     assert p.uow.decide_ahead([_arrival(p, d) for d in deliveries(Acks(), 9, c)]) is None
     await asyncio.wait_for(p.process(deliveries(acks, 3, sample(a, 2, "2.5"), c)), 20)
-    await asyncio.wait_for(p.settle_in_flight(), timeout=20)
+    await asyncio.wait_for(p.finish_in_flight(), timeout=20)
     assert acks.sent == [1, 2, 3, 4]
     assert await totals(pool, a.session_id) == (Decimal("4.0"), 2, [1, 2])
 
@@ -156,15 +156,15 @@ async def test_a_batch_decided_ahead_that_another_writer_overtook_is_decided_aga
     p = pipeline(pool)
     a = start(bike_id(), at=T0)
     await p.process(deliveries(acks, 1, a, sample(a, 1, "1")))
-    await p.settle_in_flight()
+    await p.finish_in_flight()
     # Another instance takes the bike (and adds a sample) behind this one's back.
     other = pipeline(pool)
     await other.process(deliveries(Acks(), 1, sample(a, 2, "2")))
-    await other.settle_in_flight()
+    await other.finish_in_flight()
     with capture_logs() as logs:
         await p.process(deliveries(acks, 3, sample(a, 3, "3", at=T0 + timedelta(seconds=3))))
         await p.process(deliveries(acks, 4, sample(a, 4, "4", at=T0 + timedelta(seconds=4))))
-        await p.settle_in_flight()
+        await p.finish_in_flight()
     assert any("not committed" in e["event"] for e in logs)
     assert acks.sent == [1, 2, 3, 4]
     assert await totals(pool, a.session_id) == (Decimal(10), 4, [1, 4])

@@ -193,7 +193,7 @@ async def test_a_sample_that_arrived_inside_the_grace_period_counts_even_if_hand
     await p.process([bike.start(at=NOW), bike.end(2, at=NOW)])
     p.deliver(bike.sample(1, at=NOW + timedelta(seconds=2)))
     await p.sweep()  # must not finalize: the waiting sample arrived inside the grace period
-    await p.process(p._take())
+    await p.process(p._next_batch())
     events = [e for commit in store.commits for e in commit]
     assert not any(isinstance(e, SessionFinalized) for e in events)
     await p.sweep()
@@ -240,9 +240,9 @@ async def test_intake_pauses_when_the_inbox_is_full_and_resumes_once_half_is_tak
         p.deliver(bike.sample(seq))
     assert log == ["pause"]
     assert p.metrics.intake_paused._value.get() == 1
-    p._take()  # 3 left: above half of 4
+    p._next_batch()  # 3 left: above half of 4
     assert log == ["pause"]
-    p._take()  # 1 left
+    p._next_batch()  # 1 left
     assert log == ["pause", "resume"]
     assert p.metrics.intake_paused._value.get() == 0
 
@@ -271,9 +271,9 @@ async def test_intake_pauses_on_payload_bytes_too_so_large_garbage_cannot_fill_m
     for _ in range(3):
         p.deliver(big)
     assert log == ["pause"]  # 3 messages, far below 1000, but 3 KiB
-    p._take()
+    p._next_batch()
     assert log == ["pause"]  # 2 KiB left: above half
-    p._take()
+    p._next_batch()
     assert log == ["pause", "resume"]
 
 
@@ -317,7 +317,7 @@ async def test_the_messages_of_bikes_another_instance_takes_are_acknowledged_in_
     batch = [mine.start(), foreign, mine.sample(1)]
     for delivery in batch:
         p.deliver(delivery)
-    await p.process(p._take())
+    await p.process(p._next_batch())
     # One commit for the owned two (start + sample: two events), every PUBACK in arrival order.
     assert log == ["commit 2 events", "ack 1", "ack 1", "ack 2"]
     assert p.metrics.not_owned.labels("telemetry")._value.get() == 1
