@@ -131,7 +131,7 @@ async def run(args: argparse.Namespace) -> None:
     gc.collect()
     gc.freeze()  # as the daemon does after start-up (daemon.app.run_daemon)
     gc.callbacks.append(_collections_timed)
-    decided, committed = [], []
+    decided, committed, commit_cpu = [], [], []
     for _ in range(args.batches):
         arrivals = []
         for bike in rng.sample(bikes, args.batch):
@@ -144,16 +144,18 @@ async def run(args: argparse.Namespace) -> None:
         began = time.perf_counter()
         batch = uow.decide_ahead(arrivals)
         decided.append(time.perf_counter() - began)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         if batch is None:
             batch = await uow.begin_batch(arrivals)
         await uow.finish_batch(batch)
         committed.append(time.perf_counter() - began)
+        commit_cpu.append(time.process_time() - cpu)
     await pool.close()
     print(f"{args.batches} batches of {args.batch} samples for distinct bikes "
           f"(of {args.bikes:,} with an Active session), PostgreSQL at rest:")  # fmt: skip
     print(f"  {'decide on the cache':<32} {_percentiles(decided)}")
     print(f"  {'commit: lock, write, commit':<32} {_percentiles(committed)}")
+    print(f"  {'  of which the daemon side CPU':<32} {_percentiles(commit_cpu)}")
     for name, spans in _SPANS.items():
         print(f"    {name:<30} {_percentiles(spans)}")
     for generation, spans in sorted(_COLLECTIONS.items()):
