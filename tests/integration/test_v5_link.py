@@ -20,7 +20,7 @@ import pytest
 from daemon.config import Settings
 from daemon.devbroker import free_port
 from daemon.metrics import Metrics
-from daemon.mqtt.delivery import Delivery, LinkDown
+from daemon.mqtt.delivery import Delivery, LinkDown, ReadGate
 from daemon.mqtt.v5 import V5Link, V5Session
 from daemon.simulate import mqtt_client
 from tests.conftest import DAEMON_USER, Broker
@@ -264,10 +264,15 @@ async def test_publishing_waits_for_the_brokers_puback(broker):
     assert got == [b"%d" % i for i in range(150)]  # in order, beyond a window of 100
 
 
-def _link(broker_url: str, deliver: Callable[[Delivery], None], **overrides: object) -> V5Link:
+def _link(
+    broker_url: str,
+    deliver: Callable[[Delivery], None],
+    gate: ReadGate | None = None,
+    **overrides: object,
+) -> V5Link:
     settings = Settings(mqtt_url=broker_url, client_id=f"v5-link-{uuid.uuid4().hex[:8]}",
                         **overrides)  # type: ignore[arg-type]  # fmt: skip
-    return V5Link(settings, Metrics(), deliver)
+    return V5Link(settings, Metrics(), deliver, gate)
 
 
 async def test_a_wrong_password_is_reported_with_the_brokers_reason(broker):
@@ -369,6 +374,30 @@ async def test_the_link_reconnects_after_a_broker_restart_and_takes_what_was_que
         await link.disconnect()
         await asyncio.wait_for(task, 5)
     assert sorted(inbox.payloads, key=int) == [b"%d" % i for i in range(10)]
+
+
+async def test_a_link_built_behind_a_closed_gate_reads_nothing_until_it_opens(broker):
+    """The pipeline closes the gate when it holds enough; a link follows it from the start,
+    on its first connection as on any other."""
+    inbox, gate, topic = Inbox(), ReadGate(), _topic()
+    gate.close()
+    link = _link(broker.daemon_url, inbox.deliver, gate)
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.wait_for(link.connected.wait(), 5)
+        await asyncio.sleep(0.2)
+        await _publish(broker, topic, 50)
+        await asyncio.sleep(0.5)
+        while_closed = len(inbox.got)
+        gate.open()
+        await inbox.wait_for(50)
+        for d in inbox.got:
+            d.ack()
+    finally:
+        await link.disconnect()
+        await asyncio.wait_for(task, 5)
+    assert while_closed == 0
+    assert sorted(inbox.payloads, key=int) == [b"%d" % i for i in range(50)]
 
 
 async def test_leaving_sends_disconnect_and_the_link_ends(broker):
