@@ -134,7 +134,7 @@ class PartitionRegistry:
     """Registers this instance's claim, keeps the view of the others' fresh, and narrows a
     changed claim once what the broker queued under the old one has been taken."""
 
-    def __init__(  # noqa: PLR0913 - wiring; to become the bootstrap's (issue 18)
+    def __init__(  # noqa: PLR0913 - keyword-only timings, built in app.Daemon._claim_partition
         self,
         store: ClaimStore,
         client_id: str,

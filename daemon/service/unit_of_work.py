@@ -113,7 +113,7 @@ def storable(text: str) -> str:
 class UnitOfWork:
     """Owns the fleet (a cache of the store) and commits batches and expiry sweeps."""
 
-    def __init__(  # noqa: PLR0913 - wiring; to become the bootstrap's (issue 18)
+    def __init__(  # noqa: PLR0913 - keyword-only settings, built in configured_unit_of_work
         self,
         store: Store,
         policy: SessionPolicy,
@@ -125,9 +125,7 @@ class UnitOfWork:
     ) -> None:
         self.store = store
         self.policy = policy
-        self.pricing = pricing
-        self.prefix = prefix
-        self.outbound = Outbound(prefix, pricing)
+        self.outbound = Outbound(prefix, pricing)  # what its messages are rendered with
         self.max_payload_bytes = max_payload_bytes
         self.finalized_cache = finalized_cache
         self.fleet = Fleet(policy, finalized_cache)
@@ -298,7 +296,7 @@ class UnitOfWork:
             )
 
     def _waiting(self, row: WaitingRow) -> Waiting | None:
-        inbound = decode(row.topic, row.payload, self.prefix, self.max_payload_bytes)
+        inbound = decode(row.topic, row.payload, self.outbound.prefix, self.max_payload_bytes)
         if inbound.command is None:
             # Stored valid, now refused (the prefix or the payload limit changed since): leave
             # the row where an operator can see it rather than guess.
@@ -378,7 +376,7 @@ class UnitOfWork:
         )
         answer = None
         if r.bike_id:
-            message = rejection_message(self.prefix, r.bike_id, r, arrival.received_at)
+            message = rejection_message(self.outbound.prefix, r.bike_id, r, arrival.received_at)
             answer = entry(arrival.received_at, OutboundKind.REJECTIONS, message)
         return RejectionRow(
             received_at=arrival.received_at,
