@@ -42,7 +42,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.harness import daemon_environment, fleet_url, fresh_database, publish
 from daemon.devbroker import free_port, start_broker
-from daemon.simulate import FleetPlan, json_payload, messages, mqtt_client
+from daemon.simulate import FleetPlan, json_payload, messages
+from tests.peers import mqtt_client
 
 PREFIX = "chargeflow/v1"
 MAX_PAYLOAD = 16_384  # the daemon's default CHARGEFLOW_MAX_PAYLOAD_BYTES

@@ -3,7 +3,6 @@ the daemon's environment, and the example users of the repo's Mosquitto config."
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 import uuid
@@ -12,7 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from daemon.simulate import mqtt_client
+from daemon.config import Settings
+from daemon.mqtt.publisher import Publisher
 
 __all__ = ["DAEMON", "FLEET", "daemon_environment", "fleet_url", "fresh_database", "publish"]
 
@@ -52,20 +52,19 @@ def fleet_url(broker_port: int) -> str:
     return f"mqtt://{FLEET[0]}:{FLEET[1]}@127.0.0.1:{broker_port}"
 
 
-async def publish(url: str, stream: Iterator[tuple[str, bytes]], total: int, what: str) -> int:
-    """Publish (topic, payload) with QoS 1, 500 PUBACKs awaited at a time, with progress."""
-    sent, began = 0, time.perf_counter()
-    async with mqtt_client(url) as client:
-        client.pending_calls_threshold = 10_000
-        pending: list[asyncio.Task[None]] = []
-        for topic, payload in stream:
-            pending.append(asyncio.create_task(client.publish(topic, payload, qos=1, timeout=60)))
-            sent += 1
-            if len(pending) >= 500:
-                await asyncio.gather(*pending)
-                pending.clear()
-                print(f"\r  {what}: published {sent:,}/{total:,}", end="", flush=True)
-        await asyncio.gather(*pending)
-    rate = sent / (time.perf_counter() - began)
-    print(f"\r  {what}: published {sent:,}/{total:,} ({rate:,.0f} msg/s)" + " " * 10)
-    return sent
+async def publish(
+    url: str, stream: Iterator[tuple[str, bytes]], total: int, what: str, protocol: str = "5"
+) -> int:
+    """Publish (topic, payload) with QoS 1 through the daemon's own link (500 PUBACKs
+    outstanding at most), with progress."""
+    began = time.perf_counter()
+    settings = Settings(mqtt_url=url, mqtt_protocol=protocol)  # type: ignore[arg-type]
+
+    def progress(done: int) -> None:
+        print(f"\r  {what}: published {done:,}/{total:,}", end="", flush=True)
+
+    async with Publisher(settings, window=500).connected() as publisher:
+        report = await publisher.publish_all(stream, progress=progress)
+    rate = report.sent / (time.perf_counter() - began)
+    print(f"\r  {what}: published {report.sent:,}/{total:,} ({rate:,.0f} msg/s)" + " " * 10)
+    return report.sent

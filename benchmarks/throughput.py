@@ -7,7 +7,8 @@ for each. Then, one at a time, each contender is started and drains its copy:
 
 - ``paho 3.1.1`` / ``paho v5``: paho's own loop, a callback that only counts (the ceiling);
 - ``aiomqtt``: ``async for message in client.messages``, counting;
-- ``mqtt5 codec``: the daemon's own reader (``daemon.mqtt.v5``), acknowledging every message;
+- ``the daemon's connection``: ``daemon.mqtt.connection`` at v5 (the ``mqtt5`` codec) and at
+  3.1.1 (ours), acknowledging every message;
 - ``naive bridge``: aiomqtt, ``json.loads`` and one autocommitted INSERT per message (what a
   hand-rolled bridge does, without validation, sessions or ack after commit);
 - ``ChargeFlow``: ``chargeflow run`` as its own process (validation, sessions, COPY, outbox,
@@ -53,7 +54,8 @@ import asyncpg
 
 from benchmarks.harness import DAEMON, FLEET, daemon_environment, fleet_url, fresh_database, publish
 from daemon.devbroker import free_port, start_broker
-from daemon.simulate import FleetPlan, json_payload, messages, mqtt_client
+from daemon.simulate import FleetPlan, json_payload, messages
+from tests.peers import mqtt_client
 
 PREFIX = "chargeflow/v1"
 FILTERS = [f"{PREFIX}/bikes/+/lifecycle", f"{PREFIX}/bikes/+/telemetry"]
@@ -165,13 +167,13 @@ async def _drain_aiomqtt(args: argparse.Namespace, insert: bool) -> dict[str, fl
     return state
 
 
-async def _drain_v5session(args: argparse.Namespace) -> dict[str, float]:
-    """The daemon's own reader (daemon.mqtt.v5: an asyncio protocol on the ``mqtt5`` codec),
-    acknowledging each message as the pipeline does after commit, on the daemon's event loop."""
-    import mqtt5
-
+async def _drain_connection(args: argparse.Namespace, level: str) -> dict[str, float]:
+    """The daemon's own connection (daemon.mqtt.connection: an asyncio protocol on the
+    ``mqtt5`` codec for v5, on ours for 3.1.1), acknowledging each message as the pipeline does
+    after commit, on the daemon's event loop."""
+    from daemon.mqtt.connection import Connection
     from daemon.mqtt.delivery import Delivery
-    from daemon.mqtt.v5 import V5Session
+    from daemon.mqtt.packets import codec_for
 
     state: dict[str, float] = {"count": 0}
     done = asyncio.Event()
@@ -186,31 +188,30 @@ async def _drain_v5session(args: argparse.Namespace) -> dict[str, float]:
             state["last_wall"], state["last_cpu"] = time.time(), time.process_time()
             done.set()
 
-    connect = mqtt5.ConnectPacket(
-        args.client_id, username=DAEMON[0], password=DAEMON[1].encode(), clean_start=False,
-        keep_alive=60, session_expiry_interval=SESSION_EXPIRY_S, receive_max=RECEIVE_MAXIMUM,
+    codec = codec_for(level)  # type: ignore[arg-type]
+    connect = codec.connect(
+        args.client_id, username=DAEMON[0], password=DAEMON[1], keep_alive=60,
+        session_expiry_s=SESSION_EXPIRY_S, receive_max=RECEIVE_MAXIMUM,
     )  # fmt: skip
-    session = V5Session(connect, deliver)
+    connection = Connection(codec, connect, deliver, keep_alive=60)
     loop = asyncio.get_running_loop()
-    await loop.create_connection(lambda: session, "127.0.0.1", args.port)
-    await session.connack
-    await session.subscribe(
-        [mqtt5.TopicFilter(f, max_qos=mqtt5.QoS.AT_LEAST_ONCE) for f in FILTERS]
-    )
+    await loop.create_connection(lambda: connection, args.host, args.port)
+    await connection.connack
+    await connection.subscribe(FILTERS)
     if expect:
         await done.wait()
-    session.disconnect()
-    await session.closed
+    connection.disconnect()
+    await connection.closed
     return state
 
 
 def drain_main(args: argparse.Namespace) -> None:
     if args.contender in ("paho311", "paho5"):
         state = _drain_paho(args, v5=args.contender == "paho5")
-    elif args.contender == "v5session":
+    elif args.contender in ("conn5", "conn311"):
         import uvloop
 
-        state = uvloop.run(_drain_v5session(args))
+        state = uvloop.run(_drain_connection(args, "5" if args.contender == "conn5" else "3.1.1"))
     else:
         state = asyncio.run(_drain_aiomqtt(args, insert=args.contender == "naive"))
     print(json.dumps(state))
@@ -357,7 +358,7 @@ class Result:
 @dataclass
 class Contender:
     name: str
-    kind: str  # paho311, paho5, aiomqtt, v5session, naive, chargeflow
+    kind: str  # paho311, paho5, aiomqtt, conn5, conn311, naive, chargeflow
     client_id: str
     workers: int = 1
     checkout: str | None = None
@@ -614,7 +615,8 @@ async def main(args: argparse.Namespace) -> None:
         Contender("paho 3.1.1", "paho311", f"tp-paho311-{run}"),
         Contender("paho v5", "paho5", f"tp-paho5-{run}"),
         Contender("aiomqtt", "aiomqtt", f"tp-aiomqtt-{run}"),
-        Contender("mqtt5 codec (daemon.mqtt.v5)", "v5session", f"tp-v5s-{run}"),
+        Contender("the daemon's connection, v5", "conn5", f"tp-conn5-{run}"),
+        Contender("the daemon's connection, 3.1.1", "conn311", f"tp-conn311-{run}"),
         Contender("naive bridge", "naive", f"tp-naive-{run}"),
     ]
     if args.baseline:
@@ -760,7 +762,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode")
     drain = sub.add_parser("drain", help="(internal) one raw contender")
-    drain.add_argument("contender", choices=["paho311", "paho5", "aiomqtt", "v5session", "naive"])
+    drain.add_argument(
+        "contender", choices=["paho311", "paho5", "aiomqtt", "conn5", "conn311", "naive"]
+    )
+    drain.add_argument("--host", default="127.0.0.1")
     drain.add_argument("--port", type=int, required=True)
     drain.add_argument("--client-id", required=True)
     drain.add_argument("--expect", type=int, required=True)
@@ -781,7 +786,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--baseline", help="also run the daemon of another checkout")
     parser.add_argument("--only", type=lambda t: t.split(","), default=None,
-                        help="comma-separated contender kinds: paho311,paho5,aiomqtt,v5session,"
+                        help="comma-separated contender kinds: paho311,paho5,aiomqtt,conn5,conn311,"
                         "naive,"
                         "chargeflow")  # fmt: skip
     parser.add_argument("--skip-lag", action="store_true")

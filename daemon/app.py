@@ -22,7 +22,6 @@ from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.contract import asyncapi_document
 from daemon.mqtt.delivery import Link, ReadGate
-from daemon.mqtt.v5 import V5Link
 from daemon.partition import Ownership, PartitionRegistry
 from daemon.service.outbox import OutboxPublisher
 from daemon.service.pipeline import Pipeline
@@ -93,6 +92,11 @@ class Daemon:
             "accepting": self.pipeline is not None and self.pipeline.accepting,
         }
 
+    def broker_node(self) -> str | None:
+        """The broker the daemon is on now (of CHARGEFLOW_MQTT_URL's list), for /readyz."""
+        node = None if self.link is None else self.link.node
+        return None if node is None else node.display
+
     def _idle(self) -> float:
         """How long the inbox has been empty while connected: what the broker queued for this
         instance has been taken once this grows (0 while disconnected)."""
@@ -151,6 +155,7 @@ class Daemon:
             asyncapi=asyncapi_document(s.topic_prefix),
             tokens=tokens,
             metrics_auth=s.metrics_auth,
+            broker=self.broker_node,
         )
         async with asyncio.TaskGroup() as tg:
             http_task = tg.create_task(self.http.serve())
@@ -223,8 +228,7 @@ class Daemon:
             gate=gate,
             on_commit=committed.set,
         )
-        kind = V5Link if s.mqtt_protocol == "5" else MqttLink
-        link = self.link = kind(s, self.metrics, pipeline.deliver, gate)
+        link = self.link = MqttLink(s, self.metrics, pipeline.deliver, gate)
         publisher = OutboxPublisher(store, link, self.metrics, wake=committed)
         return pipeline, link, publisher
 
@@ -232,7 +236,7 @@ class Daemon:
 def _log_running(s: Settings) -> None:
     log.info(
         "chargeflow running",
-        broker=s.broker.display,
+        brokers=", ".join(b.display for b in s.brokers),
         database=s.database_display,
         prefix=s.topic_prefix,
         partition=s.partition,

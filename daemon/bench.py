@@ -58,7 +58,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes: int) -> None:
+async def run_bench(settings: Settings, publisher: Settings, messages: int, bikes: int) -> None:
     configure_logging(settings.log_format, "warning")  # the numbers, not every finalization
     per_session = max(1, messages // bikes)
     total = bikes * (per_session + 2)
@@ -80,7 +80,7 @@ async def run_bench(settings: Settings, publisher_url: str, messages: int, bikes
     await task
     print(f"backlog: {bikes} sessions x {per_session} samples + lifecycle = {total} messages")
     plan = FleetPlan(bikes, 1, per_session, settings.topic_prefix, seed=int(time.time()))
-    await publish(publisher_url, plan)
+    await publish(publisher, plan)
     await _drain(bench, bikes, total)
 
 

@@ -258,17 +258,29 @@ def simulate(  # noqa: PLR0913 - a Typer command: each option is a parameter
         ),
     ] = None,
 ) -> None:
-    """A fleet of bikes riding and charging over MQTT."""
+    """A fleet of bikes riding and charging over MQTT (through a broker's restart, and across
+    the brokers of a list, as devices do)."""
     from daemon.simulate import FleetPlan, publish
 
     async def work() -> None:
-        settings = _settings()
-        url = mqtt_url or settings.simulator_mqtt_url or settings.mqtt_url
+        settings = _publisher_settings(_settings(), mqtt_url)
         plan = FleetPlan(bikes, sessions, samples, settings.topic_prefix, seed)
         with _progress("publishing", plan.total) as step:
-            await publish(url, plan, rate, progress=step)
+            await publish(settings, plan, rate, progress=step)
 
     _run(work)
+
+
+def _publisher_settings(settings: Settings, mqtt_url: str | None) -> Settings:
+    """The settings a publisher connects with: ``--mqtt-url``, else
+    CHARGEFLOW_SIMULATOR_MQTT_URL, else CHARGEFLOW_MQTT_URL (each may list several brokers)."""
+    url = mqtt_url or settings.simulator_mqtt_url or settings.mqtt_url
+    try:
+        return Settings.model_validate({**settings.model_dump(), "mqtt_url": url})
+    except ValueError:
+        raise ConfigError(
+            f"--mqtt-url / CHARGEFLOW_SIMULATOR_MQTT_URL: {Settings._mqtt_url_problem(url)}"
+        ) from None
 
 
 @app.command()
@@ -282,8 +294,7 @@ def bench(
 
     async def work() -> None:
         settings = _settings()
-        url = mqtt_url or settings.simulator_mqtt_url or settings.mqtt_url
-        await run_bench(settings, url, messages, bikes)
+        await run_bench(settings, _publisher_settings(settings, mqtt_url), messages, bikes)
 
     _run(work)
 

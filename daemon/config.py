@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -28,7 +28,7 @@ from domain.billing import PricingRules, parse_pricing
 from domain.errors import InvalidPricing
 from domain.session_values import SessionPolicy
 
-__all__ = ["BrokerAddress", "ConfigError", "Settings", "load_settings"]
+__all__ = ["BrokerAddress", "ConfigError", "Settings", "load_settings", "parse_brokers"]
 
 DEFAULT_PRICING_FILE = Path(__file__).with_name("pricing.toml")
 
@@ -51,6 +51,20 @@ class BrokerAddress(BaseModel):
     tls: bool
     username: str | None = Field(default=None, repr=False)
     password: str | None = Field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The address as a URL, credentials included: for a child process's environment,
+        never for a log (``display`` is that)."""
+        scheme = "mqtts" if self.tls else "mqtt"
+        login = ""
+        if self.username is not None:
+            login = quote(self.username, safe="")
+            if self.password is not None:
+                login += ":" + quote(self.password, safe="")
+            login += "@"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+        return f"{scheme}://{login}{host}:{self.port}"
 
     @property
     def display(self) -> str:
@@ -91,8 +105,9 @@ class Settings(BaseModel):
     clock_skew_s: float = Field(default=300.0, ge=0)
     max_batch: int = Field(default=1000, ge=1, le=65_535)
     receive_maximum: int = Field(default=1000, ge=1, le=65_535)
-    # The daemon's own connection: "5" (MQTT v5) or "3.1.1", which paho decodes at about
-    # two thirds of the CPU (README, "MQTT protocol level").
+    # The protocol level of the daemon's connection: "5" (MQTT v5) or "3.1.1", for brokers
+    # that speak nothing newer (NATS, RabbitMQ 3); one connection code, README "MQTT protocol
+    # level".
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
     # `chargeflow run`'s event loop: uvloop (libuv; about a tenth less CPU per message, README
     # "Measured") or the standard library's, for a platform uvloop does not build on.
@@ -122,24 +137,28 @@ class Settings(BaseModel):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("mqtt_url")
+    @field_validator("mqtt_url", "simulator_mqtt_url")
     @classmethod
-    def _mqtt_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in {"mqtt", "mqtts"}:
-            raise ValueError(
-                f"must start with mqtt:// or mqtts://, got scheme {parts.scheme!r} "
-                "(example: mqtt://user:password@127.0.0.1:1883)"
-            )
-        if not parts.hostname:
-            raise ValueError("names no host (example: mqtt://127.0.0.1:1883)")
-        try:
-            port = parts.port
-        except ValueError:
-            port = 0
-        if port == 0:
-            raise ValueError("has a port that is not a number from 1 to 65535")
-        return value
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        problem = cls._mqtt_url_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return ",".join(u.strip() for u in value.split(","))
+
+    @staticmethod
+    def _mqtt_url_problem(value: str) -> str | None:
+        """What is wrong with a broker list (one URL or several, comma-separated), or None."""
+        urls = [u.strip() for u in value.split(",")]
+        for n, url in enumerate(urls, start=1):
+            where = f"broker {n} of {len(urls)} ({redact_url(url)!r}) " if len(urls) > 1 else ""
+            problem = _broker_url_problem(url)
+            if problem:
+                return where + problem
+        if len({urlsplit(u).scheme for u in urls}) > 1:
+            return "mixes mqtt:// and mqtts://: the nodes of one cluster are reached the same way"
+        return None
 
     @field_validator("database_url")
     @classmethod
@@ -219,16 +238,14 @@ class Settings(BaseModel):
         return None if self.partition is None else Partition.parse(self.partition)
 
     @property
+    def brokers(self) -> tuple[BrokerAddress, ...]:
+        """The brokers of CHARGEFLOW_MQTT_URL (the nodes of a cluster), in the order given."""
+        return parse_brokers(self.mqtt_url)
+
+    @property
     def broker(self) -> BrokerAddress:
-        parts = urlsplit(self.mqtt_url)
-        tls = parts.scheme == "mqtts"
-        return BrokerAddress(
-            host=parts.hostname or "",
-            port=parts.port or (8883 if tls else 1883),
-            tls=tls,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-        )
+        """The first broker of the list (the one the daemon tries first)."""
+        return self.brokers[0]
 
     @property
     def database_display(self) -> str:
@@ -269,6 +286,50 @@ class Settings(BaseModel):
             return parse_pricing(text, str(self.pricing_file))
         except InvalidPricing as exc:
             raise ConfigError(f"CHARGEFLOW_PRICING_FILE: {exc}") from None
+
+
+def _broker_url_problem(url: str) -> str | None:
+    """What is wrong with one broker's URL, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"mqtt", "mqtts"}:
+        return (
+            f"must start with mqtt:// or mqtts://, got scheme {parts.scheme!r} "
+            "(example: mqtt://user:password@127.0.0.1:1883, or several separated by commas)"
+        )
+    if not parts.hostname:
+        return "names no host (example: mqtt://127.0.0.1:1883)"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "has a port that is not a number from 1 to 65535"
+    return None
+
+
+def parse_brokers(value: str) -> tuple[BrokerAddress, ...]:
+    """The brokers of a comma-separated list of mqtt:// or mqtts:// URLs (checked by Settings).
+
+    Credentials given with the first broker stand for the others unless they name their own:
+    the nodes of a cluster share their users, and a password written once is written once."""
+    brokers: list[BrokerAddress] = []
+    for url in value.split(","):
+        parts = urlsplit(url.strip())
+        tls = parts.scheme == "mqtts"
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        if brokers and username is None:
+            username, password = brokers[0].username, brokers[0].password
+        brokers.append(
+            BrokerAddress(
+                host=parts.hostname or "",
+                port=parts.port or (8883 if tls else 1883),
+                tls=tls,
+                username=username,
+                password=password,
+            )
+        )
+    return tuple(brokers)
 
 
 def _why(exc: OSError | ssl.SSLError) -> str:

@@ -307,7 +307,10 @@ def _health_routes(app: FastAPI, server: HttpServer) -> None:
         checks = server.ready()
         ok = all(checks.values())
         server.metrics.ready.set(1 if ok else 0)
-        return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"ready": ok, "checks": checks, "broker": server.broker()},
+            status_code=200 if ok else 503,
+        )
 
 
 def _data_routes(app: FastAPI, reads: Callable[[], ReadModel]) -> None:
@@ -434,8 +437,10 @@ class HttpServer:
         asyncapi: dict[str, Any] | None = None,
         tokens: Tokens | None = None,
         metrics_auth: str = "open",
+        broker: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.tokens = tokens or Tokens()
+        self.broker = broker  # which broker of the list the daemon is on, for /readyz
         self.metrics_auth = metrics_auth
         self.metrics = metrics
         self.reads = reads

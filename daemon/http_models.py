@@ -42,6 +42,10 @@ class Health(_Body):
 class Readiness(_Body):
     ready: bool
     checks: dict[str, bool] = Field(description="database, mqtt, accepting")
+    broker: str | None = Field(
+        description="the broker of CHARGEFLOW_MQTT_URL the daemon is connected to (no "
+        "credentials), or null while it is connected to none"
+    )
 
 
 class KindFigures(_Body):

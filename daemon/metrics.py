@@ -120,6 +120,11 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "chargeflow_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.mqtt_failovers = Counter(
+            "chargeflow_mqtt_failovers",
+            "Connections made to another broker of CHARGEFLOW_MQTT_URL than the one before",
+            registry=r,
+        )
         self.database_up = Gauge(
             "chargeflow_database_up", "1 while the last database call succeeded", registry=r
         )

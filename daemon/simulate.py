@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import re
@@ -13,16 +12,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from urllib.parse import unquote, urlsplit
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
+from daemon.config import Settings
+from daemon.mqtt.publisher import Published, Publisher
 from daemon.mqtt.topics import TopicKind, topics_for
 from domain.session_values import utc_text
 
-__all__ = ["FleetPlan", "json_payload", "messages", "publish"]
+__all__ = ["FleetPlan", "PublishRefused", "json_payload", "messages", "publish"]
 
 _NUMBER = re.compile(r'"@@decimal:([-+0-9.eE]+)@@"')
 
@@ -112,66 +108,44 @@ def _bike(
         at += timedelta(milliseconds=100)
 
 
-def mqtt_client(
-    url: str, client_id: str | None = None, session_expiry_s: int | None = None
-) -> aiomqtt.Client:
-    """An MQTT v5 client for a URL; with session_expiry_s, a persistent session (CleanStart=0)."""
-    parts = urlsplit(url)
-    properties = None
-    if session_expiry_s is not None:
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = session_expiry_s
-    return aiomqtt.Client(
-        parts.hostname or "127.0.0.1",
-        parts.port or 1883,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        identifier=client_id,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        max_inflight_messages=200,
-        max_queued_outgoing_messages=0,
-        clean_start=session_expiry_s is None,
-        properties=properties,
-    )
+class PublishRefused(Exception):
+    """The broker refused messages (MQTT v5 PUBACK 0x80 or more); the message says how many."""
 
 
 async def publish(
-    url: str,
+    settings: Settings,
     plan: FleetPlan,
     rate: float = 0.0,
     progress: Callable[[int], None] | None = None,
     summary: bool = True,
-) -> int:
-    """Publish the plan's messages with QoS 1 (rate 0: as fast as the broker takes them);
-    ``progress`` hears how many are sent, and a summary line goes to stderr at the end."""
+) -> Published:
+    """Publish the plan's messages with QoS 1 on ``settings``' brokers (rate 0: as fast as the
+    broker takes them), through a broker's restart or a cluster node's loss; ``progress`` hears
+    how many are settled, and a summary line goes to stderr at the end. Raises
+    ``PublishRefused`` when the broker refused any (after publishing the rest)."""
     start = datetime.now(UTC) - timedelta(
         seconds=plan.sessions_per_bike * (plan.samples_per_session + 2) * 0.1 + 60
     )
-    total = plan.total
-    sent = 0
     began = time.perf_counter()
-    async with mqtt_client(url) as client:
-        client.pending_calls_threshold = 10_000
-        pending: list[asyncio.Task[None]] = []
-        for topic, payload in messages(plan, start):
-            pending.append(
-                asyncio.create_task(client.publish(topic, json_payload(payload), qos=1, timeout=60))
-            )
-            sent += 1
-            if len(pending) >= 200:
-                await asyncio.gather(*pending)
-                pending.clear()
-            if rate > 0:
-                await asyncio.sleep(max(0.0, sent / rate - (time.perf_counter() - began)))
-            if progress is not None and sent % 200 == 0:
-                progress(sent)
-        await asyncio.gather(*pending)
-    if progress is not None:
-        progress(sent)
+
+    def pace(handed: int) -> float:
+        return handed / rate - (time.perf_counter() - began) if rate > 0 else 0.0
+
+    stream = ((topic, json_payload(payload)) for topic, payload in messages(plan, start))
+    async with Publisher(settings).connected() as publisher:
+        report = await publisher.publish_all(stream, pace, progress)
     if summary:
         elapsed = time.perf_counter() - began
         print(
-            f"\r{sent}/{total} messages in {elapsed:.1f} s ({sent / elapsed:,.0f} msg/s)",
+            f"\r{report.sent}/{plan.total} messages in {elapsed:.1f} s "
+            f"({report.sent / elapsed:,.0f} msg/s) through {', '.join(report.nodes)}",
             file=sys.stderr,
         )
-    return sent
+    if report.refused:
+        raise PublishRefused(
+            f"the broker refused {report.refused} of {plan.total} messages "
+            f"({report.first_refusal}): may this login write the bikes' topics? "
+            "(a bike's login writes only its own; CHARGEFLOW_SIMULATOR_MQTT_URL names a fleet "
+            "login)"
+        )
+    return report

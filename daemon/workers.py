@@ -8,7 +8,8 @@ With ``CHARGEFLOW_SHARE_GROUP`` set the workers join that MQTT v5 share group in
 broker that keeps one topic on one member, such as EMQX's ``hash_topic``). PostgreSQL
 serializes each bike's decisions either way: together they do exactly what one process would.
 Worker ``i`` gets the client id ``{CHARGEFLOW_CLIENT_ID}-{i}`` (each its own persistent
-session) and the HTTP port ``CHARGEFLOW_HTTP_PORT + i`` (each its own /metrics and /readyz).
+session) and the HTTP port ``CHARGEFLOW_HTTP_PORT + i`` (each its own /metrics and /readyz);
+given several brokers, it starts on the ``i``-th of them.
 The supervisor forwards SIGTERM and SIGINT, and when one worker dies, it stops the others and
 exits with its code, so that whatever restarts the service (systemd, Docker) restarts them all.
 """
@@ -37,8 +38,14 @@ def worker_environment(settings: Settings, index: int, count: int) -> dict[str, 
         if settings.share_group
         else {"CHARGEFLOW_PARTITION": f"{index}/{count}"}
     )
+    # With a list of brokers (a cluster), worker i starts on broker i (mod the list's length),
+    # so that the workers spread over the nodes; each still fails over to the others.
+    brokers = settings.brokers
+    first = index % len(brokers)
+    rotated = ",".join(b.url for b in (*brokers[first:], *brokers[:first]))
     return {
         **share,
+        "CHARGEFLOW_MQTT_URL": rotated,
         "CHARGEFLOW_CLIENT_ID": f"{settings.client_id}-{index}",
         "CHARGEFLOW_HTTP_PORT": str(settings.http_port + index if settings.http_port else 0),
     }

@@ -1,1 +1,2 @@
-"""The MQTT edge: payload schemas, manual acknowledgements, the consumer and the publisher."""
+"""The MQTT edge: the broker connection at either protocol level (connection, packets),
+topics, payload schemas, the published documents' topics, the AsyncAPI contract, publishing."""

@@ -7,11 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-import structlog
-
-__all__ = ["Acks", "Delivery", "Link", "LinkDown", "ReadGate", "log_connected", "log_lost"]
-
-log = structlog.get_logger("daemon.mqtt")
+__all__ = ["Acks", "Delivery", "Link", "LinkDown", "ReadGate"]
 
 
 class LinkDown(Exception):
@@ -73,6 +69,11 @@ class ReadGate:
                 reader.resume_reading()
 
 
+class _Node(Protocol):
+    @property
+    def display(self) -> str: ...
+
+
 class Link(Protocol):
     """The daemon's broker connection as the rest of the daemon sees it (MQTT v5 or 3.1.1)."""
 
@@ -80,25 +81,13 @@ class Link(Protocol):
     connected_since: float
     stopping: bool
 
+    @property
+    def node(self) -> _Node | None:
+        """The broker (of the list) the link is on while connected."""
+        ...
+
     async def run(self) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     async def disconnect(self) -> None: ...
     async def publish(self, topic: str, payload: bytes) -> None: ...
-
-
-# What either link (v5 or 3.1.1) tells the operator about its connection, in one wording.
-
-
-def log_connected(broker: str, client_id: str) -> None:
-    log.info("mqtt connected", broker=broker, client_id=client_id)
-
-
-def log_lost(broker: str, *, was_connected: bool, error: str, wait: float) -> None:
-    """A connection that ended, or an attempt that failed, and when the next one is made."""
-    what = (
-        "mqtt connection lost; reconnecting"
-        if was_connected
-        else "cannot connect to the MQTT broker; retrying"
-    )
-    log.warning(what, error=error, retry_in_s=round(wait, 2), broker=broker)

@@ -5,9 +5,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from daemon.app import Daemon
-from daemon.simulate import mqtt_client
 from tests.conftest import Broker
 from tests.e2e.helpers import Bike, Outbound, running_daemon, settings_for
+from tests.peers import mqtt_client
 
 pytestmark = pytest.mark.e2e
 

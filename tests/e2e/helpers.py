@@ -17,7 +17,8 @@ import aiomqtt
 
 from daemon.app import Daemon
 from daemon.config import Settings
-from daemon.simulate import json_payload, mqtt_client
+from daemon.simulate import json_payload
+from tests.peers import mqtt_client
 
 PREFIX = "chargeflow/v1"
 

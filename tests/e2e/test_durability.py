@@ -20,8 +20,9 @@ from decimal import Decimal
 import pytest
 
 from daemon.devbroker import free_port
-from daemon.simulate import FleetPlan, json_payload, messages, mqtt_client
+from daemon.simulate import FleetPlan, json_payload, messages
 from tests.e2e.helpers import PREFIX, Bike, running_daemon, settings_for, wait_until
+from tests.peers import mqtt_client
 
 pytestmark = pytest.mark.e2e
 

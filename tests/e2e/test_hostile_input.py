@@ -12,8 +12,8 @@ import asyncio
 import pytest
 
 from benchmarks.fuzz import bad_messages
-from daemon.simulate import mqtt_client
 from tests.e2e.helpers import wait_until
+from tests.peers import mqtt_client
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.simulate import mqtt_client
 from tests.e2e.helpers import Bike, Outbound, http_get, running_daemon, settings_for
 from tests.e2e.test_cli import chargeflow
+from tests.peers import mqtt_client
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,8 @@ from decimal import Decimal
 
 import asyncpg
 
-from daemon.simulate import mqtt_client
 from tests.e2e.helpers import Bike, Outbound, running_daemon, settings_for, wait_until
+from tests.peers import mqtt_client
 
 BIKES = 120
 SAMPLES = 6  # per session; every bike rides, then charges: 240 sessions, 2,400 messages

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from daemon.devbroker import REPO_ROOT, free_port
-from daemon.simulate import mqtt_client
 from tests.conftest import missing_service
+from tests.peers import mqtt_client
 
 pytestmark = pytest.mark.integration
 

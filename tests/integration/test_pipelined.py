@@ -15,7 +15,6 @@ from structlog.testing import capture_logs
 
 from daemon.db.store import Store
 from daemon.metrics import Metrics
-from daemon.mqtt.acks import Ackable
 from daemon.mqtt.delivery import Delivery
 from daemon.service.pipeline import Pipeline
 from daemon.service.unit_of_work import Arrival, UnitOfWork
@@ -31,7 +30,7 @@ class Acks:
     def __init__(self) -> None:
         self.sent: list[int] = []
 
-    def ack(self, message: Ackable) -> bool:
+    def ack(self, message: Delivery) -> bool:
         self.sent.append(message.mid)
         return True
 

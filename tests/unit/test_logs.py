@@ -18,7 +18,6 @@ from daemon.logs import configure_logging
 from daemon.metrics import Metrics
 from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.delivery import Delivery
-from daemon.mqtt.v5 import V5Link
 
 PASSWORD = "s3cret-pw"
 
@@ -37,12 +36,15 @@ def broker_port() -> int:
     return free_port()  # nothing listens there: every connect attempt is refused
 
 
-@pytest.fixture(params=[V5Link, MqttLink], ids=["v5", "3.1.1"])
+@pytest.fixture(params=["5", "3.1.1"])
 async def reconnect_log(broker_port: int, request: pytest.FixtureRequest) -> list[dict[str, Any]]:
-    """What a link (MQTT v5, or 3.1.1 on paho) to an unreachable broker logs over its first two
-    reconnect attempts."""
-    settings = Settings(mqtt_url=f"mqtt://chargeflow-daemon:{PASSWORD}@127.0.0.1:{broker_port}")
-    link = request.param(settings, Metrics(), deliver=_ignore)
+    """What the link (at either protocol level) to an unreachable broker logs over its first
+    two reconnect attempts."""
+    settings = Settings(
+        mqtt_url=f"mqtt://chargeflow-daemon:{PASSWORD}@127.0.0.1:{broker_port}",
+        mqtt_protocol=request.param,
+    )
+    link = MqttLink(settings, Metrics(), deliver=_ignore)
     with structlog.testing.capture_logs() as events:
         task = asyncio.create_task(link.run())
         try:

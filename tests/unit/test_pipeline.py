@@ -11,7 +11,6 @@ from datetime import timedelta
 import asyncpg
 
 from daemon.metrics import Metrics
-from daemon.mqtt.acks import Ackable
 from daemon.mqtt.delivery import Delivery, ReadGate
 from daemon.mqtt.schemas import Rejection
 from daemon.service.pipeline import Pipeline
@@ -31,7 +30,7 @@ class FakeAcks:
     def __init__(self, log: list[str]) -> None:
         self.log = log
 
-    def ack(self, message: Ackable) -> bool:
+    def ack(self, message: Delivery) -> bool:
         self.log.append(f"ack {message.mid}")
         return True
 
