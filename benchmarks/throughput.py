@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -427,9 +428,16 @@ def _free(port: int) -> bool:
         return True
 
 
-async def run_contender(c: Contender, port: int, total: int, bikes: int, broker_pid: int,
-                        args: argparse.Namespace) -> Result:  # fmt: skip
-    broker_before = tree_cpu_s(broker_pid)
+def _broker_cpu_s(pids: Sequence[int]) -> float:
+    """CPU seconds of the broker: one Mosquitto, or every node of a NATS cluster."""
+    return sum(tree_cpu_s(pid) for pid in pids)
+
+
+async def run_contender(
+    c: Contender, port: int, total: int, bikes: int, broker_pids: Sequence[int],
+    args: argparse.Namespace,
+) -> Result:  # fmt: skip
+    broker_before = _broker_cpu_s(broker_pids)
     if c.kind != "chargeflow":
         db = args.database_url
         state = await _run_drainer(c, port, total, db)
@@ -437,7 +445,7 @@ async def run_contender(c: Contender, port: int, total: int, bikes: int, broker_
             raise RuntimeError(f"{c.name} received {state['count']} of {total}")
         return Result(
             c.name, total, state["last_wall"] - state["first_wall"],
-            state["last_cpu"] - state["first_cpu"], tree_cpu_s(broker_pid) - broker_before,
+            state["last_cpu"] - state["first_cpu"], _broker_cpu_s(broker_pids) - broker_before,
         )  # fmt: skip
     assert c.daemon is not None
     assert c.database_url is not None
@@ -465,7 +473,7 @@ async def run_contender(c: Contender, port: int, total: int, bikes: int, broker_
             profiler.send_signal(signal.SIGINT)
             await profiler.wait()
             print(f"  py-spy profile (collapsed stacks) of the drain: {args.profile}")
-        broker_cpu = tree_cpu_s(broker_pid) - broker_before
+        broker_cpu = _broker_cpu_s(broker_pids) - broker_before
         first = await pool.fetchval("SELECT min(received_at) FROM telemetry")
         stored = await pool.fetchval("SELECT count(*) FROM telemetry")
         batches = c.daemon.metric("chargeflow_batch_size_count")
@@ -671,7 +679,11 @@ async def main(args: argparse.Namespace) -> None:
         await admin.execute(f'CREATE DATABASE "{name}"')
         await admin.close()
         if contenders:
-            await drains(contenders, port, broker.pid, group, args)
+            if "mosquitto" in args.brokers:
+                await drains(contenders, port, [broker.pid], group, args,
+                             f"mosquitto on 127.0.0.1:{port} (repo config)")  # fmt: skip
+            if "nats" in args.brokers:
+                await drains_on_nats(contenders, data_dir, group, args)
         if not args.skip_lag:
             print()
             print(f"publish-to-commit lag, {args.live_bikes:,} Active sessions, samples at a "
@@ -704,18 +716,59 @@ async def main(args: argparse.Namespace) -> None:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+async def drains_on_nats(
+    contenders: list[Contender], data_dir: Path, group: str, args: argparse.Namespace
+) -> None:
+    """The same drains on a three-node NATS cluster (deploy/nats/nats.conf, streams replicated
+    three ways): the contenders that speak MQTT 3.1.1 (NATS speaks nothing newer), each with a
+    session and a database of its own, reading from node 1."""
+    from daemon.devbroker import NatsCluster
+
+    on_nats = [
+        dataclasses.replace(
+            c,
+            name=f"{c.name} (NATS)",
+            client_id=f"{c.client_id}-nats",
+            database_url=None if c.database_url is None else f"{c.database_url}_nats",
+            daemon=None,
+            env={**c.env, "CHARGEFLOW_SUBSCRIPTION": "one"},  # as deploy/nats/nats.conf says
+        )
+        for c in contenders
+        if c.workers == 1
+        and (c.kind in ("paho311", "conn311")
+             or (c.kind == "chargeflow" and c.env.get("CHARGEFLOW_MQTT_PROTOCOL") == "3.1.1"))
+    ]  # fmt: skip
+    cluster = NatsCluster(data_dir / "nats")
+    cluster.start_all()
+    try:
+        await asyncio.sleep(3)  # JetStream's leaders elected before the first session
+        first = cluster.nodes[0]
+        pids = [n.proc.pid for n in cluster.nodes if n.proc is not None]
+        await drains(on_nats, first.mqtt_port, pids, group, args,
+                     f"a three-node NATS cluster (deploy/nats/nats.conf), read from node 1 on "
+                     f"127.0.0.1:{first.mqtt_port}", protocol="3.1.1")  # fmt: skip
+    finally:
+        cluster.stop_all()
+
+
 async def drains(
-    contenders: list[Contender], port: int, broker_pid: int, group: str, args: argparse.Namespace
+    contenders: list[Contender],
+    port: int,
+    broker_pids: Sequence[int],
+    group: str,
+    args: argparse.Namespace,
+    broker: str,
+    protocol: str = "5",
 ) -> None:
     """One backlog, queued for every contender; each drains its copy in turn."""
     db = await asyncpg.connect(args.database_url)
     await db.execute(
-        "CREATE TABLE naive_telemetry (topic text, telemetry_id uuid PRIMARY KEY,"
+        "CREATE TABLE IF NOT EXISTS naive_telemetry (topic text, telemetry_id uuid PRIMARY KEY,"
         " session_id uuid, seq integer, energy_wh numeric);"
-        "CREATE TABLE naive_lifecycle (topic text, payload jsonb)"
+        "CREATE TABLE IF NOT EXISTS naive_lifecycle (topic text, payload jsonb)"
     )
     await db.close()
-    print(f"broker: mosquitto on 127.0.0.1:{port} (repo config); priming sessions")
+    print(f"broker: {broker}; priming sessions")
     for c in contenders:
         await prime(c, port, args, group)
     per = max(1, args.messages // args.bikes)
@@ -727,17 +780,17 @@ async def drains(
         f"backlog: {args.bikes} sessions x {per} samples + start and end = {total:,} "
         f"messages, queued once for each of {len(contenders)} contenders"
     )
-    await publish(fleet_url(port), backlog, total, "backlog")
+    await publish(fleet_url(port), backlog, total, "backlog", protocol)
     results = []
     for c in contenders:
-        r = await run_contender(c, port, total, args.bikes, broker_pid, args)
+        r = await run_contender(c, port, total, args.bikes, broker_pids, args)
         print(f"  {c.name}: {r.rate:,.0f} msg/s")
         results.append(r)
     report(results)
 
 
 def report(results: list[Result]) -> None:
-    ceiling = next((r.rate for r in results if r.name == "paho 3.1.1"), None)
+    ceiling = next((r.rate for r in results if r.name.startswith("paho 3.1.1")), None)
     width = max(26, *(len(r.name) for r in results))
     print()
     print(f"{'contender':<{width}} {'msg/s':>8} {'x paho 3.1.1':>12} {'CPU us/msg':>11} "
@@ -803,6 +856,14 @@ if __name__ == "__main__":
         help="run the lag phase's workers in one share group instead of bike-affine partitions",
     )
     parser.add_argument("--skip-drain", action="store_true")
+    parser.add_argument(
+        "--brokers",
+        type=lambda t: t.split(","),
+        default=["mosquitto"],
+        help="where the drains run: mosquitto (the repo's config), nats (a three-node NATS "
+        "cluster from deploy/nats/nats.conf, the 3.1.1 contenders only), or both in one run "
+        "(mosquitto,nats)",
+    )
     parser.add_argument(
         "--protocols",
         type=lambda t: t.split(","),

@@ -131,6 +131,10 @@ class Settings(BaseModel):
     metrics_auth: Literal["open", "token"] = "open"
     simulator_mqtt_url: str | None = Field(default=None, repr=False)
     share_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # per_kind: one filter per inbound kind (lifecycle, telemetry); one: a single filter for a
+    # bike's topics, for brokers that keep a queue per subscription (NATS), so that a backlog
+    # comes in the order it was published (README, "Scaling out").
+    subscription: Literal["per_kind", "one"] = "per_kind"
     # Bike-affine instances: "i/N" takes the bikes of slot i of N (README, "Scaling out").
     partition: str | None = None
     partition_lease_s: float = Field(default=60.0, gt=0)

@@ -1,4 +1,5 @@
-"""Start a Mosquitto with the repository's mosquitto.conf on a chosen port (tests, local runs).
+"""Start a Mosquitto with the repository's mosquitto.conf on a chosen port, or a three-node
+NATS cluster from deploy/nats/nats.conf on free ports (tests, benchmarks, local runs).
 
 The config is used as it is, but for three lines: the listener (port, loopback only), the
 persistence directory, and the password/ACL paths. Mosquitto started as root drops to the
@@ -17,12 +18,23 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["REPO_CONFIG", "free_port", "render_config", "start_broker"]
+__all__ = [
+    "NATS_CONFIG",
+    "REPO_CONFIG",
+    "NatsCluster",
+    "NatsNode",
+    "free_port",
+    "render_config",
+    "start_broker",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_CONFIG = REPO_ROOT / "mosquitto.conf"
+NATS_CONFIG = REPO_ROOT / "deploy" / "nats" / "nats.conf"
 
 
 def free_port() -> int:
@@ -100,6 +112,122 @@ def start_broker(
             raise RuntimeError(f"mosquitto did not start on port {port}; see {out.name}")
         time.sleep(0.05)
     return proc
+
+
+@dataclass
+class NatsNode:
+    """One node of a NATS cluster on loopback: its ports, its JetStream directory, its process."""
+
+    name: str
+    client_port: int
+    cluster_port: int
+    mqtt_port: int
+    http_port: int
+    store_dir: Path
+    log_file: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def mqtt_url(self, user: tuple[str, str] | None = None) -> str:
+        login = f"{user[0]}:{user[1]}@" if user else ""
+        return f"mqtt://{login}127.0.0.1:{self.mqtt_port}"
+
+
+class NatsCluster:
+    """Three (or ``size``) NATS nodes with JetStream, routes between them and MQTT listeners,
+    each started from ``deploy/nats/nats.conf`` (the compose profile's file) on free ports.
+
+    ``kill(i)`` is a SIGKILL (a node that dies, not one that leaves); ``start(i)`` brings it
+    back on its ports with its JetStream directory, as a restarted machine would."""
+
+    def __init__(self, base_dir: Path, size: int = 3, config: Path = NATS_CONFIG) -> None:
+        self.config = config
+        self.binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        self.nodes = [self._node(base_dir, f"n{i + 1}") for i in range(size)]
+
+    @staticmethod
+    def _node(base_dir: Path, name: str) -> NatsNode:
+        return NatsNode(
+            name,
+            client_port=free_port(),
+            cluster_port=free_port(),
+            mqtt_port=free_port(),
+            http_port=free_port(),
+            store_dir=base_dir / name / "jetstream",
+            log_file=base_dir / f"{name}.log",
+        )
+
+    def _environment(self, node: NatsNode) -> dict[str, str]:
+        routes = ", ".join(f"nats://127.0.0.1:{n.cluster_port}" for n in self.nodes)
+        return {
+            **os.environ,
+            "NATS_SERVER_NAME": node.name,
+            "NATS_LISTEN": f"127.0.0.1:{node.client_port}",
+            "NATS_HTTP": f"127.0.0.1:{node.http_port}",
+            "NATS_STORE_DIR": str(node.store_dir),
+            "NATS_CLUSTER_LISTEN": f"127.0.0.1:{node.cluster_port}",
+            "NATS_ROUTES": f"[{routes}]",
+            "NATS_MQTT_LISTEN": f"127.0.0.1:{node.mqtt_port}",
+        }
+
+    def start(self, index: int) -> None:
+        node = self.nodes[index]
+        assert node.proc is None, f"{node.name} is running"
+        node.store_dir.mkdir(parents=True, exist_ok=True)
+        out = open(node.log_file, "ab")  # noqa: SIM115 - owned by Popen
+        node.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.config)],
+            env=self._environment(node),
+            stdout=out,
+            stderr=out,
+        )
+
+    def start_all(self, timeout: float = 30) -> None:
+        for i in range(len(self.nodes)):
+            self.start(i)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until every running node listens for MQTT and says JetStream is healthy."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            while not (_listening(node.mqtt_port) and _healthy(node.http_port)):
+                if node.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"NATS node {node.name} did not start; see {node.log_file}")
+                time.sleep(0.1)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL: the node dies at once, its connections with it."""
+        node = self.nodes[index]
+        if node.proc is not None:
+            node.proc.kill()
+            node.proc.wait(timeout=10)
+            node.proc = None
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None:
+                node.proc.terminate()
+                try:
+                    node.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    node.proc.kill()
+                node.proc = None
+
+    def mqtt_urls(self, user: tuple[str, str] | None = None, first: int = 0) -> str:
+        """Every node's MQTT URL, starting at node ``first`` (the login given with the first)."""
+        order = self.nodes[first:] + self.nodes[:first]
+        return ",".join(n.mqtt_url(user if i == 0 else None) for i, n in enumerate(order))
+
+
+def _healthy(http_port: int) -> bool:
+    try:
+        url = f"http://127.0.0.1:{http_port}/healthz"
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def main() -> None:

@@ -279,6 +279,8 @@ class Connection(asyncio.Protocol):
             return await asyncio.wait_for(future, PUBLISH_TIMEOUT_S)
         except TimeoutError:
             raise LinkDown(f"the broker did not answer within {PUBLISH_TIMEOUT_S:.0f} s") from None
+        except OSError as exc:  # the connection was lost (reset, ...) before the answer
+            raise LinkDown(_why(exc)) from exc
         finally:
             self._waiting.pop(pid, None)
 
@@ -407,7 +409,11 @@ class MqttLink:
         self._deliver = deliver
         self._clock = clock
         self._subscribe_to = (
-            topics_for(settings.topic_prefix).filters(settings.share_group) if subscribe else []
+            topics_for(settings.topic_prefix).filters(
+                settings.share_group, one=settings.subscription == "one"
+            )
+            if subscribe
+            else []
         )
         self._clean = clean
         self.brokers: tuple[BrokerAddress, ...] = settings.brokers
@@ -487,6 +493,8 @@ class MqttLink:
                     break
                 error = _why(exc)
             else:
+                if self.stopping:  # we left (DISCONNECT): nothing to report or retry
+                    break
                 error = "the connection ended"
             finally:
                 self._disconnected(connection)

@@ -57,6 +57,7 @@ class Publisher:
         self.report = Published()
         self._link = MqttLink(self.settings, Metrics(), _no_inbound, subscribe=False, clean=True)
         self._task: asyncio.Task[None] | None = None
+        self._last_node: object = None
 
     @contextlib.asynccontextmanager
     async def connected(self) -> AsyncIterator[Publisher]:
@@ -80,8 +81,12 @@ class Publisher:
                 f"cannot publish: no broker of {self._brokers()} took a connection within "
                 f"{self.connect_timeout_s:.0f} s ({self._link.last_error or 'no answer'})"
             ) from None
+        self._note_node()
+
+    def _note_node(self) -> None:
         node = self._link.node
-        if node is not None and (not self.report.nodes or self.report.nodes[-1] != node.display):
+        if node is not None and node is not self._last_node:
+            self._last_node = node
             self.report.nodes.append(node.display)
 
     def _brokers(self) -> str:
@@ -105,6 +110,8 @@ class Publisher:
                 continue
             self.report.sent += 1
             self.report.republished += again
+            if self._link.node is not self._last_node:
+                self._note_node()
             return
 
     async def publish_all(

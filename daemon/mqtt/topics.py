@@ -58,6 +58,9 @@ class ParsedTopic:
     kind: TopicKind
     bike_id: str | None
     problem: str | None = None
+    # One of the topics the daemon publishes (a bike's billing or rejections), heard through
+    # the one-filter subscription (CHARGEFLOW_SUBSCRIPTION=one): not an inbound message.
+    outbound: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +92,18 @@ class Topics:
             raise ValueError("no topic carries unknown messages")
         return f"{self._bikes}{bike_id}/{suffix}"
 
-    def filters(self, share_group: str | None = None) -> list[str]:
-        """The daemon's inbound subscriptions; with a share group, MQTT v5 shared ones."""
+    def filters(self, share_group: str | None = None, one: bool = False) -> list[str]:
+        """The daemon's inbound subscriptions; with a share group, MQTT v5 shared ones.
+
+        One filter per inbound kind, or with ``one`` a single filter for both, for brokers that
+        keep a queue per subscription (NATS: a JetStream consumer each), where a backlog's
+        lifecycle messages would otherwise come far ahead of its telemetry. That filter also
+        matches two outbound kinds (billing, rejections): ``parse`` says so (``outbound``)."""
         if share_group is not None and not _LEVEL.fullmatch(share_group):
             raise ValueError(f"share group {share_group!r} must be one topic level")
         share = f"$share/{share_group}/" if share_group else ""
+        if one:
+            return [f"{share}{self._bikes}+/+"]
         return [
             f"{share}{self._bikes}+/{kind}" for kind in (TopicKind.LIFECYCLE, TopicKind.TELEMETRY)
         ]
@@ -126,6 +136,8 @@ def _parse(head: str, topic: str) -> ParsedTopic:
         return ParsedTopic(TopicKind.UNKNOWN, None, f"topic is not under {head}")
     rest = topic[len(head) :].split("/")
     bike_id = rest[0] or None
+    if len(rest) == 2 and rest[1] in _OUTBOUND_LAST_LEVELS:
+        return ParsedTopic(TopicKind.UNKNOWN, bike_id, "an outbound topic", outbound=True)
     if len(rest) != 2 or rest[1] not in (TopicKind.LIFECYCLE, TopicKind.TELEMETRY):
         return ParsedTopic(
             TopicKind.UNKNOWN,
@@ -139,6 +151,8 @@ def _parse(head: str, topic: str) -> ParsedTopic:
     return ParsedTopic(TopicKind(rest[1]), bike_id)
 
 
+# The outbound kinds a one-level wildcard after the bike id matches (not sessions/finalized).
+_OUTBOUND_LAST_LEVELS = frozenset(k.value for k in OutboundKind if "/" not in k.value)
 _parse_cached = lru_cache(maxsize=16_384)(_parse)
 
 

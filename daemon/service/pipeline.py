@@ -160,10 +160,11 @@ class Pipeline:
         """Called by the MQTT link for every message; after shutdown began, leave it unacked."""
         if self.accepting:
             parsed = self.topics.parse(delivery.topic)
-            counters = self._counters[parsed.kind]
-            # Tallied here, added to the counters as the batch is taken: a counter's inc()
-            # takes a lock, and this runs for every message.
-            self._arrivals[counters[0] if self.takes(parsed.bike_id) else counters[4]] += 1
+            if not parsed.outbound:  # an outbound topic heard back is no inbound message
+                counters = self._counters[parsed.kind]
+                # Tallied here, added to the counters as the batch is taken: a counter's inc()
+                # takes a lock, and this runs for every message.
+                self._arrivals[counters[0] if self.takes(parsed.bike_id) else counters[4]] += 1
             self.inbox.append(delivery)
             self._inbox_bytes += len(delivery.payload)
             self._arrived.set()
@@ -235,7 +236,7 @@ class Pipeline:
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Decide and commit a batch (retrying, bisecting), then acknowledge it in order."""
         parse, takes, decode = self.topics.parse, self.takes, self._decode
-        owned = [takes(parse(d.topic).bike_id) for d in batch]
+        owned = [not (p := parse(d.topic)).outbound and takes(p.bike_id) for d in batch]
         arrivals = []
         for i, (d, mine) in enumerate(zip(batch, owned, strict=True), start=1):
             if mine:

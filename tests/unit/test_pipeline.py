@@ -152,6 +152,22 @@ async def test_a_batch_is_acknowledged_in_order_only_after_it_is_committed():
     assert log == ["commit 4 events", "ack 1", "ack 2", "ack 3"]
 
 
+async def test_an_outbound_message_heard_back_is_acknowledged_in_order_and_nothing_else():
+    """With one filter for a bike's topics (CHARGEFLOW_SUBSCRIPTION=one) the daemon hears the
+    bills and rejections it (or another instance) publishes: not inbound messages."""
+    log: list[str] = []
+    bike = Bike(log)
+    p = pipeline(FakeUnitOfWork(log))
+    bill = bike.delivery("billing", {"amount": "0.37"})
+    batch = [bike.start(), bill, bike.sample(1)]
+    for d in batch:
+        p.deliver(d)
+    await p.process(p._next_batch())
+    assert log == ["commit 2 events", *(f"ack {d.mid}" for d in batch)]
+    assert p.metrics.received.labels("unknown")._value.get() == 0
+    assert p.metrics.rejected.labels("unknown_topic")._value.get() == 0
+
+
 async def test_a_batch_whose_commit_failed_is_decided_again_and_acknowledged_once():
     log: list[str] = []
     store = FakeUnitOfWork(log)

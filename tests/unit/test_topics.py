@@ -44,6 +44,19 @@ def test_the_daemon_subscribes_to_both_inbound_kinds_alone_or_in_a_share_group()
     ]
 
 
+def test_one_filter_takes_both_inbound_kinds_and_says_which_outbound_ones_it_hears():
+    """CHARGEFLOW_SUBSCRIPTION=one, for a broker with a queue per subscription (NATS)."""
+    topics = Topics(PREFIX)
+
+    assert topics.filters(one=True) == [f"{PREFIX}/bikes/+/+"]
+    assert topics.filters("cf", one=True) == [f"$share/cf/{PREFIX}/bikes/+/+"]
+    heard = [topics.parse(topics.bike("b1", k)) for k in OutboundKind]
+    # sessions/finalized is two levels: the filter does not match it.
+    assert [p.outbound for p in heard] == [False, True, True]
+    assert not topics.parse(f"{PREFIX}/bikes/b1/telemetry").outbound
+    assert not topics.parse(f"{PREFIX}/bikes/b1/gps").outbound  # still unknown_topic
+
+
 @pytest.mark.parametrize("prefix", ["", "a/+/b", "a/#", "a//b", "a/\x00"], ids=repr)
 def test_a_prefix_that_is_not_plain_topic_levels_is_refused_with_what_to_fix(prefix):
     with pytest.raises(ValueError, match="without wildcards"):
