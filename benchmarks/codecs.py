@@ -31,11 +31,16 @@ TOPIC = "chargeflow/v1/bikes/bike-0001/telemetry"
 
 
 def _payload() -> bytes:
-    return json.dumps(
-        {"telemetry_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "seq": 12,
-         "emitted_at": "2026-12-06T12:00:00Z", "energy_wh": 1.5, "distance_m": 3.2,
-         "soc_pct": 71}  # fmt: skip
-    ).encode()
+    sample = {
+        "telemetry_id": str(uuid.uuid4()),
+        "session_id": str(uuid.uuid4()),
+        "seq": 12,
+        "emitted_at": "2026-12-06T12:00:00Z",
+        "energy_wh": 1.5,
+        "distance_m": 3.2,
+        "soc_pct": 71,
+    }
+    return json.dumps(sample).encode()
 
 
 def _read_all(read: Callable[[memoryview], tuple[object, int]], data: bytes) -> object:
