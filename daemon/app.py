@@ -14,7 +14,7 @@ import structlog
 
 from daemon.backoff import Backoff
 from daemon.config import ConfigError, DatabaseUnavailable, Settings
-from daemon.db.migrate import TimescaleUnavailable, ensure_database, migrate
+from daemon.db.migrate import TimescaleUnavailable, ensure_database, migrate, pending_migrations
 from daemon.db.store import Store
 from daemon.db.views import ReadModel
 from daemon.http import HttpServer
@@ -27,7 +27,7 @@ from daemon.service.outbox import OutboxPublisher
 from daemon.service.pipeline import Pipeline
 from daemon.service.unit_of_work import UnitOfWork, configured_unit_of_work
 
-__all__ = ["Daemon", "open_store", "run_daemon"]
+__all__ = ["Daemon", "open_reader", "open_store", "run_daemon"]
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +64,32 @@ async def open_store(settings: Settings, *, create: bool = True) -> Store:
         raise DatabaseUnavailable(
             f"lost {settings.database_display} while migrating: {exc}"
         ) from None
+    return Store(pool)
+
+
+async def open_reader(settings: Settings) -> Store:
+    """The store for a read command: no database created, nothing migrated, nothing logged;
+    a database that is missing or behind its migrations is a ConfigError saying what to run."""
+    try:
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    except asyncpg.InvalidCatalogNameError:
+        raise ConfigError(
+            f"CHARGEFLOW_DATABASE_URL: {settings.database_display} does not exist; "
+            "run `chargeflow migrate` (or the daemon) first"
+        ) from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseUnavailable(
+            f"CHARGEFLOW_DATABASE_URL: cannot use {settings.database_display}: {exc}"
+        ) from None
+    assert pool is not None
+    async with pool.acquire() as conn:
+        pending = await pending_migrations(conn)
+    if pending:
+        await pool.close()
+        raise ConfigError(
+            f"the schema of {settings.database_display} is behind this version of chargeflow "
+            f"({', '.join(pending)} not applied); run `chargeflow migrate`"
+        )
     return Store(pool)
 
 

@@ -29,8 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from daemon import MAX_PAGE, installed_version
-from daemon.config import ConfigError, Settings, load_settings
+from daemon.config import READ_SETTINGS, ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
+from daemon.simulate import PublishRefused
 from domain.errors import Reason
 from domain.session_values import utc_text
 
@@ -57,6 +58,10 @@ err = Console(stderr=True)
 def _say(line: str) -> None:
     """One line on stderr, never wrapped (scripts and log collectors read it whole)."""
     print(line, file=sys.stderr)
+
+
+class UsageError(Exception):
+    """The command line itself is wrong (an option's value); the message says what to fix."""
 
 
 class _Stop(Exception):
@@ -106,6 +111,13 @@ def _settings() -> Settings:
     return settings
 
 
+def _read_settings() -> Settings:
+    """What a read command needs (the database, the logs), whatever else is set."""
+    settings = load_settings(only=READ_SETTINGS)
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
 def _run(
     work: Callable[[], Awaitable[T]],
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
@@ -121,6 +133,12 @@ def _one_line_failures() -> Iterator[None]:
         yield
     except _Stop as stop:
         raise typer.Exit(stop.code) from None
+    except UsageError as exc:
+        _say(f"chargeflow: usage error: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except PublishRefused as exc:
+        _say(f"chargeflow: {exc}")
+        raise typer.Exit(EXIT_FAILURE) from None
     except (ConfigError, ValueError) as exc:
         _say(f"chargeflow: configuration error: {exc}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -164,7 +182,10 @@ def _timestamp(raw: str | None, option: str) -> datetime | None:
     except ValueError:
         value = None
     if value is None or value.tzinfo is None:
-        raise ConfigError(f"{option} must be an RFC 3339 timestamp with an offset, got {raw!r}")
+        raise UsageError(
+            f"{option} must be an RFC 3339 timestamp with an offset "
+            f"(e.g. 2026-12-06T08:00:00Z), got {raw!r}"
+        )
     return value
 
 
@@ -184,6 +205,13 @@ async def _store(settings: Settings, create: bool = False) -> Any:
     from daemon.app import open_store
 
     return await open_store(settings, create=create)
+
+
+async def _reader(settings: Settings) -> Any:
+    """The store for a read command: nothing created, migrated or logged on the way."""
+    from daemon.app import open_reader
+
+    return await open_reader(settings)
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -245,10 +273,12 @@ def migrate() -> None:
 
 @app.command()
 def simulate(  # noqa: PLR0913 - a Typer command: each option is a parameter
-    bikes: int = 10,
-    sessions: Annotated[int, typer.Option(help="sessions per bike")] = 2,
-    samples: Annotated[int, typer.Option(help="telemetry samples per session")] = 20,
-    rate: Annotated[float, typer.Option(help="messages per second (0: as fast as possible)")] = 0,
+    bikes: Annotated[int, typer.Option(min=1)] = 10,
+    sessions: Annotated[int, typer.Option(min=1, help="sessions per bike")] = 2,
+    samples: Annotated[int, typer.Option(min=0, help="telemetry samples per session")] = 20,
+    rate: Annotated[
+        float, typer.Option(min=0, help="messages per second (0: as fast as possible)")
+    ] = 0,
     seed: int | None = None,
     mqtt_url: Annotated[
         str | None,
@@ -334,9 +364,9 @@ def analytics(
     from daemon.db.views import ReadModel
 
     async def work() -> dict[str, Any]:
-        settings = _settings()
+        settings = _read_settings()
         start, end = _timestamp(since, "--from"), _timestamp(until, "--to")
-        store = await _store(settings)
+        store = await _reader(settings)
         try:
             return await ReadModel(store.pool).analytics(start, end, bike_id, pricing_version)
         finally:
@@ -382,8 +412,8 @@ def pricing(as_json: Json = False) -> None:
     from daemon.db.views import ReadModel
 
     async def work() -> list[dict[str, Any]]:
-        settings = _settings()
-        store = await _store(settings)
+        settings = _read_settings()
+        store = await _reader(settings)
         try:
             return await ReadModel(store.pool).pricing()
         finally:
@@ -402,8 +432,8 @@ def pricing(as_json: Json = False) -> None:
                 v["currency"],
                 v["rounding"],
                 "; ".join(
-                    f"{k}: {r['unit_price']}/kWh + {r['session_fee']}"
-                    for k, r in v["rules"].items()
+                    f"{kind}: {v[kind]['unit_price']}/kWh + {v[kind]['session_fee']}"
+                    for kind in ("ride", "charging")
                 ),
                 v["first_used_at"],
             )
@@ -426,8 +456,8 @@ def session(
         raise typer.Exit(EXIT_USAGE) from None
 
     async def work() -> dict[str, Any]:
-        settings = _settings()
-        store = await _store(settings)
+        settings = _read_settings()
+        store = await _reader(settings)
         try:
             view = await ReadModel(store.pool).session_view(wanted)
         finally:
@@ -458,7 +488,7 @@ def _selection(
     try:
         code = None if reason is None else Reason(reason)
     except ValueError:
-        raise ConfigError(
+        raise UsageError(
             f"--reason must be one of {', '.join(r.value for r in Reason)}, got {reason!r}"
         ) from None
     return RejectionFilter(
@@ -479,9 +509,9 @@ def rejections_list(  # noqa: PLR0913 - a Typer command: each option is a parame
     from daemon.db.views import ReadModel
 
     async def work() -> list[Any]:
-        settings = _settings()
+        settings = _read_settings()
         selection = _selection(bike_id, reason, since, until, limit)
-        store = await _store(settings)
+        store = await _reader(settings)
         try:
             return await ReadModel(store.pool).rejections(selection)
         finally:

@@ -28,7 +28,14 @@ from domain.billing import PricingRules, parse_pricing
 from domain.errors import InvalidPricing
 from domain.session_values import SessionPolicy
 
-__all__ = ["BrokerAddress", "ConfigError", "Settings", "load_settings", "parse_brokers"]
+__all__ = [
+    "READ_SETTINGS",
+    "BrokerAddress",
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "parse_brokers",
+]
 
 DEFAULT_PRICING_FILE = Path(__file__).with_name("pricing.toml")
 
@@ -346,15 +353,27 @@ def _why(exc: OSError | ssl.SSLError) -> str:
     return exc.strerror or str(exc)
 
 
+# What the read commands (analytics, session, pricing, rejections list) use: a bad value of
+# anything else (CHARGEFLOW_HTTP_PORT=abc) is not theirs to refuse.
+READ_SETTINGS = frozenset({"database_url", "log_format", "log_level"})
+
+
 def load_settings(
-    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+    environ: Mapping[str, str] | None = None,
+    env_file: Path | None = Path(".env"),
+    only: frozenset[str] | None = None,
 ) -> Settings:
-    """Build Settings from CHARGEFLOW_* variables; a .env file fills what the environment lacks."""
+    """Build Settings from CHARGEFLOW_* variables; a .env file fills what the environment lacks.
+
+    With ``only``, the other settings keep their defaults whatever they are set to (an unknown
+    name is still refused: it is a typo whoever reads it)."""
     values = _chargeflow_values(os.environ if environ is None else environ, env_file)
     known = set(Settings.model_fields)
     unknown = sorted(f"CHARGEFLOW_{key.upper()}" for key in values if key not in known)
     if unknown:
         raise ConfigError(f"unknown setting {', '.join(unknown)}; see README for the list")
+    if only is not None:
+        values = {key: value for key, value in values.items() if key in only}
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:

@@ -11,7 +11,13 @@ import structlog
 
 from daemon.db.store import Conn
 
-__all__ = ["TimescaleUnavailable", "ensure_database", "migrate", "timescale_problem"]
+__all__ = [
+    "TimescaleUnavailable",
+    "ensure_database",
+    "migrate",
+    "pending_migrations",
+    "timescale_problem",
+]
 
 log = structlog.get_logger(__name__)
 _LOCK = 0x43_46_4C_57  # "CFLW": one migrator at a time across daemon instances
@@ -131,6 +137,18 @@ async def migrate(
         timescaledb=use_timescale or TIMESCALE_STEP in done,
     )
     return applied_now
+
+
+async def pending_migrations(conn: Conn) -> list[str]:
+    """The numbered migrations this database has not had (all of them on an empty one),
+    read without changing anything: what a read command checks instead of migrating."""
+    ledger = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    done = (
+        {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        if ledger
+        else set()
+    )
+    return [name for name, _ in _sql_files() if name not in done]
 
 
 async def _timescale_usable(conn: Conn, setting: str) -> bool:

@@ -251,3 +251,90 @@ def test_without_uvloop_the_default_loop_says_how_to_run_anyway(monkeypatch):
     with pytest.raises(ConfigError, match="CHARGEFLOW_EVENT_LOOP=asyncio"):
         _event_loop(Settings())
     assert _event_loop(Settings(event_loop="asyncio")) is None
+
+
+async def test_every_read_command_draws_a_table_on_a_terminal(daemon, bike, outbound, database_url):
+    """`pricing` crashed on a terminal (KeyError 'rules') while its JSON worked: each read
+    command's table is drawn here, on a pseudo-terminal, as a user sees it."""
+    session_id = await bike.start("ride")
+    await bike.sample(session_id, 1, "1234.5")
+    await bike.end(session_id, 1)
+    await bike.send("telemetry", b"not json")
+    await outbound.wait_for(bike.bike_id, "billing")
+    await outbound.wait_for(bike.bike_id, "rejections")
+    env = {"CHARGEFLOW_DATABASE_URL": database_url}
+    commands = {
+        ("pricing",): ["Pricing versions", "ride: 0.30/kWh + 0", "charging: 0.25/kWh + 0"],
+        ("session", session_id): [f"Session {session_id}", "billing.amount", "0.37"],
+        ("rejections", "list", "--bike-id", bike.bike_id): ["Kept rejections", "malformed_json"],
+        ("analytics", "--bike-id", bike.bike_id): ["Finalized sessions", "By pricing version"],
+    }
+    for args, expected in commands.items():
+        code, shown = await asyncio.to_thread(on_a_terminal, *args, **env)
+        assert code == 0, (args, shown)
+        assert "Traceback" not in shown
+        for text in expected:
+            assert text in shown, (args, text, shown)
+
+
+def test_read_commands_answer_without_start_up_noise_or_other_commands_settings(database_url):
+    """A read neither migrates nor logs on the way, and settings it does not use (a bad HTTP
+    port) are not its business."""
+    env = {"CHARGEFLOW_DATABASE_URL": database_url, "CHARGEFLOW_LOG_FORMAT": "console",
+           "CHARGEFLOW_HTTP_PORT": "abc"}  # fmt: skip
+    for args in (["analytics"], ["pricing"], ["rejections", "list", "--limit", "1"]):
+        done = chargeflow(*args, "--json", **env)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == "", (args, done.stderr)
+        json.loads(done.stdout)
+    assert chargeflow("run", **env).returncode == 2  # the daemon does listen on that port
+
+
+def test_a_read_of_a_database_never_migrated_says_what_to_run(postgres_url):
+    from urllib.parse import urlsplit, urlunsplit
+
+    missing = urlunsplit(urlsplit(postgres_url)._replace(path=f"/cf_none_{uuid.uuid4().hex[:8]}"))
+    done = chargeflow("analytics", CHARGEFLOW_DATABASE_URL=missing)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith(
+        "does not exist; run `chargeflow migrate` (or the daemon) first"
+    )
+
+
+def test_a_time_that_is_not_rfc_3339_is_a_usage_error_with_an_example(database_url):
+    done = chargeflow("analytics", "--from", "yesterday", CHARGEFLOW_DATABASE_URL=database_url)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "chargeflow: usage error: --from must be an RFC 3339 timestamp with an offset "
+        "(e.g. 2026-12-06T08:00:00Z), got 'yesterday'"
+    ]
+
+
+@pytest.mark.parametrize("option", ["--bikes", "--sessions"])
+def test_simulate_refuses_a_fleet_of_nothing(option):
+    done = chargeflow("simulate", option, "0")
+    assert done.returncode == 2
+    assert option in done.stderr
+
+
+def test_simulate_with_a_wrong_password_is_a_start_up_failure_in_one_line(broker):
+    url = f"mqtt://fleet-simulator:wrong@127.0.0.1:{broker.port}"
+    done = chargeflow("simulate", "--bikes", "1", CHARGEFLOW_SIMULATOR_MQTT_URL=url)
+    assert done.returncode == 2
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("chargeflow: configuration error: cannot publish")
+    assert "NOT_AUTHORIZED" in last and "wrong" not in last
+
+
+def test_simulate_counts_what_the_broker_refuses_instead_of_calling_it_sent(broker):
+    """Logged in as a bike, the simulator may write only that bike's topics: Mosquitto
+    answers the others' PUBLISH with PUBACK 0x87, which is a refusal, not a message sent."""
+    url = f"mqtt://bike-0001:bike-0001-example-password@127.0.0.1:{broker.port}"
+    done = chargeflow("simulate", "--bikes", "1", "--sessions", "1", "--samples", "4",
+                      CHARGEFLOW_SIMULATOR_MQTT_URL=url)  # fmt: skip
+    assert done.returncode == 1
+    assert "0/6 messages" in done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        "chargeflow: the broker refused 6 of 6 messages (the broker refused to publish on "
+    )
+    assert "NOT_AUTHORIZED" in done.stderr.splitlines()[-1]
