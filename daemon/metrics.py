@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from domain.errors import Reason
 
-__all__ = ["Metrics"]
+__all__ = ["DropReason", "Metrics"]
 
 REJECTION_REASONS = tuple(str(reason) for reason in Reason)
+
+
+class DropReason(StrEnum):
+    """Why the daemon gave up on a message: faults of ours alone, never a publisher's."""
+
+    COMMIT_FAILED = "commit_failed"  # the database refused it even alone, as a rejection
+    INTERNAL_ERROR = "internal_error"  # deciding it raised what no rule raises (a bug)
 
 
 class Metrics:
@@ -141,6 +150,8 @@ class Metrics:
         a series before the first event."""
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
+        for dropped in DropReason:
+            self.dropped.labels(dropped)
         for denied in ("missing", "invalid", "not_configured"):
             self.http_auth_failures.labels(denied)
         for outcome in ("applied", Reason.UNKNOWN_SESSION, Reason.ACTIVE_SESSION_EXISTS):

@@ -24,7 +24,7 @@ import structlog
 from prometheus_client import Counter
 
 from daemon.backoff import Backoff
-from daemon.metrics import Metrics
+from daemon.metrics import DropReason, Metrics
 from daemon.mqtt.delivery import Delivery, ReadGate
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import TopicKind, topics_for
@@ -410,9 +410,12 @@ class Pipeline:
             await self.uow.commit_rejections(arrivals, why)
         except Exception as exc:
             log.error(
-                "message dropped", reason="commit_failed", topic=arrival.topic, error=repr(exc)
+                "message dropped",
+                reason=DropReason.COMMIT_FAILED,
+                topic=arrival.topic,
+                error=repr(exc),
             )
-            return [Settled(dropped="commit_failed")]
+            return [Settled(dropped=DropReason.COMMIT_FAILED)]
         log.warning("message kept as a rejection", topic=arrival.topic, error=repr(error))
         rejection = arrival.inbound.rejection
         if rejection is None:

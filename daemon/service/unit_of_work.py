@@ -22,6 +22,7 @@ from asyncpg.transaction import Transaction
 
 from daemon.config import ConfigError, Settings
 from daemon.db.store import BatchRows, Conn, RejectionRow, Store, WaitingRow
+from daemon.metrics import DropReason
 from daemon.mqtt.outbound import rejection_message
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import OutboundKind
@@ -96,7 +97,7 @@ class Settled:
 
     outcome: Outcome | None = None
     rejection: Rejection | None = None
-    dropped: str | None = None
+    dropped: DropReason | None = None
 
 
 def storable(text: str) -> str:
@@ -324,7 +325,7 @@ class UnitOfWork:
             return Settled(rejection=inbound.rejection)
         command = inbound.command
         if command is None:
-            return Settled(dropped="internal_error")
+            return Settled(dropped=DropReason.INTERNAL_ERROR)
         ref = message_ref(arrival.topic, arrival.payload)
         try:
             return Settled(outcome=self.fleet.handle(command, arrival.received_at, ref).outcome)
@@ -338,7 +339,7 @@ class UnitOfWork:
                 bike_id=command.bike_id,
                 session_id=str(command.session_id),
             )
-            return Settled(dropped="internal_error")
+            return Settled(dropped=DropReason.INTERNAL_ERROR)
 
     async def _write(
         self, conn: Conn, waiting: Sequence[Arrival], rejections: Sequence[RejectionRow]

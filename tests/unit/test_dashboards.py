@@ -57,3 +57,19 @@ def test_every_metric_a_deploy_file_names_is_exported(path):
 def test_the_check_would_notice_a_renamed_metric():
     assert "chargeflow_messages_received_total" in exported()
     assert "chargeflow_messages_recieved_total" not in exported()
+
+
+def test_every_reason_counter_has_a_series_from_start_up():
+    """An alert on increase() never sees the first event of a series that appears at 1
+    (deploy/prometheus/alerts_test.yml shows it): every label value is exported at 0."""
+    from prometheus_client import generate_latest
+
+    from daemon.metrics import DropReason
+    from domain.errors import Reason
+
+    text = generate_latest(Metrics().registry).decode()
+    for reason in DropReason:
+        assert f'chargeflow_messages_dropped_total{{reason="{reason}"}} 0.0' in text
+    for code in Reason:
+        assert f'chargeflow_messages_rejected_total{{reason="{code}"}} 0.0' in text
+    assert "chargeflow_mqtt_failovers_total 0.0" in text
