@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import ClassVar
 
@@ -17,7 +18,16 @@ __all__ = [
     "SessionKindMismatch",
     "TimestampOutOfRange",
     "UnknownSession",
+    "when",
 ]
+
+
+def when(at: datetime) -> str:
+    """How a rule's message names an instant: in UTC with Z, as everything ChargeFlow says
+    (SPEC §2), whatever offset it came with; a naive one (refused for being naive) as sent."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        return at.isoformat()
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class Reason(StrEnum):

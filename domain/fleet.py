@@ -22,6 +22,7 @@ from domain.errors import (
     DomainError,
     SessionIdConflict,
     UnknownSession,
+    when,
 )
 from domain.events import (
     DeferredMessageSettled,
@@ -306,7 +307,7 @@ class Fleet:
                 if owner is not None and owner != (sample.session_id, sample.seq):
                     raise SessionIdConflict(
                         f"telemetry_id {sample.telemetry_id} emitted at "
-                        f"{sample.emitted_at.at.isoformat()} is already sample {owner[1]} of "
+                        f"{when(sample.emitted_at.at)} is already sample {owner[1]} of "
                         f"session {owner[0]}"
                     )
             outcome, events = session.record_sample(

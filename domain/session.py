@@ -14,6 +14,7 @@ from domain.errors import (
     SessionIdConflict,
     SessionKindMismatch,
     TimestampOutOfRange,
+    when,
 )
 from domain.events import (
     Event,
@@ -130,13 +131,13 @@ class Session:
         self._require_active()
         if self.end is not None:
             raise SessionIdConflict(
-                f"session {self.session_id} already ended at {self.end.occurred_at.isoformat()} "
+                f"session {self.session_id} already ended at {when(self.end.occurred_at)} "
                 f"with last_seq {self.end.last_seq}; this end differs"
             )
         if command.occurred_at < self.started_at:
             raise TimestampOutOfRange(
-                f"occurred_at {command.occurred_at.isoformat()} is before the session started "
-                f"({self.started_at.isoformat()})"
+                f"occurred_at {when(command.occurred_at)} is before the session started "
+                f"({when(self.started_at)})"
             )
         require_not_future(command.occurred_at, now, policy.clock_skew, "occurred_at")
         if self.seqs.highest > command.last_seq:
@@ -147,8 +148,8 @@ class Session:
         latest = self.latest_emitted_at
         if latest is not None and latest > command.occurred_at:
             raise TimestampOutOfRange(
-                f"occurred_at {command.occurred_at.isoformat()} is before a stored sample's "
-                f"emitted_at ({latest.isoformat()})"
+                f"occurred_at {when(command.occurred_at)} is before a stored sample's "
+                f"emitted_at ({when(latest)})"
             )
         self.end = SessionEnd(command.occurred_at, command.last_seq, received_at=now)
         self.last_heard_at = now
@@ -256,7 +257,7 @@ class Session:
         if self.finalized is not None:
             raise SessionAlreadyFinalized(
                 f"session {self.session_id} was finalized at "
-                f"{self.finalized.finalized_at.isoformat()} and cannot change"
+                f"{when(self.finalized.finalized_at)} and cannot change"
             )
 
     def _finalize(

@@ -8,7 +8,7 @@ from decimal import Decimal
 from enum import StrEnum
 from uuid import UUID
 
-from domain.errors import InvalidValue, TimestampOutOfRange
+from domain.errors import InvalidValue, TimestampOutOfRange, when
 
 __all__ = [
     "EndReason",
@@ -58,14 +58,14 @@ class EndReason(StrEnum):
 def require_aware(value: datetime, what: str) -> None:
     """Naive timestamps are ambiguous across a fleet's time zones; refuse them."""
     if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidValue(f"{what} must carry a UTC offset, got naive {value.isoformat()}")
+        raise InvalidValue(f"{what} must carry a UTC offset, got naive {when(value)}")
 
 
 def require_not_future(at: datetime, now: datetime, skew: timedelta, what: str) -> None:
     """The one rule for every publisher's clock: no time later than now plus the allowed skew."""
     if at > now + skew:
         raise TimestampOutOfRange(
-            f"{what} {at.isoformat()} is in the future (now {now.isoformat()}, "
+            f"{what} {when(at)} is in the future (now {when(now)}, "
             f"allowed clock skew {skew.total_seconds():g} s)"
         )
 

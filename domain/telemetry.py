@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
-from domain.errors import InvalidValue, TimestampOutOfRange
+from domain.errors import InvalidValue, TimestampOutOfRange, when
 from domain.session_values import require_aware, require_not_future
 
 __all__ = ["Distance", "EmissionTime", "EnergyDelta", "StateOfCharge", "TelemetrySample"]
@@ -70,12 +70,11 @@ class EmissionTime:
         """Raise unless start <= at <= end (when the end is known) and at <= now + skew."""
         if self.at < start:
             raise TimestampOutOfRange(
-                f"emitted_at {self.at.isoformat()} is before the session started "
-                f"({start.isoformat()})"
+                f"emitted_at {when(self.at)} is before the session started ({when(start)})"
             )
         if end is not None and self.at > end:
             raise TimestampOutOfRange(
-                f"emitted_at {self.at.isoformat()} is after the session ended ({end.isoformat()})"
+                f"emitted_at {when(self.at)} is after the session ended ({when(end)})"
             )
         require_not_future(self.at, now, skew, "emitted_at")
 

@@ -54,6 +54,12 @@ POLICY = SessionPolicy(finalize_grace=timedelta(seconds=5), clock_skew=timedelta
 NAIVE = datetime(2026, 11, 24, 8, 0)
 
 
+def z(at: datetime) -> str:
+    """An instant as every detail writes it: RFC 3339 in UTC with Z (SPEC §2)."""
+    assert at.utcoffset() == timedelta(0), at
+    return at.isoformat().replace("+00:00", "Z")
+
+
 def fresh(*bikes: str) -> Fleet:
     fleet = Fleet(POLICY)
     for bike in bikes:
@@ -115,19 +121,17 @@ def test_the_ends_of_a_session_that_do_not_fit_say_why():
     fleet = fresh(a.bike_id)
     fleet.handle(a, NOW)
     fleet.handle(sample(a, 2, at=T0 + timedelta(minutes=20)), NOW)
-    iso = T0.isoformat()
+    iso = z(T0)
     before = EndSession(a.bike_id, a.session_id, a.kind, T0 - timedelta(seconds=1), 2)
     assert told(refused(fleet, before)) == (
         Reason.TIMESTAMP_OUT_OF_RANGE,
-        f"occurred_at {(T0 - timedelta(seconds=1)).isoformat()} is before the session started "
-        f"({iso})",
+        f"occurred_at {z(T0 - timedelta(seconds=1))} is before the session started ({iso})",
     )
     future = NOW + timedelta(minutes=6)
     ahead = EndSession(a.bike_id, a.session_id, a.kind, future, 2)
     assert told(refused(fleet, ahead)) == (
         Reason.TIMESTAMP_OUT_OF_RANGE,
-        f"occurred_at {future.isoformat()} is in the future (now {NOW.isoformat()}, "
-        "allowed clock skew 300 s)",
+        f"occurred_at {z(future)} is in the future (now {z(NOW)}, allowed clock skew 300 s)",
     )
     assert told(refused(fleet, end(a, 1))) == (
         Reason.SEQ_BEYOND_END,
@@ -136,8 +140,8 @@ def test_the_ends_of_a_session_that_do_not_fit_say_why():
     early = EndSession(a.bike_id, a.session_id, a.kind, T0 + timedelta(minutes=10), 2)
     assert told(refused(fleet, early)) == (
         Reason.TIMESTAMP_OUT_OF_RANGE,
-        f"occurred_at {(T0 + timedelta(minutes=10)).isoformat()} is before a stored sample's "
-        f"emitted_at ({(T0 + timedelta(minutes=20)).isoformat()})",
+        f"occurred_at {z(T0 + timedelta(minutes=10))} is before a stored sample's "
+        f"emitted_at ({z(T0 + timedelta(minutes=20))})",
     )
     charging_end = end(a, 2, kind=SessionKind.CHARGING)
     assert told(refused(fleet, charging_end)) == (
@@ -147,7 +151,7 @@ def test_the_ends_of_a_session_that_do_not_fit_say_why():
     fleet.handle(end(a, 3), NOW)
     assert told(refused(fleet, end(a, 4))) == (
         Reason.SESSION_ID_CONFLICT,
-        f"session {a.session_id} already ended at {(T0 + timedelta(minutes=30)).isoformat()} "
+        f"session {a.session_id} already ended at {z(T0 + timedelta(minutes=30))} "
         "with last_seq 3; this end differs",
     )
 
@@ -174,8 +178,7 @@ def test_the_samples_that_do_not_fit_say_why():
     fleet.handle(b, NOW)
     assert told(refused(fleet, sample(b, 1, at=future))) == (
         Reason.TIMESTAMP_OUT_OF_RANGE,
-        f"emitted_at {future.isoformat()} is in the future (now {NOW.isoformat()}, "
-        "allowed clock skew 300 s)",
+        f"emitted_at {z(future)} is in the future (now {z(NOW)}, allowed clock skew 300 s)",
     )
 
 
@@ -186,7 +189,7 @@ def test_anything_for_a_finalized_session_says_when_it_was_finalized():
     fleet.handle(end(a, 0), NOW)
     assert told(refused(fleet, sample(a, 1))) == (
         Reason.SESSION_FINALIZED,
-        f"session {a.session_id} was finalized at {NOW.isoformat()} and cannot change",
+        f"session {a.session_id} was finalized at {z(NOW)} and cannot change",
     )
 
 
@@ -195,8 +198,7 @@ def test_a_start_from_the_future_says_so():
     a = start(bike_id(), at=future)
     assert told(refused(fresh(a.bike_id), a)) == (
         Reason.TIMESTAMP_OUT_OF_RANGE,
-        f"occurred_at {future.isoformat()} is in the future (now {NOW.isoformat()}, "
-        "allowed clock skew 300 s)",
+        f"occurred_at {z(future)} is in the future (now {z(NOW)}, allowed clock skew 300 s)",
     )
 
 
@@ -229,8 +231,7 @@ def test_a_waiting_message_decided_against_says_why_on_its_settled_event():
         a.bike_id,
         Waiting(too_early, NOW, b"r1"),
         Reason.TIMESTAMP_OUT_OF_RANGE,
-        f"emitted_at {(T0 - timedelta(seconds=1)).isoformat()} is before the session started "
-        f"({T0.isoformat()})",
+        f"emitted_at {z(T0 - timedelta(seconds=1))} is before the session started ({z(T0)})",
     )
 
 
