@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -70,3 +71,67 @@ async def test_a_broker_started_from_a_0700_clone_reads_its_password_and_acl_fil
         async for message in client.messages:
             assert message.payload == b"{}"
             break
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _run_local(database_url: str, port: int, *args: str) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHARGEFLOW_")}
+    env = {
+        **clean,
+        "RUN_LOCAL_VENV": sys.prefix,  # this run's virtualenv, not a new .venv
+        "RUN_LOCAL_MQTT_PORT": str(port),
+        "CHARGEFLOW_DATABASE_URL": database_url,
+        "CHARGEFLOW_HTTP_HOST": "127.0.0.1",
+        "CHARGEFLOW_HTTP_PORT": str(free_port()),
+        "CHARGEFLOW_LOG_FORMAT": "json",
+        "CHARGEFLOW_CLIENT_ID": f"run-local-{uuid.uuid4().hex[:6]}",
+    }
+    return subprocess.Popen(
+        [str(REPO_ROOT / "deploy" / "run-local"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job
+    )
+
+
+def test_run_local_stops_the_broker_it_started_when_the_daemon_stops(database_url):
+    port = free_port()
+    job = _run_local(database_url, port)
+    try:
+        for _ in range(300):
+            if _listening(port) and job.poll() is None:
+                break
+            time.sleep(0.1)
+        assert _listening(port), "run-local started no broker"
+        time.sleep(3)  # the daemon up and connected
+        os.killpg(job.pid, signal.SIGINT)  # Ctrl-C on the terminal: the whole job
+        out, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out
+    assert f"stopped the mosquitto on port {port}" in out
+    assert not _listening(port)
+
+
+def test_run_local_says_how_to_stop_a_broker_it_leaves_running_for_the_daemon(database_url):
+    port = free_port()
+    job = _run_local(database_url, port, "pricing", "--json")
+    out, _ = job.communicate(timeout=120)
+    try:
+        assert job.returncode == 0, out
+        pid = int(re.search(r"stop it with: kill (\d+)", out).group(1))  # type: ignore[union-attr]
+        assert _listening(port)
+    finally:
+        found = re.search(r"pid (\d+)", out)
+        if found:
+            os.kill(int(found.group(1)), signal.SIGTERM)
+    assert pid == int(found.group(1))  # type: ignore[union-attr]
