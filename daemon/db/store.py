@@ -633,9 +633,12 @@ _KEEP_REJECTION = (
     "WITH kept AS (INSERT INTO rejected_messages (received_at, topic, bike_id,"
     " reason, detail, session_id, telemetry_id, payload, payload_size,"
     " payload_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-    " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING RETURNING 1)"
+    " ON CONFLICT ON CONSTRAINT rejected_messages_once DO NOTHING)"
+    # Kept once (unique on topic + payload hash), answered every time it arrives: a publisher
+    # that sends the same bad bytes again is told again, as the SPEC's "every rejection is
+    # published" says.
     " INSERT INTO outbox (created_at, event, topic, payload)"
-    " SELECT $1, $13, $11, $12 FROM kept WHERE $11::text IS NOT NULL"
+    " SELECT $1, $13, $11, $12 WHERE $11::text IS NOT NULL"
 )
 
 

@@ -109,11 +109,14 @@ async def test_a_rejection_names_the_ids_it_could_read(daemon, bike, outbound):
     assert "has no session" in rejection["detail"]
 
 
-async def test_a_redelivered_rejected_message_is_answered_once(daemon, bike, outbound, pool):
+async def test_a_repeated_bad_payload_is_kept_once_and_answered_each_time(
+    daemon, bike, outbound, pool
+):
     body = json.dumps({"telemetry_id": "not-a-uuid"}).encode()
     await bike.send("telemetry", body)
     await bike.send("telemetry", body)
-    await outbound.wait_for(bike.bike_id, "rejections")
+    answers = await outbound.wait_for(bike.bike_id, "rejections", 2)
+    assert [a["reason"] for a in answers] == ["schema_violation", "schema_violation"]
     await wait_until(
         lambda: daemon.metrics.rejected.labels("schema_violation")._value.get() == 2,
         what="both copies settled",
