@@ -25,6 +25,7 @@ from daemon.mqtt.delivery import Link, ReadGate
 from daemon.partition import Ownership, PartitionRegistry
 from daemon.service.outbox import OutboxPublisher
 from daemon.service.pipeline import Pipeline
+from daemon.service.retention import Retention, RetentionPolicy
 from daemon.service.unit_of_work import UnitOfWork, configured_unit_of_work
 
 __all__ = ["Daemon", "open_reader", "open_store", "run_daemon"]
@@ -199,6 +200,7 @@ class Daemon:
             others = [
                 *([tg.create_task(registry.run())] if registry else []),
                 tg.create_task(publisher.run()),
+                tg.create_task(self._retention(store).run(s.retention_interval_s, self.stop)),
                 tg.create_task(self._watch_database(store)),
                 http_task,
             ]
@@ -231,6 +233,15 @@ class Daemon:
         )
         await registry.claim()
         return registry
+
+    def _retention(self, store: Store) -> Retention:
+        s = self.settings
+        policy = RetentionPolicy(
+            rejection_payload_days=s.rejection_payload_retention_days,
+            outbox_days=s.outbox_retention_days,
+            telemetry_days=s.telemetry_retention_days,
+        )
+        return Retention(store.pool, self.metrics, policy, batch=s.retention_batch)
 
     def _wire(
         self, store: Store, unit_of_work: UnitOfWork, ownership: Ownership

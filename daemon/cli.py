@@ -50,6 +50,8 @@ app = typer.Typer(
 )
 rejections_app = typer.Typer(help="Kept rejections: list them, replay them.", no_args_is_help=True)
 app.add_typer(rejections_app, name="rejections")
+riders_app = typer.Typer(help="Riders' personal data: erase a rider.", no_args_is_help=True)
+app.add_typer(riders_app, name="riders")
 
 out = Console()
 err = Console(stderr=True)
@@ -475,6 +477,53 @@ def session(
     for part in ("finalized", "billing", "end"):
         flat |= {f"{part}.{k}": v for k, v in view.get(part, {}).items()}
     _table(f"Session {wanted}", ("field", "value"), sorted(flat.items()))
+
+
+# -- riders --------------------------------------------------------------------------------
+
+
+@riders_app.command("erase")
+def riders_erase(
+    rider_id: Annotated[str, typer.Argument(metavar="RIDER_ID")], as_json: Json = False
+) -> None:
+    """Erase a rider (GDPR Art. 17): the pseudonym's mapping, and the rider id in kept
+    rejections and outbox rows. Bills, analytics and totals do not change. Idempotent."""
+    from daemon.db.privacy import RiderStillActive, erase_rider
+
+    if not rider_id or "\x00" in rider_id:
+        _say("chargeflow: usage error: RIDER_ID must be a non-empty id without NUL characters")
+        raise typer.Exit(EXIT_USAGE)
+
+    async def work() -> dict[str, Any]:
+        store = await _reader(_read_settings())
+        try:
+            async with store.pool.acquire() as conn:
+                erasure = await erase_rider(conn, rider_id)
+        except RiderStillActive as exc:
+            _say(f"chargeflow: not erased: {exc}")
+            raise _Stop(EXIT_FAILURE) from None
+        finally:
+            await store.pool.close()
+        return {
+            "erased": not erasure.nothing_left,
+            "pseudonym": erasure.pseudonym,
+            "sessions": erasure.sessions,
+            "rejections_redacted": erasure.rejections_redacted,
+            "outbox_redacted": erasure.outbox_redacted,
+        }
+
+    report = _run(work)
+    if _as_json(as_json):
+        _print_json(report)
+    elif not report["erased"]:
+        _say("nothing left to erase: no mapping, kept rejection or outbox row names this rider")
+    else:
+        _say(
+            f"rider erased: pseudonym {report['pseudonym'] or '(none)'}, "
+            f"{report['sessions']} ride(s) now show the rider as erased, "
+            f"{report['rejections_redacted']} kept rejection(s) and "
+            f"{report['outbox_redacted']} outbox row(s) redacted"
+        )
 
 
 # -- rejections ----------------------------------------------------------------------------

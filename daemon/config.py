@@ -124,7 +124,14 @@ class Settings(BaseModel):
     max_payload_bytes: int = Field(default=16_384, ge=256)
     session_expiry_s: int = Field(default=7 * 86_400, ge=0)
     redelivery_window_days: int = Field(default=7, ge=1)
+    # Retention (README "Personal data"): telemetry samples of finalized sessions (TimescaleDB's
+    # policy, or the daemon's job on a plain table), rejected payloads (the row is kept),
+    # published outbox rows; run every retention_interval_s in batches of retention_batch.
     telemetry_retention_days: int = Field(default=400, ge=1)
+    rejection_payload_retention_days: int = Field(default=30, ge=1)
+    outbox_retention_days: int = Field(default=7, ge=1)
+    retention_interval_s: float = Field(default=3600.0, gt=0)
+    retention_batch: int = Field(default=1000, ge=1, le=100_000)
     # auto: a hypertable when the extension can be loaded, plain tables otherwise; on: refuse
     # to start without it; off: never touch it.
     timescaledb: Literal["auto", "on", "off"] = "auto"

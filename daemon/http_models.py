@@ -117,7 +117,10 @@ class SessionBody(_Body):
     session_id: UUID
     bike_id: str
     kind: Literal["ride", "charging"]
-    rider_id: str | None = Field(None, description="rides only")
+    rider_id: str | None = Field(None, description="rides only, while the rider is known")
+    rider_erased: Literal[True] | None = Field(
+        None, description="a ride whose rider was erased (rider_id is then left out)"
+    )
     station_id: str | None = Field(None, description="charging sessions only")
     state: Literal["active", "finalized"]
     started_at: Instant
@@ -140,6 +143,10 @@ class KeptRejectionBody(_Body):
     session_id: UUID | None
     telemetry_id: UUID | None
     payload_size: int = Field(ge=0)
+    payload_redacted: Literal["erasure", "retention"] | None = Field(
+        description="erasure: a rider id in it was replaced; retention: emptied after "
+        "CHARGEFLOW_REJECTION_PAYLOAD_RETENTION_DAYS; null: as received"
+    )
     payload_text: str | None = Field(description="the payload, when it is UTF-8")
     payload_base64: str = Field(description="the payload as kept (the first 4 KiB)")
 

@@ -123,6 +123,19 @@ class Metrics:
         self.outbox_published = Counter(
             "chargeflow_outbox_published", "Outbound events published", ["event"], registry=r
         )
+        self.retention_removed = Counter(
+            "chargeflow_retention_removed",
+            "Rows removed (or payloads emptied) by retention: rejection_payloads, outbox,"
+            " telemetry",
+            ["data"],
+            registry=r,
+        )
+        self.retention_runs = Counter(
+            "chargeflow_retention_runs",
+            "Retention runs by outcome: done, failed",
+            ["outcome"],
+            registry=r,
+        )
 
     def _health(self, r: CollectorRegistry) -> None:
         """The connections, readiness, and refused HTTP requests."""
@@ -152,6 +165,10 @@ class Metrics:
             self.rejected.labels(reason)
         for dropped in DropReason:
             self.dropped.labels(dropped)
+        for data in ("rejection_payloads", "outbox", "telemetry"):
+            self.retention_removed.labels(data)
+        for outcome in ("done", "failed"):
+            self.retention_runs.labels(outcome)
         for denied in ("missing", "invalid", "not_configured"):
             self.http_auth_failures.labels(denied)
         for outcome in ("applied", Reason.UNKNOWN_SESSION, Reason.ACTIVE_SESSION_EXISTS):

@@ -20,7 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerialize
 
 from domain.billing import BillingRecord, money_text
 from domain.errors import Reason
-from domain.session_values import FinalizedSession, quantity_text, utc_text
+from domain.session_values import FinalizedSession, SessionKind, quantity_text, utc_text
 
 __all__ = [
     "BillingPayload",
@@ -69,6 +69,14 @@ Seconds = Annotated[
 ]
 
 
+def party_fields(kind: SessionKind, party_id: str | None) -> dict[str, Any]:
+    """Who a session is with, as its documents say it: ``rider_id`` or ``station_id``, or
+    ``rider_erased`` for a ride whose rider was erased (deploy/README.md "Personal data")."""
+    if party_id is None:
+        return {"rider_erased": True}
+    return {kind.party_field: party_id}
+
+
 class Published(BaseModel):
     """A published document: its bytes on MQTT, its JSON over HTTP and in the CLI."""
 
@@ -89,7 +97,10 @@ class FinalizedPayload(Published):
     session_id: UUID
     bike_id: str
     kind: Literal["ride", "charging"]
-    rider_id: str | None = Field(None, description="rides only")
+    rider_id: str | None = Field(None, description="rides only, while the rider is known")
+    rider_erased: Literal[True] | None = Field(
+        None, description="a ride whose rider was erased (rider_id is then left out)"
+    )
     station_id: str | None = Field(None, description="charging sessions only")
     started_at: Instant
     ended_at: Instant
@@ -108,7 +119,7 @@ class FinalizedPayload(Published):
                 "session_id": session.session_id,
                 "bike_id": session.bike_id,
                 "kind": str(session.kind),
-                session.kind.party_field: session.party_id,
+                **party_fields(session.kind, session.party_id),
                 "started_at": session.started_at,
                 "ended_at": session.ended_at,
                 "duration_s": session.duration,

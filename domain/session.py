@@ -67,7 +67,7 @@ class Session:
         *,
         session_id: UUID,
         bike_id: str,
-        party_id: str,
+        party_id: str | None,
         started_at: datetime,
         last_heard_at: datetime,
         end: SessionEnd | None = None,
@@ -108,11 +108,15 @@ class Session:
         return self.end is not None and len(self.seqs) == self.end.last_seq
 
     def same_start(self, command: StartSession) -> bool:
+        """Whether a start is this session's own (redelivered). Once a ride's rider has been
+        erased its party is unknown: a start that matches in everything else is taken as the
+        redelivery it almost surely is, a duplicate, not a conflict that would keep the rider
+        id again among the rejections."""
         return (
             command.session_id == self.session_id
             and command.bike_id == self.bike_id
             and command.kind is self.kind
-            and command.party_id == self.party_id
+            and (self.party_id is None or command.party_id == self.party_id)
             and command.occurred_at == self.started_at
         )
 
@@ -294,7 +298,8 @@ class RideSession(Session):
     kind = SessionKind.RIDE
 
     @property
-    def rider_id(self) -> str:
+    def rider_id(self) -> str | None:
+        """None once the rider has been erased."""
         return self.party_id
 
 
@@ -304,7 +309,7 @@ class ChargingSession(Session):
     kind = SessionKind.CHARGING
 
     @property
-    def station_id(self) -> str:
+    def station_id(self) -> str | None:
         return self.party_id
 
 

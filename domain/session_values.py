@@ -110,7 +110,9 @@ class FinalizedSession:
     session_id: UUID
     bike_id: str
     kind: SessionKind
-    party_id: str
+    # The rider of a ride or the station of a charging session; None for a ride whose rider
+    # was erased since (the record itself never changes: it refers to a pseudonym in store).
+    party_id: str | None
     started_at: datetime
     ended_at: datetime
     energy_wh: Decimal

@@ -38,6 +38,7 @@ __all__ = [
     "Store",
     "WaitingRow",
     "finalized_from_row",
+    "party_of",
 ]
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -114,12 +115,23 @@ def _sample(row: asyncpg.Record) -> TelemetrySample:
     )
 
 
+def _party_order(start: Sequence[object]) -> tuple[str, str]:
+    return (str(start[2]), str(start[3]))
+
+
+def party_of(row: asyncpg.Record) -> str | None:
+    """A session's party from a row of ``session_records``: the station of a charging
+    session; the rider of a ride, or None when the rider was erased."""
+    party: str | None = row["rider_id"] if row["kind"] == "ride" else row["party_id"]
+    return party
+
+
 def finalized_from_row(row: asyncpg.Record) -> FinalizedSession:
     return FinalizedSession(
         session_id=row["session_id"],
         bike_id=row["bike_id"],
         kind=SessionKind(row["kind"]),
-        party_id=row["party_id"],
+        party_id=party_of(row),
         started_at=row["started_at"],
         ended_at=row["ended_at"],
         energy_wh=row["energy_wh"],
@@ -140,7 +152,7 @@ def session_from_row(row: asyncpg.Record) -> Session:
     return session_for(SessionKind(row["kind"]))(
         session_id=row["session_id"],
         bike_id=row["bike_id"],
-        party_id=row["party_id"],
+        party_id=party_of(row),
         started_at=row["started_at"],
         last_heard_at=row["last_heard_at"],
         end=end,
@@ -343,7 +355,7 @@ class Store:
     ) -> tuple[dict[str, Session], list[WaitingRow]]:
         """The Active session summaries and the waiting messages of these bikes."""
         active = await conn.fetch(
-            "SELECT * FROM sessions WHERE bike_id = ANY($1::text[]) AND state = 'active'",
+            "SELECT * FROM session_records WHERE bike_id = ANY($1::text[]) AND state = 'active'",
             bike_ids,
         )
         waiting = await conn.fetch(
@@ -363,7 +375,8 @@ class Store:
 
     async def load_sessions(self, conn: Conn, session_ids: Iterable[UUID]) -> list[Session]:
         rows = await conn.fetch(
-            "SELECT * FROM sessions WHERE session_id = ANY($1::uuid[])", list(session_ids)
+            "SELECT * FROM session_records WHERE session_id = ANY($1::uuid[])",
+            list(session_ids),
         )
         return [session_from_row(r) for r in rows]
 
@@ -422,7 +435,9 @@ class Store:
     async def _write_sessions(self, conn: Conn, batch: BatchRows) -> None:
         rows = batch.events
         if rows.starts:
-            await conn.executemany(_INSERT_STARTS, rows.starts)
+            # In (kind, party) order: two batches that start rides of one rider take its
+            # riders row in the same order as every other lock, and never deadlock.
+            await conn.executemany(_INSERT_STARTS, sorted(rows.starts, key=_party_order))
         if rows.samples:
             await conn.copy_to_table(
                 "telemetry",
@@ -570,9 +585,6 @@ class Store:
         count = await self.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
         return int(count)
 
-    async def prune_outbox(self, published_before: datetime) -> None:
-        await self.pool.execute("DELETE FROM outbox WHERE published_at < $1", published_before)
-
 
 _DUE = (
     "SELECT bike_id FROM sessions WHERE state = 'active' AND end_received_at <= $1"
@@ -589,10 +601,17 @@ _PAYLOAD_CAP = 4096  # bytes of a rejected payload kept; payload_size says what 
 
 # -- what a batch writes (Store.write_rows) ----------------------------------------------------
 
+# A ride refers to its rider by pseudonym (migration 006): the first ride of a rider id
+# assigns one, a rider erased since gets a new one. DO UPDATE (not DO NOTHING) so that the
+# pseudonym is returned whoever inserted it first; a batch takes riders in id order.
 _INSERT_STARTS = (
-    "INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at,"
-    " received_at, last_heard_at) VALUES ($1, $2, $3, $4, $5, $6, $6)"
+    "WITH rider AS (INSERT INTO riders (rider_id) SELECT $4 WHERE $3 = 'ride'"
+    " ON CONFLICT (rider_id) DO UPDATE SET rider_id = EXCLUDED.rider_id RETURNING pseudonym)"
+    " INSERT INTO sessions (session_id, bike_id, kind, party_id, started_at,"
+    " received_at, last_heard_at)"
+    " VALUES ($1, $2, $3, COALESCE((SELECT pseudonym FROM rider), $4), $5, $6, $6)"
 )
+
 _UPDATE_SUMMARIES = (
     "UPDATE sessions s SET last_heard_at = t.last_heard_at, ended_at = t.ended_at,"
     " last_seq = t.last_seq, end_received_at = t.end_received_at,"

@@ -14,8 +14,8 @@ from uuid import UUID
 import asyncpg
 
 from daemon import MAX_PAGE
-from daemon.db.store import Store, finalized_from_row
-from daemon.outbound import BillingPayload, FinalizedPayload, seconds_number
+from daemon.db.store import Store, finalized_from_row, party_of
+from daemon.outbound import BillingPayload, FinalizedPayload, party_fields, seconds_number
 from domain.analytics import AnalyticsReport, KindFigures, project
 from domain.billing import BillingRecord, PricingHistory, money_text
 from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
@@ -39,6 +39,8 @@ class KeptRejection:
     telemetry_id: UUID | None
     payload: bytes
     payload_size: int
+    # "erasure" (a rider id in it was replaced) or "retention" (emptied), None as received.
+    payload_redacted: str | None = None
 
     def to_document(self) -> dict[str, Any]:
         try:
@@ -55,6 +57,7 @@ class KeptRejection:
             "session_id": None if self.session_id is None else str(self.session_id),
             "telemetry_id": None if self.telemetry_id is None else str(self.telemetry_id),
             "payload_size": self.payload_size,
+            "payload_redacted": self.payload_redacted,
             "payload_text": text,
             "payload_base64": base64.b64encode(self.payload).decode("ascii"),
         }
@@ -68,7 +71,7 @@ class SessionView:
     session_id: UUID
     bike_id: str
     kind: SessionKind
-    party_id: str
+    party_id: str | None  # None: a ride whose rider was erased
     state: str
     started_at: datetime
     stored_telemetry_count: int
@@ -86,7 +89,7 @@ class SessionView:
             "session_id": str(self.session_id),
             "bike_id": self.bike_id,
             "kind": str(self.kind),
-            self.kind.party_field: self.party_id,
+            **party_fields(self.kind, self.party_id),
             "state": self.state,
             "started_at": utc_text(self.started_at),
             "stored_telemetry_count": self.stored_telemetry_count,
@@ -149,7 +152,7 @@ class ReadModel:
         """A session, its stored sample count and (once finalized) its record and bill."""
         row = await self.pool.fetchrow(
             "SELECT s.*, (SELECT count(*) FROM telemetry t WHERE t.session_id = s.session_id)"
-            " AS stored FROM sessions s WHERE s.session_id = $1",
+            " AS stored FROM session_records s WHERE s.session_id = $1",
             session_id,
         )
         if row is None:
@@ -162,7 +165,7 @@ class ReadModel:
             session_id=row["session_id"],
             bike_id=row["bike_id"],
             kind=SessionKind(row["kind"]),
-            party_id=row["party_id"],
+            party_id=party_of(row),
             state=row["state"],
             started_at=row["started_at"],
             stored_telemetry_count=int(row["stored"]),
@@ -179,7 +182,7 @@ class ReadModel:
         """Kept rejections, newest first, one page of ``f.limit``."""
         rows = await self.pool.fetch(
             "SELECT id, received_at, topic, bike_id, reason, detail, session_id, telemetry_id,"
-            " payload, payload_size FROM rejected_messages"
+            " payload, payload_size, payload_redacted FROM rejected_messages"
             " WHERE ($1::text IS NULL OR bike_id = $1) AND ($2::text IS NULL OR reason = $2)"
             " AND ($3::timestamptz IS NULL OR received_at >= $3)"
             " AND ($4::timestamptz IS NULL OR received_at < $4)"
@@ -232,7 +235,7 @@ async def _finalized_sessions(
     pricing_version: str | None,
 ) -> list[FinalizedSession]:
     rows = await pool.fetch(
-        "SELECT * FROM sessions WHERE state = 'finalized'"
+        "SELECT * FROM session_records WHERE state = 'finalized'"
         " AND ($1::timestamptz IS NULL OR started_at >= $1)"
         " AND ($2::timestamptz IS NULL OR started_at < $2)"
         " AND ($3::text IS NULL OR bike_id = $3)"

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import asyncpg
 import structlog
@@ -37,7 +37,6 @@ class OutboxPublisher:
         batch: int = 1000,
         in_flight: int = 100,
         poll_s: float = 1.0,
-        keep_published: timedelta = timedelta(days=7),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
@@ -46,12 +45,10 @@ class OutboxPublisher:
         self.batch = batch
         self.in_flight = in_flight
         self.poll_s = poll_s
-        self.keep_published = keep_published
         self.clock = clock
         # Set when new rows are committed (the pipeline's ``on_commit``): publish them now
         # rather than at the next poll.
         self._wake = wake if wake is not None else asyncio.Event()
-        self._last_prune = float("-inf")
         self._last_count = float("-inf")
 
     async def run(self) -> None:
@@ -84,7 +81,6 @@ class OutboxPublisher:
             rows = await self.store.pending_outbox(conn, self.batch)
             if not rows:
                 self.metrics.outbox_pending.set(0)
-                await self._prune()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
                 continue
@@ -128,9 +124,3 @@ class OutboxPublisher:
         await asyncio.gather(*tasks)
         if failure is not None:
             raise failure
-
-    async def _prune(self) -> None:
-        if time.monotonic() - self._last_prune < 3600:
-            return
-        self._last_prune = time.monotonic()
-        await self.store.prune_outbox(self.clock() - self.keep_published)

@@ -63,6 +63,12 @@ async def replay(
         chunk, arrivals = [], []
         now = datetime.now(UTC)
         for kept in chosen[start : start + _CHUNK]:
+            if kept.payload_redacted is not None:
+                results.append(
+                    Replayed(kept, "not_replayed", None,
+                             f"its payload was redacted ({kept.payload_redacted})")
+                )  # fmt: skip
+                continue
             if len(kept.payload) < kept.payload_size:
                 results.append(
                     Replayed(kept, "not_replayed", None,
