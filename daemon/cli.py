@@ -516,9 +516,9 @@ def riders_erase(
     if _as_json(as_json):
         _print_json(report)
     elif not report["erased"]:
-        _say("nothing left to erase: no mapping, kept rejection or outbox row names this rider")
+        print("nothing left to erase: no mapping, kept rejection or outbox row names this rider")
     else:
-        _say(
+        print(
             f"rider erased: pseudonym {report['pseudonym'] or '(none)'}, "
             f"{report['sessions']} ride(s) now show the rider as erased, "
             f"{report['rejections_redacted']} kept rejection(s) and "

@@ -338,3 +338,30 @@ def test_simulate_counts_what_the_broker_refuses_instead_of_calling_it_sent(brok
         "chargeflow: the broker refused 6 of 6 messages (the broker refused to publish on "
     )
     assert "NOT_AUTHORIZED" in done.stderr.splitlines()[-1]
+
+
+async def test_riders_erase_says_what_it_did_then_that_nothing_is_left(
+    daemon, bike, outbound, database_url
+):
+    rider = f"rider-{uuid.uuid4().hex}"
+    session_id = await bike.start(party=rider)
+    await bike.end(session_id, 0)
+    await outbound.wait_for(bike.bike_id, "sessions/finalized")
+
+    first = chargeflow("riders", "erase", rider, CHARGEFLOW_DATABASE_URL=database_url)
+    again = chargeflow("riders", "erase", rider, CHARGEFLOW_DATABASE_URL=database_url)
+    shown = chargeflow("session", session_id, CHARGEFLOW_DATABASE_URL=database_url)
+
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)  # piped: JSON, as every command's answer
+    assert report["erased"] is True
+    assert (report["sessions"], report["rejections_redacted"], report["outbox_redacted"]) == (
+        1,
+        0,
+        1,  # the finalized message (the bill never names the rider)
+    )
+    assert again.returncode == 0 and json.loads(again.stdout)["erased"] is False
+    code, screen = on_a_terminal("riders", "erase", rider, CHARGEFLOW_DATABASE_URL=database_url)
+    assert code == 0 and "nothing left to erase" in screen
+    document = json.loads(shown.stdout)
+    assert document["rider_erased"] is True and rider not in shown.stdout

@@ -538,3 +538,28 @@ def test_an_expiry_noticed_while_rejecting_a_command_is_still_reported(fleet):
     (event,) = fleet.pop_events()
     assert isinstance(event, SessionFinalized)
     assert event.session.missing_samples == 1
+
+
+def test_a_start_names_its_own_session_by_every_field_it_still_knows():
+    begun = start(bike_id(), party="rider-7")
+    known = RideSession(
+        session_id=begun.session_id,
+        bike_id=begun.bike_id,
+        party_id="rider-7",
+        started_at=begun.occurred_at,
+        last_heard_at=begun.occurred_at,
+    )
+    # Once its rider is erased, a ride's party is unknown: the same start is still its own.
+    erased = RideSession(
+        session_id=begun.session_id,
+        bike_id=begun.bike_id,
+        party_id=None,
+        started_at=begun.occurred_at,
+        last_heard_at=begun.occurred_at,
+    )
+    other_rider = replace(begun, party_id="rider-8")
+    later = replace(begun, occurred_at=begun.occurred_at + timedelta(seconds=1))
+
+    assert known.same_start(begun) and not known.same_start(other_rider)
+    assert erased.same_start(begun) and erased.same_start(other_rider)
+    assert not erased.same_start(later)
