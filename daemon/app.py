@@ -124,6 +124,16 @@ class Daemon:
         node = None if self.link is None else self.link.node
         return None if node is None else node.display
 
+    def partition_view(self) -> dict[str, list[str]] | None:
+        """The claims this instance takes and the others' it sees (CHARGEFLOW_PARTITION)."""
+        if self.registry is None:
+            return None
+        ownership = self.registry.ownership
+        return {
+            "takes": [str(p) for p in ownership.mine],
+            "others": sorted({str(p) for p in ownership.others}),
+        }
+
     def _idle(self) -> float:
         """How long the inbox has been empty while connected: what the broker queued for this
         instance has been taken once this grows (0 while disconnected)."""
@@ -183,6 +193,7 @@ class Daemon:
             tokens=tokens,
             metrics_auth=s.metrics_auth,
             broker=self.broker_node,
+            partition=self.partition_view,
         )
         async with asyncio.TaskGroup() as tg:
             http_task = tg.create_task(self.http.serve())

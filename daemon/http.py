@@ -320,7 +320,12 @@ def _health_routes(app: FastAPI, server: HttpServer) -> None:
         ok = all(checks.values())
         server.metrics.ready.set(1 if ok else 0)
         return JSONResponse(
-            {"ready": ok, "checks": checks, "broker": server.broker()},
+            {
+                "ready": ok,
+                "checks": checks,
+                "broker": server.broker(),
+                "partition": server.partition(),
+            },
             status_code=200 if ok else 503,
         )
 
@@ -450,9 +455,11 @@ class HttpServer:
         tokens: Tokens | None = None,
         metrics_auth: str = "open",
         broker: Callable[[], str | None] = lambda: None,
+        partition: Callable[[], dict[str, list[str]] | None] = lambda: None,
     ) -> None:
         self.tokens = tokens or Tokens()
         self.broker = broker  # which broker of the list the daemon is on, for /readyz
+        self.partition = partition  # the claims it takes and sees, for /readyz
         self.metrics_auth = metrics_auth
         self.metrics = metrics
         self.reads = reads

@@ -24,6 +24,7 @@ __all__ = [
     "Analytics",
     "Health",
     "KeptRejectionBody",
+    "PartitionView",
     "PricingList",
     "Readiness",
     "RejectionsPage",
@@ -39,12 +40,30 @@ class Health(_Body):
     status: Literal["alive"]
 
 
+class PartitionView(_Body):
+    """Which bikes an instance with CHARGEFLOW_PARTITION takes, as it sees the claims now."""
+
+    takes: list[str] = Field(
+        description="this instance's claims, e.g. 0/2 (and the claim it held before a "
+        "change of CHARGEFLOW_PARTITION, until what the broker queued under it is taken)"
+    )
+    others: list[str] = Field(
+        description="the other instances' live claims, as this instance last read them (every "
+        "second); a bike no claim here covers is taken by this instance too"
+    )
+
+
 class Readiness(_Body):
     ready: bool
     checks: dict[str, bool] = Field(description="database, mqtt, accepting")
     broker: str | None = Field(
         description="the broker of CHARGEFLOW_MQTT_URL the daemon is connected to (no "
         "credentials), or null while it is connected to none"
+    )
+    partition: PartitionView | None = Field(
+        default=None,
+        description="the claims with CHARGEFLOW_PARTITION; null when the instance takes every "
+        "bike without one (or has not registered its claim yet)",
     )
 
 

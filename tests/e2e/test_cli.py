@@ -90,8 +90,17 @@ async def test_run_with_timescaledb_on_where_it_cannot_load_fails_in_one_line(da
 
     async with pool.acquire() as conn:
         problem = await timescale_problem(conn)
-    if problem is None:
-        pytest.skip("this PostgreSQL loads TimescaleDB: `on` starts (tested in integration)")
+    if problem is None:  # this PostgreSQL loads TimescaleDB: `on` is taken, not refused
+        run = await asyncio.to_thread(
+            chargeflow, "migrate", CHARGEFLOW_DATABASE_URL=database_url,
+            CHARGEFLOW_TIMESCALEDB="on",
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert "TIMESCALEDB" not in run.stderr
+        assert await pool.fetchval(
+            "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"
+        ) == 1  # fmt: skip
+        return
 
     run = await asyncio.to_thread(
         chargeflow, "run", CHARGEFLOW_DATABASE_URL=database_url, CHARGEFLOW_TIMESCALEDB="on",

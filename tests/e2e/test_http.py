@@ -112,6 +112,7 @@ async def test_readiness_names_the_broker_the_daemon_is_on(daemon):
     assert status == 200
     node = daemon.link.node
     assert body["broker"] == node.display and "***" in body["broker"]
+    assert body["partition"] is None  # no CHARGEFLOW_PARTITION: every bike, no claims
 
 
 async def test_metrics_are_prometheus_text_and_ready_is_current(daemon):

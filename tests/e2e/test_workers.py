@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -41,12 +42,15 @@ async def test_two_workers_share_the_load_and_finalize_every_session_once(
         subprocess.Popen, [sys.executable, "-m", "daemon", "run", "--workers", "2"], env=env
     )
     try:
+        # Each worker reads the others' claims every second; until it has seen the other's,
+        # it takes every bike. /readyz says which claims it sees.
+        views = {}
         for port in (base, base + 1):
             await wait_until(
-                lambda p=port: _ready(p), timeout=30, what=f"worker on port {port} ready"
-            )
-        # Each worker reads the others' claims every second; until then it takes every bike.
-        await asyncio.sleep(2.5)
+                lambda p=port: _sees_the_other(p, views), timeout=30,
+                what=f"worker on port {port} ready and seeing the other's claim",
+            )  # fmt: skip
+        assert sorted(v["takes"][0] for v in views.values()) == ["0/2", "1/2"]
         bikes = [Bike(bike.client) for _ in range(12)]
         sessions = {}
         for one in bikes:  # one ride per bike: each worker takes its own bikes
@@ -85,9 +89,15 @@ def _two_free_ports() -> int:
                 return base
 
 
-def _ready(port: int) -> bool:
+def _sees_the_other(port: int, views: dict[int, dict[str, list[str]]]) -> bool:
+    """Ready, with one claim of its own and the other worker's claim in view."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-            return response.status == 200
+            body = json.load(response)
     except OSError:
         return False
+    view = body["partition"]
+    if not body["ready"] or view is None or len(view["takes"]) != 1:
+        return False
+    views[port] = view
+    return len(view["others"]) == 1 and view["others"] != view["takes"]
