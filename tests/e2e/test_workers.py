@@ -89,6 +89,14 @@ def _two_free_ports() -> int:
                 return base
 
 
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def _sees_the_other(port: int, views: dict[int, dict[str, list[str]]]) -> bool:
     """Ready, with one claim of its own and the other worker's claim in view."""
     try:
