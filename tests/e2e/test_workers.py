@@ -12,6 +12,7 @@ import sys
 import urllib.request
 import uuid
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -44,13 +45,13 @@ async def test_two_workers_share_the_load_and_finalize_every_session_once(
     try:
         # Each worker reads the others' claims every second; until it has seen the other's,
         # it takes every bike. /readyz says which claims it sees.
-        views = {}
         for port in (base, base + 1):
             await wait_until(
-                lambda p=port: _sees_the_other(p, views), timeout=30,
+                lambda p=port: _sees_the_other(p), timeout=30,
                 what=f"worker on port {port} ready and seeing the other's claim",
             )  # fmt: skip
-        assert sorted(v["takes"][0] for v in views.values()) == ["0/2", "1/2"]
+        views = [_readyz(port)["partition"] for port in (base, base + 1)]
+        assert sorted(v["takes"][0] for v in views) == ["0/2", "1/2"]
         bikes = [Bike(bike.client) for _ in range(12)]
         sessions = {}
         for one in bikes:  # one ride per bike: each worker takes its own bikes
@@ -89,23 +90,22 @@ def _two_free_ports() -> int:
                 return base
 
 
+def _readyz(port: int) -> dict[str, Any]:
+    """A worker's /readyz body while it is ready; empty while it is not (503) or not up."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            return dict(json.load(response))
+    except OSError:
+        return {}
+
+
 def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    return bool(_readyz(port).get("ready"))
 
 
-def _sees_the_other(port: int, views: dict[int, dict[str, list[str]]]) -> bool:
+def _sees_the_other(port: int) -> bool:
     """Ready, with one claim of its own and the other worker's claim in view."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-            body = json.load(response)
-    except OSError:
+    view = _readyz(port).get("partition")
+    if view is None or len(view["takes"]) != 1:
         return False
-    view = body["partition"]
-    if not body["ready"] or view is None or len(view["takes"]) != 1:
-        return False
-    views[port] = view
     return len(view["others"]) == 1 and view["others"] != view["takes"]
