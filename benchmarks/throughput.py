@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -73,6 +74,28 @@ def _children(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
         found += [int(p) for p in task.read_text().split()]
     return found
+
+
+def _tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            todo += _children(p)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -251,22 +274,34 @@ def _steady(args: argparse.Namespace) -> None:
     client.on_publish = lambda _c, _u, mid, *_rest: acked.__setitem__(mid, time.time())
     client.connect("127.0.0.1", args.port)
     client.loop_start()
-    infos = []
-    began = time.perf_counter()
+    # Every payload is built before the clock starts, stamped with its planned send time: at
+    # 10,000 msg/s, building them in the loop (uuid, isoformat, JSON) took the publisher's
+    # core and its own PUBACKs came seconds late, which hid whatever the daemon did.
+    # Several publishers split the bikes (a bike's samples all from one, in order) and keep
+    # one clock: sample i is due at start_at + i / rate whichever publisher sends it.
+    start_at = args.start_at
+    planned, due = [], []
     for i in range(total):
-        delay = began + i / args.rate - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+        if (i % len(sessions)) % args.parts != args.part:
+            continue
         bike, sid = sessions[i % len(sessions)]
-        now = time.time()
         body = {
             "telemetry_id": str(uuid.uuid4()), "session_id": sid,
             "seq": i // len(sessions) + 1,
-            "emitted_at": datetime.fromtimestamp(now, UTC).isoformat(),
+            "emitted_at": datetime.fromtimestamp(start_at + i / args.rate, UTC).isoformat(),
             "energy_wh": 1.25, "distance_m": 2.5, "soc_pct": 50,
         }  # fmt: skip
-        infos.append(client.publish(f"{PREFIX}/bikes/{bike}/telemetry", json_payload(body), 1))
-        sent_at.append(now)
+        planned.append((f"{PREFIX}/bikes/{bike}/telemetry", json_payload(body)))
+        due.append(i / args.rate)
+    time.sleep(max(0.0, start_at - time.time()))
+    infos = []
+    began = time.perf_counter() - (time.time() - start_at)
+    for (topic, payload), offset in zip(planned, due, strict=True):
+        delay = began + offset - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        sent_at.append(time.time())
+        infos.append(client.publish(topic, payload, 1))
     for info in infos:
         info.wait_for_publish(timeout=120)
     took = sorted(acked[info.mid] - at for info, at in zip(infos, sent_at, strict=True))
@@ -316,6 +351,34 @@ class ChargeFlow:
     def cpu_s(self) -> float:
         assert self.proc is not None
         return tree_cpu_s(self.proc.pid)
+
+    def rss_mib(self) -> float:
+        """Resident memory of the largest process of the tree (one worker), MiB."""
+        assert self.proc is not None
+        return max(_rss_kib(pid) for pid in _tree(self.proc.pid)) / 1024
+
+    async def wait_for_partitions(self, within_s: float = 30.0) -> None:
+        """With several bike-affine workers: until each sees the others' claims (before then
+        a worker takes every bike, and what it caches the owner reloads)."""
+        if self.workers == 1 or "CHARGEFLOW_SHARE_GROUP" in self.env:
+            return
+        deadline = time.monotonic() + within_s
+        while not all(map(self._sees_the_others, self.ports)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers never saw each other's partition claims")
+            await asyncio.sleep(0.1)
+
+    @staticmethod
+    def _sees_the_others(port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                view = json.load(r).get("partition")
+        except OSError:
+            return False
+        if not view or len(view["takes"]) != 1:
+            return False
+        index, count = map(int, view["takes"][0].split("/"))
+        return {f"{i}/{count}" for i in range(count) if i != index} <= set(view["others"])
 
     def metric(self, name: str) -> float:
         """The sum of a metric's samples over every worker. A line scan, not the exposition
@@ -500,6 +563,7 @@ async def lag(
     seed: int,
     broker_pid: int,
     pipelined: str = "true",
+    bikes: int = 10_000,
 ) -> str:
     """p50/p99 publish-to-commit of samples offered at a steady rate to Active sessions."""
     db = _database(args.database_url, f"lag{workers}")
@@ -515,30 +579,47 @@ async def lag(
     daemon = ChargeFlow(env, http, workers, None)
     await daemon.start()
     try:
-        if workers > 1 and not args.share_lag:
-            # Partitions: until each worker has read the others' claims (every second), it
-            # takes every bike; starts published then would be cached by both and reloaded by
-            # the owner on its first sample, so that the lag window measured a warm-up.
-            await asyncio.sleep(2.5)
-        await publish(fleet_url(port), starts(args.live_bikes, seed), args.live_bikes, "starts")
-        while daemon.metric("chargeflow_messages_accepted_total") < args.live_bikes:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        out = Path(tempfile.mkstemp(prefix="cf-steady-", suffix=".json")[1])
-        publisher = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "benchmarks.throughput", "steady", "--port", str(port),
-            "--rate", str(rate), "--seconds", str(args.lag_seconds), "--bikes",
-            str(args.live_bikes), "--seed", str(seed), "--out", str(out),
-        )  # fmt: skip
+        await daemon.wait_for_partitions()
+        # The starts as a backlog (a morning's first rides, or the catch-up after an outage):
+        # the daemon's persistent session exists, the daemon is stopped while they are
+        # published, and the time is from its start to the last start committed.
+        await daemon.stop()
+        await publish(fleet_url(port), starts(bikes, seed), bikes, "starts")
+        began_starts = time.perf_counter()
+        await daemon.start()
+        starts_profiler = None
+        if args.profile_lag and workers == 1:
+            starts_profiler = await _py_spy(daemon, f"{args.profile_lag}-{bikes}-starts.txt")
+        await daemon.wait_for_partitions()
+        while daemon.metric("chargeflow_messages_accepted_total") < bikes:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        starts_rate = bikes / (time.perf_counter() - began_starts)
+        if starts_profiler is not None:
+            starts_profiler.send_signal(signal.SIGINT)
+            await starts_profiler.wait()
+        rss_after_starts = daemon.rss_mib()
+        # One paho publisher keeps its schedule up to about 5,000 msg/s here; above that its
+        # own PUBACKs came seconds late (p50 7 s at 10,000), so the rate is split.
+        parts = max(1, math.ceil(rate / 5000))
         total = int(rate * args.lag_seconds)
+        start_at = time.time() + 2.0 + total / 100_000
+        outs = [Path(tempfile.mkstemp(prefix="cf-steady-", suffix=".json")[1]) for _ in range(parts)]  # fmt: skip  # noqa: E501
+        publishers = []
+        for k, out in enumerate(outs):
+            publisher = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "benchmarks.throughput", "steady", "--port", str(port),
+                "--rate", str(rate), "--seconds", str(args.lag_seconds), "--bikes", str(bikes),
+                "--seed", str(seed), "--out", str(out), "--part", str(k), "--parts", str(parts),
+                "--start-at", str(start_at),
+            )  # fmt: skip
+            publishers.append(publisher)
         profiler = None
         if args.profile_lag and workers == 1:
             assert daemon.proc is not None
-            profiler = await asyncio.create_subprocess_exec(
-                "py-spy", "record", "--pid", str(daemon.proc.pid), "--format", "raw",
-                "--rate", "200", "--nonblocking", "--idle", "-o",
-                f"{args.profile_lag}-{int(rate)}-{pipelined}.txt",
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            profiler = await _py_spy(
+                daemon, f"{args.profile_lag}-{bikes}-{int(rate)}-{pipelined}.txt"
+            )
+        await asyncio.sleep(max(0.0, start_at - time.time()))
         seen: list[tuple[float, float]] = []
         pg_before, broker_before = _postgres_cpu_s(), tree_cpu_s(broker_pid)
         commit_s = daemon.metric("chargeflow_batch_commit_seconds_sum")
@@ -549,20 +630,24 @@ async def lag(
         deadline = time.monotonic() + args.lag_seconds * 20 + 60
         while time.monotonic() < deadline:
             n = await asyncio.to_thread(daemon.metric, "chargeflow_messages_accepted_total")
-            seen.append((time.time(), n - args.live_bikes))
-            if n - args.live_bikes >= total:
+            seen.append((time.time(), n - bikes))
+            if n - bikes >= total:
                 break
             await asyncio.sleep(0.02)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             await profiler.wait()
         cpu = daemon.cpu_s() - cpu_before
+        rss_at_end = daemon.rss_mib()
         pg_cpu = _postgres_cpu_s() - pg_before
         broker_cpu = tree_cpu_s(broker_pid) - broker_before
         elapsed = time.time() - began
-        await publisher.wait()
-        sent_at = sorted(json.loads(await asyncio.to_thread(out.read_text)))
-        out.unlink()  # noqa: ASYNC240
+        sent_at = []
+        for publisher, out in zip(publishers, outs, strict=True):
+            await publisher.wait()
+            sent_at += json.loads(await asyncio.to_thread(out.read_text))
+            out.unlink()
+        sent_at.sort()
         # The lag window's batches only (not the starts before it).
         batches = daemon.metric("chargeflow_batch_size_count") - batches
         batched = daemon.metric("chargeflow_batch_size_sum") - batched
@@ -580,15 +665,26 @@ async def lag(
     achieved = len(sent_at) / (sent_at[-1] - sent_at[0])
     lost = len(sent_at) - len(lags)
     return (
-        f"{rate:>7,.0f} {achieved:>9,.0f} {workers:>8} "
+        f"{bikes:>7,} {rate:>7,.0f} {achieved:>9,.0f} {workers:>8} "
         f"{1000 * _pct(lags, 0.5):>8.0f} {1000 * _pct(lags, 0.99):>8.0f} "
         f"{1000 * max(lags):>8.0f} {(batched / batches if batches else 0):>7.0f} "
         f"{(1000 * commit_s / commits if commits else 0):>9.1f} "
         f"{(1000 * commit_s / batched if batched else 0):>8.3f} "
         f"{100 * cpu / elapsed:>6.0f}% {100 * pg_cpu / elapsed:>6.0f}% "
-        f"{100 * broker_cpu / elapsed:>6.0f}%"
+        f"{100 * broker_cpu / elapsed:>6.0f}% "
+        f"{rss_after_starts:>5.0f}/{rss_at_end:<5.0f} {starts_rate:>8,.0f}"
         + (f"  ({lost} not committed in time)" if lost else "")
     )
+
+
+async def _py_spy(daemon: ChargeFlow, out: str) -> asyncio.subprocess.Process:
+    """py-spy on the one daemon process, idle frames included, collapsed stacks to ``out``."""
+    assert daemon.proc is not None
+    return await asyncio.create_subprocess_exec(
+        "py-spy", "record", "--pid", str(daemon.proc.pid), "--format", "raw", "--rate", "200",
+        "--nonblocking", "--idle", "-o", out,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def _postgres_cpu_s() -> float:
@@ -686,28 +782,31 @@ async def main(args: argparse.Namespace) -> None:
                 await drains_on_nats(contenders, data_dir, group, args)
         if not args.skip_lag:
             print()
-            print(f"publish-to-commit lag, {args.live_bikes:,} Active sessions, samples at a "
-                  f"steady rate for {args.lag_seconds:.0f} s (ChargeFlow, MQTT "
-                  f"{args.protocols[-1]})")  # fmt: skip
+            print(f"publish-to-commit lag, samples at a steady rate for "
+                  f"{args.lag_seconds:.0f} s to each Active session in turn (ChargeFlow, MQTT "
+                  f"{args.protocols[-1]}); RSS MiB after the starts/at the end; starts/s: "
+                  f"the Active sessions' starts committed from a backlog")  # fmt: skip
             rows = []
-            for workers in sorted({1, args.workers}):
-                for rate in args.rates:
-                    for pipelined in args.pipelined:
-                        # A broker of its own for each: the persistent sessions of the drains
-                        # and of earlier lag runs (offline now, subscribed to every bike) would
-                        # otherwise have every live message queued for each of them too.
-                        broker.terminate()
-                        broker.wait(timeout=10)
-                        port = free_port()
-                        broker = start_broker(port, data_dir / f"lag-{len(rows)}")
-                        row = await lag(
-                            args, port, rate, workers, args.seed + len(rows), broker.pid,
-                            pipelined,
-                        )  # fmt: skip
-                        rows.append(f"{row}  pipelined={pipelined}")
-            print(f"{'offered':>7} {'achieved':>9} {'workers':>8} {'p50 ms':>8} {'p99 ms':>8} "
-                  f"{'max ms':>8} {'batch':>7} {'commit ms':>9} {'ms/msg':>8} {'CPU':>7} "
-                  f"{'PG CPU':>7} {'broker':>7}")  # fmt: skip
+            for bikes in args.live_bikes:
+                for workers in sorted({1, args.workers}):
+                    for rate in args.rates:
+                        for pipelined in args.pipelined:
+                            # A broker of its own for each: the persistent sessions of the
+                            # drains and of earlier lag runs (offline now, subscribed to every
+                            # bike) would otherwise have every live message queued for each.
+                            broker.terminate()
+                            broker.wait(timeout=10)
+                            port = free_port()
+                            broker = start_broker(port, data_dir / f"lag-{len(rows)}")
+                            row = await lag(
+                                args, port, rate, workers, args.seed + len(rows), broker.pid,
+                                pipelined, bikes,
+                            )  # fmt: skip
+                            rows.append(f"{row}  pipelined={pipelined}")
+            print(f"{'bikes':>7} {'offered':>7} {'achieved':>9} {'workers':>8} {'p50 ms':>8} "
+                  f"{'p99 ms':>8} {'max ms':>8} {'batch':>7} {'commit ms':>9} {'ms/msg':>8} "
+                  f"{'CPU':>7} {'PG CPU':>7} {'broker':>7} {'RSS MiB':>11} "
+                  f"{'starts/s':>8}")  # fmt: skip
             for row in rows:
                 print(row)
     finally:
@@ -830,11 +929,19 @@ if __name__ == "__main__":
     steady.add_argument("--bikes", type=int, required=True)
     steady.add_argument("--seed", type=int, required=True)
     steady.add_argument("--out", required=True)
+    steady.add_argument("--part", type=int, default=0)
+    steady.add_argument("--parts", type=int, default=1)
+    steady.add_argument("--start-at", type=float, required=True)
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--bikes", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rates", type=_rates, default=[2000.0, 4000.0, 5000.0])
-    parser.add_argument("--live-bikes", type=int, default=10_000)
+    parser.add_argument(
+        "--live-bikes",
+        type=lambda t: [int(x) for x in t.split(",") if x],
+        default=[10_000],
+        help="Active sessions of the lag phase, one run each, side by side (e.g. 10000,100000)",
+    )
     parser.add_argument("--lag-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--baseline", help="also run the daemon of another checkout")
