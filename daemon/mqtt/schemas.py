@@ -208,13 +208,18 @@ _TELEMETRY_FIELDS = frozenset(Telemetry.model_fields)
 _QUANTITY_LIMIT, _PERCENT_LIMIT = Decimal(QUANTITY_MAX), Decimal(100)
 
 
-def _uuid(text: str, new: Any = object.__new__, put: Any = object.__setattr__) -> UUID:
+def _uuid(
+    text: str,
+    new: Any = object.__new__,
+    put: Any = object.__setattr__,
+    unknown: SafeUUID = SafeUUID.unknown,
+) -> UUID:
     """``UUID(text)`` for text already matched by _UUID_TEXT, without re-checking it (UUID's
     own constructor is a third of a sample's decoding). Fills the same two slots UUID's
     constructor fills; a unit test holds the result to ``UUID(text)``."""
     value: UUID = new(UUID)
     put(value, "int", int(text.replace("-", ""), 16))
-    put(value, "is_safe", SafeUUID.unknown)
+    put(value, "is_safe", unknown)  # bound once: an enum member's lookup is a descriptor call
     return value
 
 
