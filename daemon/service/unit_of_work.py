@@ -282,7 +282,14 @@ class UnitOfWork:
 
     async def _lock_and_refresh(self, conn: Conn, bike_ids: Iterable[str]) -> None:
         versions = await self.store.lock_bikes(conn, bike_ids)
-        stale = self.fleet.refresh(versions)
+        stale = []
+        for bike_id in self.fleet.refresh(versions):
+            if versions[bike_id] == self.store.CREATED_VERSION:
+                # The lock created its row: no session or waiting message can name it yet, so
+                # there is nothing to read (a fleet's first rides cost no load).
+                self.fleet.load_bike(bike_id, None, (), versions[bike_id])
+            else:
+                stale.append(bike_id)
         if not stale:
             return
         active, waiting = await self.store.load_bikes(conn, stale)

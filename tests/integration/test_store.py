@@ -25,7 +25,7 @@ from domain.commands import Command, RecordTelemetry, StartSession
 from domain.events import DeferredMessageSettled, Outcome, SessionFinalized
 from domain.seqs import SeqRanges
 from domain.session import Session
-from domain.session_values import EndReason, SessionPolicy
+from domain.session_values import EndReason, SessionKind, SessionPolicy
 from tests.builders import T0, bike_id, end, sample, start
 
 pytestmark = pytest.mark.integration
@@ -1050,3 +1050,35 @@ async def test_two_sessions_claiming_one_telemetry_id_in_one_batch_keep_the_firs
     assert settled[1].rejection.reason == "session_id_conflict"
     rows = await pool.fetch("SELECT session_id FROM telemetry WHERE telemetry_id = $1", shared)
     assert [r["session_id"] for r in rows] == [first.session_id]
+
+
+async def test_one_batch_of_starts_gives_each_rider_one_pseudonym_and_a_charge_its_station(
+    uow, conn
+):
+    rider, other = f"rider-{uuid.uuid4().hex[:8]}", f"rider-{uuid.uuid4().hex[:8]}"
+    earlier = start(bike_id(), party=other)
+    await commit(uow, earlier)
+    starts = [
+        start(bike_id(), party=rider),
+        start(bike_id(), party=other),
+        start(bike_id(), party=rider),
+        start(bike_id(), SessionKind.CHARGING, party="station-9"),
+    ]
+    await commit(uow, *starts)
+
+    rows = await conn.fetch(
+        "SELECT session_id, kind, party_id FROM sessions WHERE session_id = ANY($1::uuid[])",
+        [s.session_id for s in [earlier, *starts]],
+    )
+    party = {row["session_id"]: row["party_id"] for row in rows}
+    mapped = dict(
+        await conn.fetch(
+            "SELECT rider_id, pseudonym FROM riders WHERE rider_id = ANY($1::text[])",
+            [rider, other],
+        )
+    )
+    assert set(mapped) == {rider, other}
+    assert party[starts[0].session_id] == party[starts[2].session_id] == mapped[rider]
+    assert party[starts[1].session_id] == party[earlier.session_id] == mapped[other]
+    assert party[starts[3].session_id] == "station-9"
+    assert rider not in party.values() and other not in party.values()
