@@ -54,7 +54,13 @@ class Bike:
     bike_id: str
     version: int = 0
     current: Session | None = None
-    waiting: list[Waiting] = field(default_factory=list)
+    # A tuple: most bikes never have one waiting, and an empty list is 56 bytes per bike.
+    waiting: tuple[Waiting, ...] = ()
+
+    def leave(self, waiting: Waiting) -> None:
+        """The waiting message is settled (applied or rejected): it waits no more."""
+        index = self.waiting.index(waiting)
+        self.waiting = self.waiting[:index] + self.waiting[index + 1 :]
 
     @staticmethod
     def check_start(command: StartSession, now: datetime, policy: SessionPolicy) -> None:
@@ -158,7 +164,7 @@ class Fleet:
         """Know a bike as the store has it: its Active session (or none) and waiting messages."""
         if active is not None and (active.bike_id != bike_id or active.finalized is not None):
             raise ValueError(f"{active!r} is not an Active session of bike {bike_id}")
-        self.bikes[bike_id] = Bike(bike_id, version, active, list(waiting))
+        self.bikes[bike_id] = Bike(bike_id, version, active, tuple(waiting))
 
     def load_session(self, session: Session) -> None:
         """Know a session a message names that is not its bike's Active one."""
@@ -326,7 +332,7 @@ class Fleet:
         if any(w.command == command for w in bike.waiting):
             return Decision(Outcome.DUPLICATE)
         waiting = Waiting(command, now, ref)
-        bike.waiting.append(waiting)
+        bike.waiting += (waiting,)
         return Decision(Outcome.DEFERRED, (MessageDeferred(bike.bike_id, waiting),))
 
     def _decidable(self, bike: Bike, command: Command) -> bool:
@@ -341,7 +347,7 @@ class Fleet:
             progress = False
             for waiting in bike.waiting:
                 if self._decidable(bike, waiting.command):
-                    bike.waiting.remove(waiting)
+                    bike.leave(waiting)
                     self._settle(bike, waiting, now)
                     progress = True
                     break
@@ -393,7 +399,7 @@ class Fleet:
     def _reject_overdue(self, bike: Bike, now: datetime) -> None:
         """What still waits past its grace period is rejected with its usual code."""
         for waiting in self._overdue(bike, now):
-            bike.waiting.remove(waiting)
+            bike.leave(waiting)
             error: DomainError
             if isinstance(waiting.command, StartSession):
                 assert bike.current is not None

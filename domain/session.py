@@ -61,6 +61,11 @@ class Session:
     """
 
     kind: ClassVar[SessionKind]
+    # A fleet keeps one per Active bike (100,000 in one process): slots, not a dict each.
+    __slots__ = (
+        "bike_id", "distance_m", "end", "energy_wh", "finalized", "last_heard_at",
+        "latest_emitted_at", "party_id", "seqs", "session_id", "started_at",
+    )  # fmt: skip
 
     def __init__(  # noqa: PLR0913 - a session's summary as the store keeps it, by keyword
         self,
@@ -295,6 +300,7 @@ class Session:
 class RideSession(Session):
     """A rider on the bike: energy is consumed."""
 
+    __slots__ = ()
     kind = SessionKind.RIDE
 
     @property
@@ -306,6 +312,7 @@ class RideSession(Session):
 class ChargingSession(Session):
     """The bike at a station: energy is delivered."""
 
+    __slots__ = ()
     kind = SessionKind.CHARGING
 
     @property

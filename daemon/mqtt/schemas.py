@@ -224,10 +224,14 @@ def _uuid(
 
 
 class _Sessions(dict[str, UUID]):
-    """Session ids as read lately: a session's samples all carry the same one."""
+    """Session ids as read lately: a session's samples all carry the same one. Bounded as the
+    topics' cache is: in a fleet larger than the bound the ids come round less often than it
+    refills, so a larger one holds 200 bytes per Active session and saves nothing."""
+
+    LIMIT = 16_384
 
     def __missing__(self, text: str) -> UUID:
-        if len(self) >= 100_000:
+        if len(self) >= self.LIMIT:
             self.clear()
         value = self[text] = _uuid(text)
         return value

@@ -67,7 +67,7 @@ def test_a_sample_before_its_start_waits_and_counts_once_the_start_arrives(fleet
     assert [e.sample for e in accepted] == [early.sample]
     assert [e.reason for e in decision.events if isinstance(e, DeferredMessageSettled)] == [None]
     assert fleet.bikes[begun.bike_id].current.energy_wh == Decimal("12.5")
-    assert fleet.bikes[begun.bike_id].waiting == []
+    assert fleet.bikes[begun.bike_id].waiting == ()
 
 
 def test_an_end_before_its_start_waits_and_finalizes_once_the_samples_are_in(fleet):

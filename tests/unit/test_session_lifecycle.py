@@ -91,7 +91,7 @@ def test_a_bike_has_at_most_one_active_session_once_the_grace_period_is_over(fle
     assert isinstance(settled, DeferredMessageSettled)
     assert settled.reason == "active_session_exists"
     assert fleet.bikes[first.bike_id].current.session_id == first.session_id
-    assert fleet.bikes[first.bike_id].waiting == []
+    assert fleet.bikes[first.bike_id].waiting == ()
 
 
 def test_different_bikes_have_sessions_at_the_same_time(fleet):
