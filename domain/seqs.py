@@ -5,6 +5,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from domain.errors import InvalidValue
 
@@ -44,6 +45,8 @@ class SeqRanges:
         flat = list(bounds)
         if len(flat) % 2:
             raise InvalidValue(f"seq range bounds come in pairs, got {len(flat)} numbers")
+        if len(flat) == 2 and flat[0] == 1 and flat[1] >= 1:
+            return _one_to(flat[1])
         return cls(tuple(zip(flat[::2], flat[1::2], strict=True)))
 
     def flat(self) -> list[int]:
@@ -70,7 +73,11 @@ class SeqRanges:
         """This set plus ``seq`` (the same set if it is in already)."""
         ranges = self.ranges
         if ranges and ranges[-1][1] + 1 == seq:  # in-order arrival: extend the newest range
+            if len(ranges) == 1 and ranges[0][0] == 1:
+                return _one_to(seq)
             return SeqRanges((*ranges[:-1], (ranges[-1][0], seq)))
+        if not ranges and seq == 1:
+            return _one_to(1)
         if seq in self:
             return self
         merged: list[tuple[int, int]] = []
@@ -83,3 +90,10 @@ class SeqRanges:
         merged.append((low, high))
         merged.sort()
         return SeqRanges(tuple(merged))
+
+
+@lru_cache(maxsize=4096)
+def _one_to(high: int) -> SeqRanges:
+    """Seqs 1..high, shared: most Active sessions have taken their samples in order, and one
+    set each (three objects, 168 bytes) was a third of a 100,000-bike fleet's memory growth."""
+    return SeqRanges(((1, high),))

@@ -53,3 +53,12 @@ def test_the_ranges_hold_exactly_the_seqs_added_in_any_order(seqs):
     assert len(ranges) == len(set(seqs))
     assert ranges.highest == max(seqs, default=0)
     assert ranges == SeqRanges.of(seqs)
+
+
+def test_sessions_that_took_their_samples_in_order_share_one_set_of_seqs():
+    in_order = SeqRanges().with_seq(1).with_seq(2).with_seq(3)
+    loaded = SeqRanges.from_flat([1, 3])
+    assert in_order is loaded  # one object for every session at 1..3: memory per session
+    with_gap = in_order.with_seq(5)
+    assert with_gap.ranges == ((1, 3), (5, 5))
+    assert in_order.ranges == ((1, 3),)  # shared, so never changed in place
