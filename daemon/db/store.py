@@ -437,8 +437,7 @@ class Store:
     async def _write_sessions(self, conn: Conn, batch: BatchRows) -> None:
         rows = batch.events
         if rows.starts:
-            # In (kind, party) order: two batches that start rides of one rider take its
-            # riders row in the same order as every other lock, and never deadlock.
+            # One statement; it takes the riders rows in rider order (see _INSERT_STARTS).
             await conn.execute(_INSERT_STARTS, *(list(c) for c in zip(*rows.starts, strict=True)))
         if rows.samples:
             await conn.copy_to_table(
