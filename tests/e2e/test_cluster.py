@@ -1,6 +1,7 @@
 """ChargeFlow on a clustered broker: a three-node NATS cluster (JetStream on each node, routes
 between them, MQTT listeners, the MQTT streams replicated three ways) from nats-server 2.10 or
-newer (daemon.devbroker.nats_server_binary says which and why) and deploy/nats/nats.conf, where a node dies mid-stream and nothing is lost.
+newer (daemon.devbroker.nats_server_binary says which and why) and deploy/nats/nats.conf,
+where a node dies mid-stream and nothing is lost.
 
 Bikes publish through node 1, with the whole list (as devices do); two bike-affine daemons
 (partitions 0/2 and 1/2), each given all three nodes, start on nodes 2 and 3. A node is
