@@ -94,9 +94,14 @@ def _listening(port: int) -> bool:
 
 
 def start_broker(
-    port: int, data_dir: Path, config: Path = REPO_CONFIG, log_file: Path | None = None
+    port: int,
+    data_dir: Path,
+    config: Path = REPO_CONFIG,
+    log_file: Path | None = None,
+    detach: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start mosquitto in the background and wait until it listens."""
+    """Start mosquitto in the background and wait until it listens; ``detach``: in a session
+    of its own, so that a Ctrl-C on the terminal that started it does not reach it."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     data_dir.mkdir(parents=True, exist_ok=True)
     text = config.read_text()
@@ -105,7 +110,9 @@ def start_broker(
     conf.write_text(render_config(text, port, data_dir))
     _hand_over(data_dir)
     out = open(log_file or data_dir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by Popen
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=out)
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=out, stderr=out, start_new_session=detach
+    )
     deadline = time.monotonic() + 10
     while not _listening(port):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -262,7 +269,10 @@ def main() -> None:
     if _listening(args.port):
         print(f"a broker already listens on 127.0.0.1:{args.port}")
         return
-    proc = start_broker(args.port, args.data_dir.resolve())
+    # Detached: on Ctrl-C the daemon drains (its last acks need the broker) and run-local
+    # stops the broker after it; the terminal's SIGINT reached mosquitto first, which then
+    # was gone before the daemon's last PUBACKs and before run-local could say it stopped it.
+    proc = start_broker(args.port, args.data_dir.resolve(), detach=True)
     print(f"mosquitto (repo config) on 127.0.0.1:{args.port}, pid {proc.pid}")
 
 
