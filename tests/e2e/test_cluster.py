@@ -188,9 +188,14 @@ async def test_the_bikes_node_dies_mid_stream_and_nothing_is_lost(
         failovers = [d.metrics.mqtt_failovers._value.get() for d in daemons]
     print(f"\nconsuming again {took[0]:.1f} s / {took[1]:.1f} s after the kill; "
           f"publisher: {publisher.report}")  # fmt: skip
-    # The bikes moved to another node; a daemon not on that node stayed where it was (one
-    # that was, because its first node was not yet taking connections at its start, moved).
-    assert len(publisher.report.nodes) >= 2
+    # The bikes' node died under them mid-stream; they published the rest through another
+    # node of their list, or through the same one once it was back: while JetStream elects
+    # new leaders the other nodes may close CONNECTs unanswered (seen on 2.15.1 for the whole
+    # 10 s the node was down), and a device cannot do better than keep trying its list.
+    # Either way nothing it was told was taken is lost (assert_exact above). A daemon not on
+    # the killed node stayed where it was (one that was, because its first node was not yet
+    # taking connections at its start, moved).
+    assert publisher.report.republished >= 1 or len(publisher.report.nodes) >= 2
     dead = cluster.nodes[0].mqtt_port
     assert [f for f, port in zip(failovers, on, strict=True) if port != dead] == [
         0 for port in on if port != dead
