@@ -18,13 +18,15 @@ For each: msg/s from its first message to its last settled one, the ratio to pah
 CPU per message over that span (for ChargeFlow: the whole process tree, less what a start on an
 empty queue costs), and the broker's CPU per message. For ChargeFlow also the batch sizes.
 
-Then the lag: ChargeFlow with ``--live-bikes`` Active sessions, samples offered at a steady rate
+Then the lag: for each count of ``--live-bikes`` (e.g. 10000,100000, side by side), that many
+ride starts published while the daemon is stopped and timed from its start to the last one
+committed (starts/s), then samples offered at a steady rate
 (each stamped with its publish time) for ``--lag-seconds``; p50/p99 from publish to committed.
 Commits are read every 20 ms from the daemon's accepted counter (the i-th sample published
 counts as committed once i samples are), so lags are good to about 20 ms.
 
     python -m benchmarks.throughput [--messages 50000] [--bikes 50] [--workers 2]
-        [--rates 2000,4000,5000] [--live-bikes 10000] [--lag-seconds 10] [--share-lag]
+        [--rates 2000,4000,5000] [--live-bikes 10000,100000] [--lag-seconds 10] [--share-lag]
         [--baseline /path/to/another/checkout] [--skip-lag]
         [--database-url postgresql://postgres@127.0.0.1:5432/chargeflow_throughput]
 """
@@ -57,6 +59,7 @@ import asyncpg
 from benchmarks.harness import DAEMON, FLEET, daemon_environment, fleet_url, fresh_database, publish
 from daemon.devbroker import free_port, start_broker
 from daemon.simulate import FleetPlan, json_payload, messages
+from tests.e2e.helpers import sees_the_other_claims
 from tests.peers import mqtt_client
 
 PREFIX = "chargeflow/v1"
@@ -77,6 +80,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _tree(pid: int) -> list[int]:
+    """A process and its live descendants."""
     found, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -100,15 +104,13 @@ def _rss_kib(pid: int) -> int:
 
 def tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a live process and all its live descendants."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
+    total = 0.0
+    for p in _tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
-            todo += _children(p)
         except (FileNotFoundError, ProcessLookupError):
             continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
     return total
 
 
@@ -363,22 +365,10 @@ class ChargeFlow:
         if self.workers == 1 or "CHARGEFLOW_SHARE_GROUP" in self.env:
             return
         deadline = time.monotonic() + within_s
-        while not all(map(self._sees_the_others, self.ports)):
+        while not all(map(sees_the_other_claims, self.ports)):
             if time.monotonic() > deadline:
                 raise RuntimeError("the workers never saw each other's partition claims")
             await asyncio.sleep(0.1)
-
-    @staticmethod
-    def _sees_the_others(port: int) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                view = json.load(r).get("partition")
-        except OSError:
-            return False
-        if not view or len(view["takes"]) != 1:
-            return False
-        index, count = map(int, view["takes"][0].split("/"))
-        return {f"{i}/{count}" for i in range(count) if i != index} <= set(view["others"])
 
     def metric(self, name: str) -> float:
         """The sum of a metric's samples over every worker. A line scan, not the exposition
@@ -579,7 +569,6 @@ async def lag(
     daemon = ChargeFlow(env, http, workers, None)
     await daemon.start()
     try:
-        await daemon.wait_for_partitions()
         # The starts as a backlog (a morning's first rides, or the catch-up after an outage):
         # the daemon's persistent session exists, the daemon is stopped while they are
         # published, and the time is from its start to the last start committed.

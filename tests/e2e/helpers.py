@@ -203,3 +203,23 @@ class Outbound:
             what=f"{count} message(s) on {bike_id}/{suffix}",
         )
         return self.of(bike_id, suffix)
+
+
+def readyz(port: int) -> dict[str, Any]:
+    """An instance's /readyz body while it is ready; empty while it is not (503) or not up."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+            return dict(json.load(response))
+    except OSError:
+        return {}
+
+
+def sees_the_other_claims(port: int) -> bool:
+    """Ready, with one claim of its own (i/N) and the other workers' claims in view (other
+    instances' claims may be in view too: those of earlier tests, until their lease ends)."""
+    view = readyz(port).get("partition")
+    if view is None or len(view["takes"]) != 1:
+        return False
+    index, count = map(int, view["takes"][0].split("/"))
+    others = {f"{i}/{count}" for i in range(count) if i != index}
+    return others <= set(view["others"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -12,12 +11,11 @@ import sys
 import urllib.request
 import uuid
 from decimal import Decimal
-from typing import Any
 
 import pytest
 
 from daemon.devbroker import free_port
-from tests.e2e.helpers import Bike, wait_until
+from tests.e2e.helpers import Bike, readyz, sees_the_other_claims, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -47,10 +45,10 @@ async def test_two_workers_share_the_load_and_finalize_every_session_once(
         # it takes every bike. /readyz says which claims it sees.
         for port in (base, base + 1):
             await wait_until(
-                lambda p=port: _sees_the_other(p), timeout=30,
+                lambda p=port: sees_the_other_claims(p), timeout=30,
                 what=f"worker on port {port} ready and seeing the other's claim",
             )  # fmt: skip
-        views = [_readyz(port)["partition"] for port in (base, base + 1)]
+        views = [readyz(port)["partition"] for port in (base, base + 1)]
         assert sorted(v["takes"][0] for v in views) == ["0/2", "1/2"]
         bikes = [Bike(bike.client) for _ in range(12)]
         sessions = {}
@@ -90,25 +88,5 @@ def _two_free_ports() -> int:
                 return base
 
 
-def _readyz(port: int) -> dict[str, Any]:
-    """A worker's /readyz body while it is ready; empty while it is not (503) or not up."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-            return dict(json.load(response))
-    except OSError:
-        return {}
-
-
 def _ready(port: int) -> bool:
-    return bool(_readyz(port).get("ready"))
-
-
-def _sees_the_other(port: int) -> bool:
-    """Ready, with one claim of its own (i/N) and the other workers' claims in view (other
-    instances' claims may be in view too: those of earlier tests, until their lease ends)."""
-    view = _readyz(port).get("partition")
-    if view is None or len(view["takes"]) != 1:
-        return False
-    index, count = map(int, view["takes"][0].split("/"))
-    others = {f"{i}/{count}" for i in range(count) if i != index}
-    return others <= set(view["others"])
+    return bool(readyz(port).get("ready"))
