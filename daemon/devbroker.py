@@ -210,12 +210,14 @@ class NatsCluster:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 30) -> None:
-        """Until every running node listens for MQTT and says JetStream is healthy."""
+        """Until every running node says JetStream is healthy and accepts an MQTT CONNECT:
+        a node can be healthy while it still closes CONNECTs unanswered (2.15.1, until its
+        MQTT streams have leaders), and a daemon started then moves to another node."""
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             if node.proc is None:
                 continue
-            while not (_listening(node.mqtt_port) and _healthy(node.http_port)):
+            while not (_healthy(node.http_port) and _accepts_mqtt(node.mqtt_port)):
                 if node.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"NATS node {node.name} did not start; see {node.log_file}")
                 time.sleep(0.1)
@@ -242,6 +244,27 @@ class NatsCluster:
         """Every node's MQTT URL, starting at node ``first`` (the login given with the first)."""
         order = self.nodes[first:] + self.nodes[:first]
         return ",".join(n.mqtt_url(user if i == 0 else None) for i, n in enumerate(order))
+
+
+# deploy/nats/nats.conf's example login of the simulator, for the readiness probe.
+_PROBE_LOGIN = ("fleet-simulator", "simulator-example-password")
+
+
+def _accepts_mqtt(port: int) -> bool:
+    """An MQTT 3.1.1 CONNECT (clean session) answered with CONNACK 0 (accepted)."""
+    from daemon.mqtt.packets import V311Codec  # a dev tool's probe; the daemon never needs it
+
+    connect = V311Codec().connect(
+        f"chargeflow-probe-{os.getpid()}", username=_PROBE_LOGIN[0], password=_PROBE_LOGIN[1],
+        keep_alive=10, session_expiry_s=0, receive_max=1, clean=True,
+    )  # fmt: skip
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(connect)
+            answer = sock.recv(4)
+    except OSError:
+        return False
+    return len(answer) == 4 and answer[0] == 0x20 and answer[3] == 0
 
 
 def _healthy(http_port: int) -> bool:
