@@ -22,8 +22,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from daemon.http_auth import Tokens, load_tokens
-from daemon.mqtt.topics import Topics
 from daemon.partition import Partition
+from daemon.topic_names import check_prefix
 from domain.billing import PricingRules, parse_pricing
 from domain.errors import InvalidPricing
 from domain.session_values import SessionPolicy
@@ -195,7 +195,7 @@ class Settings(BaseModel):
     @classmethod
     def _topic_prefix(cls, value: str) -> str:
         value = value.strip("/")
-        Topics(value)  # raises ValueError naming what is wrong
+        check_prefix(value)  # raises ValueError naming what is wrong
         return value
 
     @field_validator("partition")

@@ -1,6 +1,6 @@
 """What the HTTP port answers, as typed models: FastAPI checks every body against them and
 generates /openapi.json from them, so the document promises exactly what is sent. A finalized
-record and a bill are the published documents' own models (``daemon.outbound``), and every
+record and a bill are the published documents' own models (``daemon.documents``), and every
 value is written by the same types as there: one home for each wire format."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from daemon.outbound import (
+from daemon.documents import (
     BillingPayload,
     DecimalText,
     FinalizedPayload,
@@ -67,7 +67,7 @@ class Readiness(_Body):
     )
 
 
-class KindFigures(_Body):
+class KindFiguresBody(_Body):
     """Rides or charging sessions: every figure derivable from the sessions it names."""
 
     count: int = Field(ge=0)
@@ -100,8 +100,8 @@ class AnalyticsFilters(_Body):
 class Analytics(_Body):
     filters: AnalyticsFilters
     by_pricing_version: dict[str, VersionFigures]
-    rides: KindFigures
-    charging: KindFigures
+    rides: KindFiguresBody
+    charging: KindFiguresBody
     revenue: dict[str, MoneyText] = Field(description="by currency")
 
 
@@ -124,7 +124,7 @@ class PricingList(_Body):
     pricing_versions: list[PricingVersion]
 
 
-class SessionEnd(_Body):
+class SessionEndBody(_Body):
     occurred_at: Instant
     last_seq: int = Field(ge=0)
 
@@ -149,7 +149,7 @@ class SessionBody(_Body):
     last_heard_at: Instant | None = Field(None, description="active sessions only")
     energy_wh_so_far: DecimalText | None = Field(None, description="active sessions only")
     telemetry_count_so_far: int | None = Field(None, description="active sessions only")
-    end: SessionEnd | None = Field(None, description="an active session whose end has come")
+    end: SessionEndBody | None = Field(None, description="an active session whose end has come")
 
 
 class KeptRejectionBody(_Body):

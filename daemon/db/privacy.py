@@ -15,7 +15,7 @@ from datetime import datetime
 import asyncpg
 
 from daemon.db.store import Conn
-from daemon.outbound import FinalizedPayload, RejectionPayload
+from daemon.documents import FinalizedPayload, RejectionPayload
 
 __all__ = [
     "ERASED",

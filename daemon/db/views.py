@@ -15,7 +15,7 @@ import asyncpg
 
 from daemon import MAX_PAGE
 from daemon.db.store import Store, finalized_from_row, party_of
-from daemon.outbound import BillingPayload, FinalizedPayload, party_fields, seconds_number
+from daemon.documents import BillingPayload, FinalizedPayload, party_fields, seconds_number
 from domain.analytics import AnalyticsReport, KindFigures, project
 from domain.billing import BillingRecord, PricingHistory, money_text
 from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE

@@ -1,7 +1,7 @@
 """The MQTT contract as an AsyncAPI 3.0 document, generated from the code that speaks it.
 
 Inbound payloads are described by the same pydantic models that decode them (``schemas.py``),
-outbound payloads by the models the published bytes are dumped from (``daemon.outbound``).
+outbound payloads by the models the published bytes are dumped from (``daemon.documents``).
 ``daemon/asyncapi.json`` is this document for the default prefix, committed; a test
 regenerates it and fails when it is stale. Regenerate with
 ``chargeflow asyncapi > daemon/asyncapi.json``.
@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from daemon.documents import BillingPayload, FinalizedPayload, RejectionPayload
 from daemon.mqtt.schemas import QUANTITY_MAX, QUANTITY_PLACES, SEQ_MAX, Lifecycle, Telemetry
 from daemon.mqtt.topics import OutboundKind, TopicKind
-from daemon.outbound import BillingPayload, FinalizedPayload, RejectionPayload
 from domain.commands import BIKE_ID_RULE
 
 __all__ = ["asyncapi_document"]

@@ -7,17 +7,15 @@ their kind and bike id. Nothing else in the code writes a topic out by hand.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 
+from daemon.topic_names import LEVEL, check_prefix
 from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
 
 __all__ = ["OutboundKind", "ParsedTopic", "TopicKind", "Topics", "topics_for"]
 
-# One topic level: no wildcards, no separator, no NUL (MQTT 3.1.1 §4.7.3, MQTT 5 §4.7.3).
-_LEVEL = re.compile(r"[^#+/\x00]+")
 _TOPIC_MAX_BYTES = 65_535
 
 
@@ -70,12 +68,7 @@ class Topics:
     prefix: str
 
     def __post_init__(self) -> None:
-        levels = self.prefix.split("/")
-        if not self.prefix or not all(_LEVEL.fullmatch(level) for level in levels):
-            raise ValueError(
-                f"topic prefix {self.prefix!r} must be topic levels without wildcards, "
-                "empty levels or NUL, e.g. chargeflow/v1"
-            )
+        check_prefix(self.prefix)
 
     @property
     def _bikes(self) -> str:
@@ -86,7 +79,7 @@ class Topics:
 
         Any single topic level is taken, so that a message on a topic with a bike id outside
         the pattern can still be answered on that same (mistaken) bike's rejections topic."""
-        if not _LEVEL.fullmatch(bike_id):
+        if not LEVEL.fullmatch(bike_id):
             raise ValueError(f"bike id {bike_id!r} is not one topic level")
         if suffix is TopicKind.UNKNOWN:
             raise ValueError("no topic carries unknown messages")
@@ -99,7 +92,7 @@ class Topics:
         keep a queue per subscription (NATS: a JetStream consumer each), where a backlog's
         lifecycle messages would otherwise come far ahead of its telemetry. That filter also
         matches two outbound kinds (billing, rejections): ``parse`` says so (``outbound``)."""
-        if share_group is not None and not _LEVEL.fullmatch(share_group):
+        if share_group is not None and not LEVEL.fullmatch(share_group):
             raise ValueError(f"share group {share_group!r} must be one topic level")
         share = f"$share/{share_group}/" if share_group else ""
         if one:

@@ -17,7 +17,7 @@ import structlog
 
 from daemon.db.store import OutboxEntry
 from daemon.metrics import Metrics
-from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
+from daemon.mqtt.messages import billing_message, finalized_message, rejection_message
 from daemon.mqtt.schemas import Rejection
 from daemon.mqtt.topics import OutboundKind, TopicKind, topics_for
 from domain.billing import PricingRules, bill
@@ -25,13 +25,13 @@ from domain.commands import Command, RecordTelemetry
 from domain.errors import Reason
 from domain.events import DeferredMessageSettled, Event, MessageDeferred, SessionFinalized
 
-__all__ = ["Outbound", "entry", "outbox_entries", "refusal", "report"]
+__all__ = ["Rendering", "entry", "outbox_entries", "refusal", "report"]
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class Outbound:
+class Rendering:
     """What rendering needs: the topic prefix and the prices bills are derived with."""
 
     prefix: str
@@ -40,17 +40,17 @@ class Outbound:
 
 @dataclass(frozen=True, slots=True)
 class _Handling:
-    publish: Callable[[Outbound, Any], list[OutboxEntry]] | None = None
+    publish: Callable[[Rendering, Any], list[OutboxEntry]] | None = None
     report: Callable[[Metrics, Any], None] | None = None
 
 
-def outbox_entries(outbound: Outbound, events: Sequence[Event]) -> list[OutboxEntry]:
+def outbox_entries(rendering: Rendering, events: Sequence[Event]) -> list[OutboxEntry]:
     """The outbound messages of what was decided: rendered here, and only here."""
     entries: list[OutboxEntry] = []
     for event in events:
         handling = _ON_EVENT.get(type(event))
         if handling is not None and handling.publish is not None:
-            entries += handling.publish(outbound, event)
+            entries += handling.publish(rendering, event)
     return entries
 
 
@@ -83,14 +83,14 @@ def refusal(command: Command, topic: str, reason: Reason, detail: str) -> Reject
 # -- a session finalized -----------------------------------------------------------------
 
 
-def _publish_finalized(outbound: Outbound, event: SessionFinalized) -> list[OutboxEntry]:
+def _publish_finalized(rendering: Rendering, event: SessionFinalized) -> list[OutboxEntry]:
     s = event.session
     return [
-        entry(s.finalized_at, OutboundKind.FINALIZED, finalized_message(outbound.prefix, s)),
+        entry(s.finalized_at, OutboundKind.FINALIZED, finalized_message(rendering.prefix, s)),
         entry(
             s.finalized_at,
             OutboundKind.BILLING,
-            billing_message(outbound.prefix, bill(s, outbound.pricing)),
+            billing_message(rendering.prefix, bill(s, rendering.pricing)),
         ),
     ]
 
@@ -120,15 +120,15 @@ def _report_deferred(_: Metrics, event: MessageDeferred) -> None:
     )
 
 
-def _publish_settled(outbound: Outbound, event: DeferredMessageSettled) -> list[OutboxEntry]:
+def _publish_settled(rendering: Rendering, event: DeferredMessageSettled) -> list[OutboxEntry]:
     """A waiting message refused when its grace ran out is answered like any refusal."""
     if event.reason is None:
         return []
     w = event.waiting
     kind = TopicKind.TELEMETRY if isinstance(w.command, RecordTelemetry) else TopicKind.LIFECYCLE
-    topic = topics_for(outbound.prefix).bike(event.bike_id, kind)
+    topic = topics_for(rendering.prefix).bike(event.bike_id, kind)
     answer = refusal(w.command, topic, event.reason, event.detail or "")
-    message = rejection_message(outbound.prefix, event.bike_id, answer, w.received_at)
+    message = rejection_message(rendering.prefix, event.bike_id, answer, w.received_at)
     return [entry(w.received_at, OutboundKind.REJECTIONS, message)]
 
 

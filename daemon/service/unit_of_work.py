@@ -23,10 +23,10 @@ from asyncpg.transaction import Transaction
 from daemon.config import ConfigError, Settings
 from daemon.db.store import BatchRows, Conn, RejectionRow, Store, WaitingRow
 from daemon.metrics import DropReason
-from daemon.mqtt.outbound import rejection_message
+from daemon.mqtt.messages import rejection_message
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import OutboundKind
-from daemon.service.events import Outbound, entry, outbox_entries, refusal
+from daemon.service.events import Rendering, entry, outbox_entries, refusal
 from domain.billing import PricingRules
 from domain.commands import Command
 from domain.errors import DomainError, Reason
@@ -126,7 +126,7 @@ class UnitOfWork:
     ) -> None:
         self.store = store
         self.policy = policy
-        self.outbound = Outbound(prefix, pricing)  # what its messages are rendered with
+        self.rendering = Rendering(prefix, pricing)  # what its messages are rendered with
         self.max_payload_bytes = max_payload_bytes
         self.finalized_cache = finalized_cache
         self.fleet = Fleet(policy, finalized_cache)
@@ -304,7 +304,7 @@ class UnitOfWork:
             )
 
     def _waiting(self, row: WaitingRow) -> Waiting | None:
-        inbound = decode(row.topic, row.payload, self.outbound.prefix, self.max_payload_bytes)
+        inbound = decode(row.topic, row.payload, self.rendering.prefix, self.max_payload_bytes)
         if inbound.command is None:
             # Stored valid, now refused (the prefix or the payload limit changed since): leave
             # the row where an operator can see it rather than guess.
@@ -367,7 +367,7 @@ class UnitOfWork:
         rows = BatchRows.of(
             events=events,
             changed=changed,
-            outbox=outbox_entries(self.outbound, events),
+            outbox=outbox_entries(self.rendering, events),
             rejections=rejections,
             waiting_payloads=payloads,
         )
@@ -384,7 +384,7 @@ class UnitOfWork:
         )
         answer = None
         if r.bike_id:
-            message = rejection_message(self.outbound.prefix, r.bike_id, r, arrival.received_at)
+            message = rejection_message(self.rendering.prefix, r.bike_id, r, arrival.received_at)
             answer = entry(arrival.received_at, OutboundKind.REJECTIONS, message)
         return RejectionRow(
             received_at=arrival.received_at,

@@ -12,10 +12,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from daemon.documents import BillingPayload, FinalizedPayload, RejectionPayload
 from daemon.mqtt.contract import asyncapi_document
-from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
+from daemon.mqtt.messages import billing_message, finalized_message, rejection_message
 from daemon.mqtt.schemas import Rejection
-from daemon.outbound import BillingPayload, FinalizedPayload, RejectionPayload
 from daemon.simulate import FleetPlan, json_payload, messages
 from domain.billing import bill
 from domain.errors import Reason

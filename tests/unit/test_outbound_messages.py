@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from daemon.config import DEFAULT_PRICING_FILE
-from daemon.mqtt.outbound import billing_message, finalized_message, rejection_message
+from daemon.mqtt.messages import billing_message, finalized_message, rejection_message
 from daemon.mqtt.schemas import Rejection
 from domain.billing import bill, parse_pricing
 from domain.errors import Reason

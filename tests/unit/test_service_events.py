@@ -9,7 +9,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 from daemon.metrics import Metrics
-from daemon.service.events import Outbound, outbox_entries, report
+from daemon.service.events import Rendering, outbox_entries, report
 from domain.billing import bill
 from domain.errors import Reason
 from domain.events import (
@@ -25,7 +25,7 @@ from tests.builders import T0, bike_id, sample, start
 from tests.conftest import shipped_pricing
 
 PREFIX = "fleet/v9"
-OUTBOUND = Outbound(PREFIX, shipped_pricing())
+RENDERING = Rendering(PREFIX, shipped_pricing())
 
 
 def _finalized(bike: str) -> FinalizedSession:
@@ -39,7 +39,7 @@ def test_a_finalized_session_is_published_as_its_record_then_its_bill():
     bike = bike_id()
     session = _finalized(bike)
 
-    entries = outbox_entries(OUTBOUND, [SessionFinalized(session)])
+    entries = outbox_entries(RENDERING, [SessionFinalized(session)])
 
     assert [(e.event, e.topic) for e in entries] == [
         ("session_finalized", f"{PREFIX}/bikes/{bike}/sessions/finalized"),
@@ -48,7 +48,7 @@ def test_a_finalized_session_is_published_as_its_record_then_its_bill():
     assert all(e.created_at == session.finalized_at for e in entries)
     assert json.loads(entries[0].payload)["station_id"] == "station-2"
     assert json.loads(entries[1].payload)["amount"] == str(
-        bill(session, OUTBOUND.pricing).amount.amount
+        bill(session, RENDERING.pricing).amount.amount
     )
 
 
@@ -58,7 +58,7 @@ def test_a_waiting_message_refused_when_its_grace_ran_out_is_answered_on_its_bik
     waiting = Waiting(command, T0, b"ref")
 
     entries = outbox_entries(
-        OUTBOUND,
+        RENDERING,
         [DeferredMessageSettled(bike, waiting, Reason.UNKNOWN_SESSION, "no start came")],
     )
 
@@ -86,7 +86,7 @@ def test_stored_events_and_an_applied_waiting_message_publish_nothing():
         DeferredMessageSettled(bike, Waiting(command, T0, b"ref")),
     ]
 
-    assert outbox_entries(OUTBOUND, events) == []
+    assert outbox_entries(RENDERING, events) == []
 
 
 def test_finalizations_and_settled_waiting_messages_are_counted_by_what_they_came_to():

@@ -2,7 +2,7 @@
 value in them.
 
 The AsyncAPI document is generated from these models (``daemon.mqtt.contract``), the bytes
-sent on MQTT are dumped from them (``daemon.mqtt.outbound`` puts them on their topics), and
+sent on MQTT are dumped from them (``daemon.mqtt.messages`` puts them on their topics), and
 HTTP and the CLI show a finalized record and its bill through them: the contract and what is
 sent cannot drift apart. Each model is built from the domain's own values; the types below
 write them, each kind one way: an instant as RFC 3339 in UTC with Z, a quantity as plain

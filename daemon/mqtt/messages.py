@@ -1,12 +1,12 @@
-"""Outbound MQTT messages: each published document (``daemon.outbound``) on its topic."""
+"""Outbound MQTT messages: each published document (``daemon.documents``) on its topic."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+from daemon.documents import BillingPayload, FinalizedPayload, RejectionPayload
 from daemon.mqtt.schemas import Rejection
 from daemon.mqtt.topics import OutboundKind, topics_for
-from daemon.outbound import BillingPayload, FinalizedPayload, RejectionPayload
 from domain.billing import BillingRecord
 from domain.session_values import FinalizedSession
 
