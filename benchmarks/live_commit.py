@@ -39,7 +39,8 @@ from daemon.config import DEFAULT_PRICING_FILE
 from daemon.db.migrate import ensure_database, migrate
 from daemon.db.store import Store
 from daemon.mqtt.schemas import decode
-from daemon.service.unit_of_work import Arrival, UnitOfWork
+from daemon.service.arrival import Arrival
+from daemon.service.ingestion import Ingestion
 from domain.billing import parse_pricing
 from domain.session_values import SessionPolicy, utc_text
 
@@ -87,7 +88,7 @@ def _arrival(topic: str, document: dict[str, Any], now: datetime) -> Arrival:
     return Arrival(topic, payload, now, decode(topic, payload, PREFIX, 16_384))
 
 
-async def _open_sessions(uow: UnitOfWork, bikes: list[str], now: datetime) -> dict[str, str]:
+async def _open_sessions(ingestion: Ingestion, bikes: list[str], now: datetime) -> dict[str, str]:
     sessions = {bike: str(uuid.uuid4()) for bike in bikes}
     begun = utc_text(now - timedelta(minutes=1))
     starts = [
@@ -100,7 +101,7 @@ async def _open_sessions(uow: UnitOfWork, bikes: list[str], now: datetime) -> di
         for bike in bikes
     ]  # fmt: skip
     for i in range(0, len(starts), 1000):
-        await uow.commit_batch(starts[i : i + 1000])
+        await ingestion.commit_batch(starts[i : i + 1000])
     return sessions
 
 
@@ -121,10 +122,10 @@ async def run(args: argparse.Namespace) -> None:
     store = Store(pool)
     await store.record_pricing(pricing, datetime.now(UTC))
     policy = SessionPolicy(pricing_version=pricing.version)
-    uow = UnitOfWork(store, policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
+    ingestion = Ingestion(store, policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
     now = datetime.now(UTC)
     bikes = [f"bike-{i:05d}" for i in range(args.bikes)]
-    sessions = await _open_sessions(uow, bikes, now)
+    sessions = await _open_sessions(ingestion, bikes, now)
     seqs = dict.fromkeys(bikes, 0)
     rng = random.Random(1)
     _statements_timed()
@@ -142,12 +143,12 @@ async def run(args: argparse.Namespace) -> None:
             }  # fmt: skip
             arrivals.append(_arrival(f"{PREFIX}/bikes/{bike}/telemetry", document, now))
         began = time.perf_counter()
-        batch = uow.decide_ahead(arrivals)
+        batch = ingestion.decide_ahead(arrivals)
         decided.append(time.perf_counter() - began)
         began, cpu = time.perf_counter(), time.process_time()
         if batch is None:
-            batch = await uow.begin_batch(arrivals)
-        await uow.finish_batch(batch)
+            batch = await ingestion.begin_batch(arrivals)
+        await ingestion.finish_batch(batch)
         committed.append(time.perf_counter() - began)
         commit_cpu.append(time.process_time() - cpu)
     await pool.close()

@@ -23,10 +23,10 @@ from daemon.mqtt.connection import MqttLink
 from daemon.mqtt.contract import asyncapi_document
 from daemon.mqtt.delivery import Link, ReadGate
 from daemon.partition import Ownership, PartitionRegistry
+from daemon.service.ingestion import Ingestion, configured_ingestion
 from daemon.service.outbox import OutboxPublisher
-from daemon.service.pipeline import Pipeline
+from daemon.service.pipeline import Pipeline, PipelineConfig
 from daemon.service.retention import Retention, RetentionPolicy
-from daemon.service.unit_of_work import UnitOfWork, configured_unit_of_work
 
 __all__ = ["Daemon", "open_reader", "open_store", "run_daemon"]
 
@@ -202,10 +202,10 @@ class Daemon:
                 http_task.cancel()
                 return
             self.store = store
-            unit_of_work = await configured_unit_of_work(s, store, pricing)
+            ingestion = await configured_ingestion(s, store, pricing)
             ownership = Ownership()
             registry = self.registry = await self._claim_partition(store, ownership)
-            pipeline, link, publisher = self._wire(store, unit_of_work, ownership)
+            pipeline, link, publisher = self._wire(store, ingestion, ownership)
             link_task = tg.create_task(link.run())
             pipeline_task = tg.create_task(pipeline.run())
             others = [
@@ -255,7 +255,7 @@ class Daemon:
         return Retention(store.pool, self.metrics, policy, batch=s.retention_batch)
 
     def _wire(
-        self, store: Store, unit_of_work: UnitOfWork, ownership: Ownership
+        self, store: Store, ingestion: Ingestion, ownership: Ownership
     ) -> tuple[Pipeline, Link, OutboxPublisher]:
         """The pipeline, the broker link and the outbox relay, built in that order, each
         given what it needs: the link delivers to the pipeline, the pipeline closes and opens
@@ -264,18 +264,17 @@ class Daemon:
         s = self.settings
         gate = ReadGate()  # the pipeline closes it when it holds enough; the link follows it
         committed = asyncio.Event()  # set by the pipeline at each commit; wakes the relay
-        pipeline = self.pipeline = Pipeline(
-            unit_of_work,
-            self.metrics,
+        config = PipelineConfig(
             prefix=s.topic_prefix,
             max_batch=s.max_batch,
             max_payload_bytes=s.max_payload_bytes,
             max_inbox=s.receive_maximum,
-            takes=ownership.takes,
             pipelined=s.pipelined_commits,
-            gate=gate,
-            on_commit=committed.set,
         )
+        pipeline = self.pipeline = Pipeline(
+            ingestion, self.metrics, config, takes=ownership.takes, gate=gate,
+            on_commit=committed.set,
+        )  # fmt: skip
         link = self.link = MqttLink(s, self.metrics, pipeline.deliver, gate)
         publisher = OutboxPublisher(store, link, self.metrics, wake=committed)
         return pipeline, link, publisher

@@ -1,17 +1,17 @@
 """The fleet: every bike's Active session, its waiting messages, and the sessions messages name.
 
 ``Bike`` is the aggregate root of the one-active-session rule: it holds its Active session (a
-summary, never samples), the messages that arrived before what they depend on, and a version
-that the store bumps each time a writer takes the bike. ``Fleet`` routes commands to bikes and
-sessions. It is a cache of the store: the caller locks the bikes a batch touches, reloads those
-whose version moved (``Fleet.refresh``), loads what the fleet names (``sessions_to_load``,
-``samples_to_load``), and only then hands commands over.
+summary, never samples) and the messages that arrived before what they depend on. ``Fleet``
+routes commands to bikes and sessions. A decision needs the command's bike and the session it
+names, and a stored sample only where its seq is taken: ``sessions_decisions_need`` and
+``samples_decisions_need`` say which; the caller loads them (what is loaded, and at which
+version of each bike, is the service layer's cache: ``daemon.service.fleet_cache``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
@@ -52,7 +52,6 @@ class Bike:
     """A bike, its Active session if any (at most one), and its waiting messages."""
 
     bike_id: str
-    version: int = 0
     current: Session | None = None
     # A tuple: most bikes never have one waiting, and an empty list is 56 bytes per bike.
     waiting: tuple[Waiting, ...] = ()
@@ -106,7 +105,7 @@ class Bike:
 
 @dataclass(slots=True)
 class Fleet:
-    """Routes commands to the bikes and sessions it knows; pure, and a cache of the store."""
+    """Routes commands to the bikes and sessions it was given; pure."""
 
     policy: SessionPolicy = field(default_factory=SessionPolicy)
     finalized_cache: int = 1_000
@@ -122,49 +121,18 @@ class Fleet:
     _changed: dict[UUID, Session] = field(default_factory=dict)
     _events: list[Event] = field(default_factory=list)
 
-    # -- what the caller loads -----------------------------------------------------------
-
-    def refresh(self, versions: Mapping[str, int]) -> list[str]:
-        """Take the versions the store gave the locked bikes; return those to reload.
-
-        A bike is current when the store's version is the one after ours: nobody else took it
-        since we last wrote it. Otherwise another writer changed it, and it must be reloaded.
-        """
-        stale = []
-        for bike_id, version in versions.items():
-            bike = self.bikes.get(bike_id)
-            if bike is not None and bike.version + 1 == version:
-                bike.version = version
-            else:
-                stale.append(bike_id)
-        return stale
-
-    def knows(self, bike_ids: Iterable[str]) -> bool:
-        """Whether every one of these bikes is cached (a batch can be decided on the cache)."""
-        return all(bike_id in self.bikes for bike_id in bike_ids)
-
-    def assume_written(self, bike_ids: Iterable[str]) -> dict[str, int]:
-        """Decide ahead of the lock: take these bikes as written by us, once more, and return
-        the versions the store must give them when they are locked. Any other version means
-        another writer was there, and what was decided on this cache must be decided again."""
-        versions = {}
-        for bike_id in bike_ids:
-            bike = self.bikes[bike_id]
-            bike.version += 1
-            versions[bike_id] = bike.version
-        return versions
+    # -- what a decision needs loaded ---------------------------------------------------
 
     def load_bike(
         self,
         bike_id: str,
         active: Session | None,
         waiting: Iterable[Waiting] = (),
-        version: int = 0,
     ) -> None:
         """Know a bike as the store has it: its Active session (or none) and waiting messages."""
         if active is not None and (active.bike_id != bike_id or active.finalized is not None):
             raise ValueError(f"{active!r} is not an Active session of bike {bike_id}")
-        self.bikes[bike_id] = Bike(bike_id, version, active, tuple(waiting))
+        self.bikes[bike_id] = Bike(bike_id, active, tuple(waiting))
 
     def load_session(self, session: Session) -> None:
         """Know a session a message names that is not its bike's Active one."""
@@ -174,7 +142,7 @@ class Fleet:
             self._foreign[session.session_id] = session
 
     def load_samples(self, samples: Iterable[TelemetrySample]) -> None:
-        """Know the stored samples at taken seqs (``samples_to_load``)."""
+        """Know the stored samples at taken seqs (``samples_decisions_need``)."""
         for sample in samples:
             self._stored[(sample.session_id, sample.seq)] = sample
 
@@ -195,7 +163,7 @@ class Fleet:
             if isinstance(c, RecordTelemetry)
         ]
 
-    def sessions_to_load(self, commands: Iterable[Command]) -> set[UUID]:
+    def sessions_decisions_need(self, commands: Iterable[Command]) -> set[UUID]:
         """Session ids these commands name that are neither a bike's current nor cached."""
         wanted: set[UUID] = set()
         for command in commands:
@@ -206,7 +174,7 @@ class Fleet:
                 wanted.add(command.session_id)
         return wanted
 
-    def samples_to_load(self, commands: Iterable[Command]) -> set[tuple[UUID, int]]:
+    def samples_decisions_need(self, commands: Iterable[Command]) -> set[tuple[UUID, int]]:
         """(session id, seq) of samples whose seq is taken, to tell a duplicate from a clash."""
         wanted: set[tuple[UUID, int]] = set()
         for command in commands:

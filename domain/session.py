@@ -53,7 +53,7 @@ class Session:
     A session holds its summary, never its samples: the energy and distance sums, which seqs are
     stored, the latest emission time and the end. Telling a redelivered sample from a clashing
     one needs the stored sample only when its seq is taken; the caller loads exactly those
-    (``Fleet.samples_to_load``) and passes them in.
+    (``Fleet.samples_decisions_need``) and passes them in.
 
     Energy and distance totals are fixed when the session is finalized: as soon as samples
     1..last_seq are in after the end arrived, when the grace period after the end expires, or
@@ -216,7 +216,7 @@ class Session:
         if stored is None:
             raise LookupError(
                 f"seq {sample.seq} of session {self.session_id} is taken but its stored "
-                "sample was not loaded; call Fleet.samples_to_load first"
+                "sample was not loaded; call Fleet.samples_decisions_need first"
             )
         if stored == sample:
             return True

@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticKnownError
 
-from daemon.mqtt.topics import TopicKind, Topics, topics_for
+from daemon.mqtt.topics import ParsedTopic, TopicKind, Topics, topics_for
 from domain.commands import Command, EndSession, RecordTelemetry, StartSession
 from domain.errors import DomainError, InvalidValue, Reason
 from domain.session_values import SessionKind
@@ -345,54 +345,74 @@ def _ids(document: Any) -> tuple[UUID | None, UUID | None]:
     return found[0], found[1]
 
 
-# One return per rejection reason reads as the contract's list.
-def decode(topic: str, payload: bytes, topics: Topics | str, max_bytes: int) -> Inbound:  # noqa: PLR0911
-    """Turn one MQTT message into a domain command, or a rejection that says why not."""
-    parsed = (topics if isinstance(topics, Topics) else topics_for(topics)).parse(topic)
-    kind, bike_id, problem = parsed.kind, parsed.bike_id, parsed.problem
+class _Refused(Exception):
+    """A message refused while it is decoded: the reason, what to fix, the ids it names."""
 
-    def reject(
-        reason: Reason, detail: str, session_id: UUID | None = None, tid: UUID | None = None
-    ) -> Inbound:
-        return Inbound(
-            kind, bike_id, rejection=Rejection(topic, bike_id, reason, detail, session_id, tid)
-        )
+    def __init__(
+        self, reason: Reason, detail: str, ids: tuple[UUID | None, UUID | None] = (None, None)
+    ) -> None:
+        self.reason, self.detail, self.ids = reason, detail, ids
 
-    if problem is not None:
-        return reject(Reason.UNKNOWN_TOPIC, problem)
-    assert bike_id is not None
+
+def decode(
+    topic: str,
+    payload: bytes,
+    topics: Topics | str,
+    max_bytes: int,
+    parsed: ParsedTopic | None = None,
+) -> Inbound:
+    """Turn one MQTT message into a domain command, or a rejection that says why not.
+
+    ``parsed``: the topic as the intake read it, so that it is read once per message."""
+    if parsed is None:
+        parsed = (topics if isinstance(topics, Topics) else topics_for(topics)).parse(topic)
+    kind, bike_id = parsed.kind, parsed.bike_id
+    try:
+        if parsed.problem is not None or bike_id is None:
+            raise _Refused(Reason.UNKNOWN_TOPIC, parsed.problem or "topic names no bike")
+        command = _command(kind, bike_id, _object(payload, max_bytes))
+    except _Refused as refused:
+        rejection = Rejection(topic, bike_id, refused.reason, refused.detail, *refused.ids)
+        return Inbound(kind, bike_id, rejection=rejection)
+    return Inbound(kind, bike_id, command=command)
+
+
+def _object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    """The payload's JSON object, or ``_Refused`` saying why there is none."""
     if len(payload) > max_bytes:
-        return reject(
+        raise _Refused(
             Reason.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_bytes}"
         )
     try:
         document = _document(payload)
     except UnicodeDecodeError as exc:
-        return reject(
-            Reason.MALFORMED_JSON, f"payload is not UTF-8: {exc.reason} at byte {exc.start}"
-        )
+        why = f"payload is not UTF-8: {exc.reason} at byte {exc.start}"
+        raise _Refused(Reason.MALFORMED_JSON, why) from None
     except ValueError as exc:
-        return reject(Reason.MALFORMED_JSON, f"payload is not JSON: {exc}")
+        raise _Refused(Reason.MALFORMED_JSON, f"payload is not JSON: {exc}") from None
     except ArithmeticError:  # decimal.InvalidOperation: a number no decimal can hold
-        return reject(Reason.SCHEMA_VIOLATION, "payload holds a number beyond any decimal")
+        why = "payload holds a number beyond any decimal"
+        raise _Refused(Reason.SCHEMA_VIOLATION, why) from None
     except RecursionError:
-        return reject(Reason.MALFORMED_JSON, "payload is nested too deeply to be read")
+        raise _Refused(Reason.MALFORMED_JSON, "payload is nested too deeply to be read") from None
     if not isinstance(document, dict):
-        return reject(
-            Reason.SCHEMA_VIOLATION, f"payload must be a JSON object, got {type(document).__name__}"
-        )
+        why = f"payload must be a JSON object, got {type(document).__name__}"
+        raise _Refused(Reason.SCHEMA_VIOLATION, why)
+    return document
+
+
+def _command(kind: TopicKind, bike_id: str, document: dict[str, Any]) -> Command:
+    """The command a JSON object on a bike's topic of this kind says, or ``_Refused``."""
     try:
         if kind is TopicKind.TELEMETRY:
-            command: Command = _usual_sample(bike_id, document) or _telemetry(
+            return _usual_sample(bike_id, document) or _telemetry(
                 bike_id, Telemetry.model_validate(document)
             )
-        else:
-            command = _lifecycle(bike_id, _LIFECYCLE.validate_python(document))
+        return _lifecycle(bike_id, _LIFECYCLE.validate_python(document))
     except ValidationError as exc:
-        return reject(Reason.SCHEMA_VIOLATION, _explain(exc), *_ids(document))
+        raise _Refused(Reason.SCHEMA_VIOLATION, _explain(exc), _ids(document)) from None
     except InvalidValue as exc:
-        return reject(exc.reason, exc.detail, *_ids(document))
-    return Inbound(kind, bike_id, command=command)
+        raise _Refused(exc.reason, exc.detail, _ids(document)) from None
 
 
 def _lifecycle(

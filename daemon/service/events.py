@@ -1,13 +1,17 @@
-"""What the service layer does with each kind of domain event, in one table.
+"""What is decided, rendered and reported from one place: each kind of domain event in one
+table, and a batch's rows.
 
 An event is published (its outbound messages are rendered when its batch is decided, and
 written with the batch, in the outbox) and reported (counted and logged once its batch is
 committed). Storing it is the database adapter's own table (``daemon.db.store``); the events
-not named here are stored and nothing more.
+not named here are stored and nothing more. A refused message is kept as a rejection row,
+with the answer its publisher is sent (``rejection_row``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,17 +19,22 @@ from typing import Any
 
 import structlog
 
-from daemon.db.store import OutboxEntry
+from daemon.db.store import BatchRows, OutboxEntry, RejectionRow
 from daemon.metrics import Metrics
 from daemon.mqtt.messages import billing_message, finalized_message, rejection_message
 from daemon.mqtt.schemas import Rejection
 from daemon.mqtt.topics import OutboundKind, TopicKind, topics_for
+from daemon.service.arrival import Arrival, message_ref
 from domain.billing import PricingRules, bill
 from domain.commands import Command, RecordTelemetry
 from domain.errors import Reason
 from domain.events import DeferredMessageSettled, Event, MessageDeferred, SessionFinalized
+from domain.fleet import Fleet
 
-__all__ = ["Rendering", "entry", "outbox_entries", "refusal", "report"]
+__all__ = [
+    "Rendering", "batch_rows", "entry", "outbox_entries", "refusal", "rejection_row", "report",
+    "storable",
+]  # fmt: skip
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +86,67 @@ def refusal(command: Command, topic: str, reason: Reason, detail: str) -> Reject
         detail,
         command.session_id,
         sample.telemetry_id if sample is not None else None,
+    )
+
+
+def batch_rows(
+    rendering: Rendering,
+    fleet: Fleet,
+    waiting: Sequence[Arrival] = (),
+    rejections: Sequence[RejectionRow] = (),
+) -> tuple[list[Event], BatchRows]:
+    """What the fleet decided since the last batch, as events and the rows to write;
+    ``waiting`` are the arrivals it deferred, whose raw payloads the waiting room keeps."""
+    changed = fleet.changed_sessions()
+    events = fleet.pop_events()
+    payloads = {message_ref(a.topic, a.payload): (a.topic, a.payload) for a in waiting}
+    rows = BatchRows.of(
+        events=events,
+        changed=changed,
+        outbox=outbox_entries(rendering, events),
+        rejections=rejections,
+        waiting_payloads=payloads,
+    )
+    return events, rows
+
+
+def storable(text: str) -> str:
+    """Text PostgreSQL can hold and UTF-8 can encode: NUL and lone surrogates escaped."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def rejection_row(rendering: Rendering, arrival: Arrival, r: Rejection) -> RejectionRow:
+    """A refused message as it is kept, with the answer its bike's publisher is sent."""
+    # Details can quote what the publisher sent (pydantic names the character it found):
+    # keep them storable and publishable, whatever that was.
+    r = dataclasses.replace(
+        r,
+        topic=storable(r.topic),
+        bike_id=None if r.bike_id is None else storable(r.bike_id),
+        detail=storable(r.detail),
+    )
+    answer = None
+    if r.bike_id:
+        message = rejection_message(rendering.prefix, r.bike_id, r, arrival.received_at)
+        answer = entry(arrival.received_at, OutboundKind.REJECTIONS, message)
+    return RejectionRow(
+        received_at=arrival.received_at,
+        topic=r.topic,
+        bike_id=r.bike_id,
+        reason=r.reason,
+        detail=r.detail,
+        session_id=r.session_id,
+        telemetry_id=r.telemetry_id,
+        payload=arrival.payload,
+        payload_size=len(arrival.payload),
+        payload_sha256=hashlib.sha256(arrival.payload).digest(),
+        answer=answer,
     )
 
 

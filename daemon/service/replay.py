@@ -18,7 +18,8 @@ from daemon.db.store import Store
 from daemon.db.views import KeptRejection, ReadModel, RejectionFilter
 from daemon.mqtt.schemas import decode
 from daemon.mqtt.topics import topics_for
-from daemon.service.unit_of_work import Arrival, Settled, configured_unit_of_work
+from daemon.service.arrival import Arrival, Settled
+from daemon.service.ingestion import configured_ingestion
 from domain.events import Outcome
 
 __all__ = ["Replayed", "replay"]
@@ -56,7 +57,7 @@ async def replay(
     """Decide the (at most ``most``) selected kept rejections again, oldest first, in batches;
     what each became. ``selection.limit`` is the page size they are read with."""
     chosen = await _chosen(ReadModel(store.pool), selection, most)
-    uow = await configured_unit_of_work(settings, store)
+    ingestion = await configured_ingestion(settings, store)
     topics = topics_for(settings.topic_prefix)
     results: list[Replayed] = []
     for start in range(0, len(chosen), _CHUNK):
@@ -79,7 +80,7 @@ async def replay(
             chunk.append(kept)
             arrivals.append(Arrival(kept.topic, kept.payload, now, inbound))
         if arrivals:
-            settled, _ = await uow.commit_batch(arrivals)
+            settled, _ = await ingestion.commit_batch(arrivals)
             results += map(_replayed, chunk, settled)
         progress(len(results))
     return sorted(results, key=lambda r: r.rejection.id)

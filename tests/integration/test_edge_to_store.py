@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from daemon.db.store import Store
 from daemon.mqtt.schemas import Inbound, decode
-from daemon.service.unit_of_work import Arrival, UnitOfWork
+from daemon.service.arrival import Arrival
+from daemon.service.ingestion import Ingestion
 from daemon.simulate import json_payload
 from domain.commands import RecordTelemetry
 from domain.events import Outcome
@@ -98,8 +99,8 @@ async def _commit_and_check(database_url: str, bike: str, arrivals: list[Arrival
     try:
         pricing = shipped_pricing()
         policy = SessionPolicy(pricing_version=pricing.version, finalize_grace=timedelta(hours=9))
-        uow = UnitOfWork(Store(pool), policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
-        settled, _ = await uow.commit_batch(arrivals)
+        ingestion = Ingestion(Store(pool), policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
+        settled, _ = await ingestion.commit_batch(arrivals)
         assert [s.dropped for s in settled if s.dropped] == []
         rejected = {(a.topic, a.payload) for a, s in zip(arrivals, settled, strict=True)
                     if s.rejection is not None}  # fmt: skip

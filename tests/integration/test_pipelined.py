@@ -16,8 +16,9 @@ from structlog.testing import capture_logs
 from daemon.db.store import Store
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Delivery
-from daemon.service.pipeline import Pipeline
-from daemon.service.unit_of_work import Arrival, UnitOfWork
+from daemon.service.arrival import Arrival
+from daemon.service.ingestion import Ingestion
+from daemon.service.pipeline import Pipeline, PipelineConfig
 from domain.billing import parse_pricing
 from domain.session_values import SessionPolicy
 from tests.builders import T0, bike_id, sample, start
@@ -39,8 +40,8 @@ def pipeline(pool: asyncpg.Pool) -> Pipeline:
     text = resources.files("daemon").joinpath("pricing.toml").read_text()
     pricing = parse_pricing(text, "daemon/pricing.toml")
     policy = SessionPolicy(pricing_version=pricing.version)
-    uow = UnitOfWork(Store(pool), policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
-    return Pipeline(uow, Metrics(), prefix=PREFIX, clock=lambda: NOW, pipelined=True)
+    ingestion = Ingestion(Store(pool), policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
+    return Pipeline(ingestion, Metrics(), PipelineConfig(PREFIX, pipelined=True), clock=lambda: NOW)
 
 
 def deliveries(acks: Acks, first_mid: int, *commands) -> list[Delivery]:
@@ -53,7 +54,7 @@ def deliveries(acks: Acks, first_mid: int, *commands) -> list[Delivery]:
 
 
 def _arrival(p: Pipeline, d: Delivery) -> Arrival:
-    return Arrival(d.topic, d.payload, d.received_at, p._decode(d))
+    return Arrival(d.topic, d.payload, d.received_at, p._decode(p.intake.read(d)))
 
 
 async def totals(pool: asyncpg.Pool, session_id: uuid.UUID) -> tuple[Decimal, int, list[int]]:
@@ -70,8 +71,8 @@ async def test_consecutive_batches_overlap_and_are_acknowledged_in_order(pool):
     a = start(bike_id(), at=T0)
     first = deliveries(acks, 1, a, sample(a, 1, "1.5"))
     second = deliveries(acks, 3, sample(a, 2, "2.5"), sample(a, 3, "3"))
-    await p.process(first)  # begun and committing in the background
-    await p.process(second)  # begun while the first commits; the bike waits in PostgreSQL
+    await p.process(p.read(first))  # begun and committing in the background
+    await p.process(p.read(second))  # begun while the first commits; the bike waits in PostgreSQL
     await p.finish_in_flight()
     assert acks.sent == [1, 2, 3, 4]
     assert await totals(pool, a.session_id) == (Decimal("7.0"), 3, [1, 3])
@@ -94,8 +95,8 @@ async def test_a_batch_that_fails_to_commit_is_decided_again_with_the_one_begun_
             acks, 5, sample(a, 3, "3", at=T0 + timedelta(seconds=3)), sample(b, 1, "10")
         )
         with capture_logs() as logs:
-            await p.process(first)
-            await p.process(second)
+            await p.process(p.read(first))
+            await p.process(p.read(second))
             await p.finish_in_flight()
     finally:
         await pool.execute(f"ALTER TABLE telemetry DROP CONSTRAINT {constraint}")
@@ -119,16 +120,20 @@ async def test_a_batch_of_cached_bikes_is_decided_without_waiting_for_the_one_be
     acks = Acks()
     p = pipeline(pool)
     a = start(bike_id(), at=T0)
-    await p.process(deliveries(acks, 1, a))
+    await p.process(p.read(deliveries(acks, 1, a)))
     await p.finish_in_flight()  # a is cached now
-    uow = p.uow
-    first = uow.decide_ahead([_arrival(p, d) for d in deliveries(acks, 2, sample(a, 1, "1.5"))])
-    second = uow.decide_ahead([_arrival(p, d) for d in deliveries(acks, 3, sample(a, 2, "2.5"))])
+    ingestion = p.commits.batches
+    first = ingestion.decide_ahead(
+        [_arrival(p, d) for d in deliveries(acks, 2, sample(a, 1, "1.5"))]
+    )
+    second = ingestion.decide_ahead(
+        [_arrival(p, d) for d in deliveries(acks, 3, sample(a, 2, "2.5"))]
+    )
     assert first is not None and second is not None
-    assert first.conn is None and second.conn is None  # neither holds a lock yet
+    assert first.uow is None and second.uow is None  # neither holds a lock yet
     assert second.expected == {a.bike_id: first.expected[a.bike_id] + 1}
-    await uow.finish_batch(first)
-    await uow.finish_batch(second)
+    await ingestion.finish_batch(first)
+    await ingestion.finish_batch(second)
     assert await totals(pool, a.session_id) == (Decimal("4.0"), 2, [1, 2])
 
 
@@ -139,12 +144,14 @@ async def test_a_batch_with_a_bike_new_to_the_cache_waits_for_the_one_before_to_
     acks = Acks()
     p = pipeline(pool)
     a = start(bike_id(), at=T0)
-    await p.process(deliveries(acks, 1, a))
+    await p.process(p.read(deliveries(acks, 1, a)))
     await p.finish_in_flight()
     c = start(bike_id(), at=T0)
-    await p.process(deliveries(acks, 2, sample(a, 1, "1.5")))
-    assert p.uow.decide_ahead([_arrival(p, d) for d in deliveries(Acks(), 9, c)]) is None
-    await asyncio.wait_for(p.process(deliveries(acks, 3, sample(a, 2, "2.5"), c)), 20)
+    await p.process(p.read(deliveries(acks, 2, sample(a, 1, "1.5"))))
+    assert (
+        p.commits.batches.decide_ahead([_arrival(p, d) for d in deliveries(Acks(), 9, c)]) is None
+    )
+    await asyncio.wait_for(p.process(p.read(deliveries(acks, 3, sample(a, 2, "2.5"), c))), 20)
     await asyncio.wait_for(p.finish_in_flight(), timeout=20)
     assert acks.sent == [1, 2, 3, 4]
     assert await totals(pool, a.session_id) == (Decimal("4.0"), 2, [1, 2])
@@ -154,15 +161,19 @@ async def test_a_batch_decided_ahead_that_another_writer_overtook_is_decided_aga
     acks = Acks()
     p = pipeline(pool)
     a = start(bike_id(), at=T0)
-    await p.process(deliveries(acks, 1, a, sample(a, 1, "1")))
+    await p.process(p.read(deliveries(acks, 1, a, sample(a, 1, "1"))))
     await p.finish_in_flight()
     # Another instance takes the bike (and adds a sample) behind this one's back.
     other = pipeline(pool)
-    await other.process(deliveries(Acks(), 1, sample(a, 2, "2")))
+    await other.process(other.read(deliveries(Acks(), 1, sample(a, 2, "2"))))
     await other.finish_in_flight()
     with capture_logs() as logs:
-        await p.process(deliveries(acks, 3, sample(a, 3, "3", at=T0 + timedelta(seconds=3))))
-        await p.process(deliveries(acks, 4, sample(a, 4, "4", at=T0 + timedelta(seconds=4))))
+        await p.process(
+            p.read(deliveries(acks, 3, sample(a, 3, "3", at=T0 + timedelta(seconds=3))))
+        )
+        await p.process(
+            p.read(deliveries(acks, 4, sample(a, 4, "4", at=T0 + timedelta(seconds=4))))
+        )
         await p.finish_in_flight()
     assert any("not committed" in e["event"] for e in logs)
     assert acks.sent == [1, 2, 3, 4]

@@ -14,11 +14,11 @@ from daemon.db import privacy
 from daemon.db.store import Store
 from daemon.metrics import Metrics
 from daemon.mqtt.schemas import Inbound, Rejection, TopicKind
+from daemon.service.arrival import Arrival
 from daemon.service.retention import Retention, RetentionPolicy
-from daemon.service.unit_of_work import Arrival
 from tests.builders import bike_id, end, sample, start
 from tests.conftest import shipped_pricing
-from tests.integration.test_store import PREFIX, commit, unit_of_work
+from tests.integration.test_store import PREFIX, commit, new_ingestion
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +36,14 @@ def bad_message(bike: str, n: int, at: datetime) -> Arrival:
     return Arrival(topic, payload, at, Inbound(TopicKind.TELEMETRY, bike, rejection=rejection))
 
 
-async def ride(uow: Any, bike: str, at: datetime, samples: int, *, ended: bool = True) -> None:
+async def ride(
+    ingestion: Any, bike: str, at: datetime, samples: int, *, ended: bool = True
+) -> None:
     begun = start(bike, at=at)
     commands = [begun, *(sample(begun, seq) for seq in range(1, samples + 1))]
     if ended:
         commands.append(end(begun, samples))
-    await commit(uow, *commands, now=at + timedelta(minutes=31))
+    await commit(ingestion, *commands, now=at + timedelta(minutes=31))
 
 
 async def counts(pool: asyncpg.Pool, bike: str) -> dict[str, int]:
@@ -62,16 +64,16 @@ async def counts(pool: asyncpg.Pool, bike: str) -> dict[str, int]:
 async def test_retention_removes_exactly_what_is_older_than_its_setting_in_batches(
     pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ):
-    uow = unit_of_work(Store(pool), shipped_pricing())
+    batches = new_ingestion(Store(pool), shipped_pricing())
     old, young, riding = bike_id(), bike_id(), bike_id()
     long_ago = NOW - timedelta(days=401)
     for _ in range(4):  # 4 finalized rides of 3 samples: 12 samples to go, in 3 batches
-        await ride(uow, old, long_ago, 3)
-    await ride(uow, riding, long_ago, 2, ended=False)  # still Active: its samples stay
+        await ride(batches, old, long_ago, 3)
+    await ride(batches, riding, long_ago, 2, ended=False)  # still Active: its samples stay
     for _ in range(2):
-        await ride(uow, young, NOW - timedelta(days=399), 2)
-    await uow.commit_batch([bad_message(old, n, NOW - timedelta(days=31)) for n in range(7)])
-    await uow.commit_batch([bad_message(young, n, NOW - timedelta(days=29)) for n in range(3)])
+        await ride(batches, young, NOW - timedelta(days=399), 2)
+    await batches.commit_batch([bad_message(old, n, NOW - timedelta(days=31)) for n in range(7)])
+    await batches.commit_batch([bad_message(young, n, NOW - timedelta(days=29)) for n in range(3)])
     # The rides' outbox rows were published 8 (old) and 6 (young) days ago; the answers to
     # the rejections are not published yet, however old: they stay.
     for bike, days in ((old, 8), (young, 6)):
@@ -107,7 +109,7 @@ async def test_retention_removes_exactly_what_is_older_than_its_setting_in_batch
     async def ingest() -> None:
         nonlocal ingested
         while True:
-            await ride(uow, bike_id(), NOW - timedelta(hours=1), 2)
+            await ride(batches, bike_id(), NOW - timedelta(hours=1), 2)
             ingested += 1
 
     # On a hypertable TimescaleDB's retention policy drops telemetry's chunks, not the job.
@@ -157,10 +159,10 @@ async def test_retention_removes_exactly_what_is_older_than_its_setting_in_batch
 
 
 async def test_only_the_retention_job_may_delete_telemetry(pool: asyncpg.Pool):
-    uow = unit_of_work(Store(pool), shipped_pricing())
+    batches = new_ingestion(Store(pool), shipped_pricing())
     bike = bike_id()
-    await ride(uow, bike, NOW - timedelta(days=500), 1)
-    await uow.commit_batch([bad_message(bike, 1, NOW - timedelta(days=500))])
+    await ride(batches, bike, NOW - timedelta(days=500), 1)
+    await batches.commit_batch([bad_message(bike, 1, NOW - timedelta(days=500))])
 
     with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="append-only"):
         await pool.execute("DELETE FROM telemetry WHERE bike_id = $1", bike)

@@ -19,7 +19,8 @@ import pytest
 from daemon.db.migrate import ensure_database, migrate
 from daemon.db.store import Store
 from daemon.mqtt.schemas import Inbound, Rejection, TopicKind, decode
-from daemon.service.unit_of_work import Arrival, Settled, UnitOfWork
+from daemon.service.arrival import Arrival, Settled
+from daemon.service.ingestion import Ingestion
 from domain.billing import PricingRules, parse_pricing
 from domain.commands import Command, RecordTelemetry, StartSession
 from domain.events import DeferredMessageSettled, Outcome, SessionFinalized
@@ -89,14 +90,14 @@ async def spare_database_url(postgres_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-def unit_of_work(store: Store, pricing: PricingRules) -> UnitOfWork:
+def new_ingestion(store: Store, pricing: PricingRules) -> Ingestion:
     policy = SessionPolicy(pricing_version=pricing.version)
-    return UnitOfWork(store, policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
+    return Ingestion(store, policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
 
 
 @pytest.fixture
-def uow(store: Store, pricing: PricingRules) -> UnitOfWork:
-    return unit_of_work(store, pricing)
+def ingestion(store: Store, pricing: PricingRules) -> Ingestion:
+    return new_ingestion(store, pricing)
 
 
 def payload_of(command: Command) -> bytes:
@@ -142,13 +143,13 @@ def arrival(command: Command, now: datetime = NOW) -> Arrival:
 
 
 async def commit_settled(
-    uow: UnitOfWork, *commands: Command, now: datetime = NOW
+    ingestion: Ingestion, *commands: Command, now: datetime = NOW
 ) -> tuple[list[Settled], list[Any]]:
-    return await uow.commit_batch([arrival(c, now) for c in commands])
+    return await ingestion.commit_batch([arrival(c, now) for c in commands])
 
 
-async def commit(uow: UnitOfWork, *commands: Command, now: datetime = NOW) -> list[Any]:
-    settled, events = await commit_settled(uow, *commands, now=now)
+async def commit(ingestion: Ingestion, *commands: Command, now: datetime = NOW) -> list[Any]:
+    settled, events = await commit_settled(ingestion, *commands, now=now)
     assert all(s.rejection is None and s.dropped is None for s in settled), settled
     return events
 
@@ -176,20 +177,24 @@ def finalized_events(events: list[Any]) -> list[SessionFinalized]:
     return [e for e in events if isinstance(e, SessionFinalized)]
 
 
-async def commit_finalized_ride(uow: UnitOfWork, bike: str) -> uuid.UUID:
+async def commit_finalized_ride(ingestion: Ingestion, bike: str) -> uuid.UUID:
     """A ride of 1000 + 234.5 Wh, ended and complete, committed in one batch."""
     begun = start(bike)
-    await commit(uow, begun, sample(begun, 1, "1000"), sample(begun, 2, "234.5"), end(begun, 2))
+    await commit(
+        ingestion, begun, sample(begun, 1, "1000"), sample(begun, 2, "234.5"), end(begun, 2)
+    )
     return begun.session_id
 
 
-async def commit_bike(uow: UnitOfWork, heard_at: datetime, end_received_at: datetime | None) -> str:
+async def commit_bike(
+    ingestion: Ingestion, heard_at: datetime, end_received_at: datetime | None
+) -> str:
     """A bike whose Active session was last heard at `heard_at`, its end pending or not."""
     bike = bike_id()
     begun = start(bike)
-    await commit(uow, begun, now=heard_at)
+    await commit(ingestion, begun, now=heard_at)
     if end_received_at is not None:
-        await commit(uow, end(begun, last_seq=1), now=end_received_at)
+        await commit(ingestion, end(begun, last_seq=1), now=end_received_at)
     return bike
 
 
@@ -589,13 +594,13 @@ async def test_a_finalized_session_with_its_totals_is_accepted(conn):
 # -- committing and loading through the unit of work --------------------------------------------
 
 
-async def test_an_active_session_with_its_end_pending_loads_back_as_its_summary(store, uow):
+async def test_an_active_session_with_its_end_pending_loads_back_as_its_summary(store, ingestion):
     bike = bike_id()
     begun = start(bike)
-    await commit(uow, begun, sample(begun, 1, "12.5", distance="40", soc="81"))
-    await commit(uow, sample(begun, 2, "7"), now=NOW + timedelta(seconds=1))
-    await commit(uow, end(begun, last_seq=4), now=NOW + timedelta(seconds=2))
-    cached = uow.fleet.bikes[bike].current
+    await commit(ingestion, begun, sample(begun, 1, "12.5", distance="40", soc="81"))
+    await commit(ingestion, sample(begun, 2, "7"), now=NOW + timedelta(seconds=1))
+    await commit(ingestion, end(begun, last_seq=4), now=NOW + timedelta(seconds=2))
+    cached = ingestion.fleet.bikes[bike].current
 
     async with store.pool.acquire() as conn:
         active, waiting = await store.load_bikes(conn, [bike])
@@ -606,12 +611,14 @@ async def test_an_active_session_with_its_end_pending_loads_back_as_its_summary(
     assert (active[bike].energy_wh, active[bike].distance_m) == (Decimal("19.5"), Decimal(40))
 
 
-async def test_a_session_finalized_in_a_later_batch_loads_back_with_its_fixed_record(store, uow):
+async def test_a_session_finalized_in_a_later_batch_loads_back_with_its_fixed_record(
+    store, ingestion
+):
     bike = bike_id()
     begun = start(bike)
-    await commit(uow, begun, sample(begun, 1, "1000", distance="500"))
+    await commit(ingestion, begun, sample(begun, 1, "1000", distance="500"))
     events = await commit(
-        uow, sample(begun, 2, "234.5"), end(begun, last_seq=2), now=NOW + timedelta(seconds=1)
+        ingestion, sample(begun, 2, "234.5"), end(begun, last_seq=2), now=NOW + timedelta(seconds=1)
     )
     (finalized,) = finalized_events(events)
 
@@ -625,12 +632,12 @@ async def test_a_session_finalized_in_a_later_batch_loads_back_with_its_fixed_re
     assert loaded.seqs == SeqRanges(((1, 2),))
 
 
-async def test_an_abandoned_session_is_finalized_by_the_sweep_without_an_end(store, uow):
+async def test_an_abandoned_session_is_finalized_by_the_sweep_without_an_end(store, ingestion):
     bike = bike_id()
     begun = start(bike)
-    await commit(uow, begun, sample(begun, 1, "3"))
+    await commit(ingestion, begun, sample(begun, 1, "3"))
 
-    events = await uow.expire([bike], NOW + timedelta(hours=25))
+    events = await ingestion.expire([bike], NOW + timedelta(hours=25))
 
     (finalized,) = finalized_events(events)
     async with store.pool.acquire() as conn:
@@ -641,15 +648,15 @@ async def test_an_abandoned_session_is_finalized_by_the_sweep_without_an_end(sto
 
 
 async def test_a_start_waiting_out_the_grace_period_commits_with_the_old_sessions_finalization(
-    store, uow
+    store, ingestion
 ):
     bike = bike_id()
     first = start(bike)
-    await commit(uow, first, end(first, last_seq=1))
+    await commit(ingestion, first, end(first, last_seq=1))
     second = start(bike, at=T0 + timedelta(minutes=40))
-    await commit(uow, second, now=NOW + timedelta(seconds=1))  # waits for sample 1
-    uow.reset()  # whichever instance runs the sweep decides from the store alone
-    await uow.expire([bike], NOW + timedelta(seconds=6))
+    await commit(ingestion, second, now=NOW + timedelta(seconds=1))  # waits for sample 1
+    ingestion.reset()  # whichever instance runs the sweep decides from the store alone
+    await ingestion.expire([bike], NOW + timedelta(seconds=6))
 
     async with store.pool.acquire() as conn:
         active, _ = await store.load_bikes(conn, [bike])
@@ -660,23 +667,25 @@ async def test_a_start_waiting_out_the_grace_period_commits_with_the_old_session
     assert old.finalized.missing_samples == 1
 
 
-async def test_a_redelivered_sample_is_told_from_a_clash_by_loading_only_that_sample(store, uow):
+async def test_a_redelivered_sample_is_told_from_a_clash_by_loading_only_that_sample(
+    store, ingestion
+):
     bike = bike_id()
     begun = start(bike)
     once = sample(begun, 1, "10")
-    await commit(uow, begun, once)
-    uow.reset()  # a restart: the cache is empty, the store has the summary
+    await commit(ingestion, begun, once)
+    ingestion.reset()  # a restart: the cache is empty, the store has the summary
 
-    (dup,) = (await commit_settled(uow, once))[0]
-    (clash,) = (await commit_settled(uow, sample(begun, 1, "11")))[0]
+    (dup,) = (await commit_settled(ingestion, once))[0]
+    (clash,) = (await commit_settled(ingestion, sample(begun, 1, "11")))[0]
 
     assert dup.outcome is Outcome.DUPLICATE
     assert clash.rejection.reason == "session_id_conflict"
 
 
-async def test_committing_a_finalized_session_writes_one_finalized_outbox_row(uow, conn):
+async def test_committing_a_finalized_session_writes_one_finalized_outbox_row(ingestion, conn):
     bike = bike_id()
-    session_id = await commit_finalized_ride(uow, bike)
+    session_id = await commit_finalized_ride(ingestion, bike)
 
     rows = await outbox_rows(conn, f"{PREFIX}/bikes/{bike}/sessions/finalized")
 
@@ -686,9 +695,11 @@ async def test_committing_a_finalized_session_writes_one_finalized_outbox_row(uo
     assert document["energy_wh"] == "1234.5"
 
 
-async def test_committing_a_finalized_ride_of_1234_5_wh_writes_one_billing_row_of_0_37(uow, conn):
+async def test_committing_a_finalized_ride_of_1234_5_wh_writes_one_billing_row_of_0_37(
+    ingestion, conn
+):
     bike = bike_id()
-    session_id = await commit_finalized_ride(uow, bike)
+    session_id = await commit_finalized_ride(ingestion, bike)
 
     rows = await outbox_rows(conn, f"{PREFIX}/bikes/{bike}/billing")
 
@@ -703,7 +714,7 @@ async def test_committing_a_finalized_ride_of_1234_5_wh_writes_one_billing_row_o
 
 
 async def test_two_instances_writing_one_bike_in_turn_keep_exact_totals(store, pricing):
-    first, second = unit_of_work(store, pricing), unit_of_work(store, pricing)
+    first, second = new_ingestion(store, pricing), new_ingestion(store, pricing)
     bike = bike_id()
     begun = start(bike)
     await commit(first, begun)
@@ -722,7 +733,7 @@ async def test_two_instances_writing_one_bike_in_turn_keep_exact_totals(store, p
 async def test_a_sample_waiting_on_one_instance_is_applied_where_its_start_arrives(
     store, pricing, conn
 ):
-    first, second = unit_of_work(store, pricing), unit_of_work(store, pricing)
+    first, second = new_ingestion(store, pricing), new_ingestion(store, pricing)
     bike = bike_id()
     begun = start(bike)
     (early,), _ = await commit_settled(first, sample(begun, 1, "42"))
@@ -737,13 +748,13 @@ async def test_a_sample_waiting_on_one_instance_is_applied_where_its_start_arriv
 
 
 async def test_a_waiting_message_whose_grace_ran_out_is_kept_and_answered_as_a_rejection(
-    store, uow, conn
+    store, ingestion, conn
 ):
     bike = bike_id()
     orphan = sample(start(bike), 1)
-    await commit(uow, orphan)
+    await commit(ingestion, orphan)
 
-    events = await uow.expire([bike], NOW + timedelta(seconds=6))
+    events = await ingestion.expire([bike], NOW + timedelta(seconds=6))
 
     assert [e.reason for e in events if isinstance(e, DeferredMessageSettled)] == [
         "unknown_session"
@@ -773,15 +784,17 @@ async def test_a_writer_holding_a_bike_makes_another_wait_until_it_commits(store
 # -- sessions due for expiry -----------------------------------------------------------------
 
 
-async def test_due_bikes_include_a_bike_whose_end_grace_ran_out(store, uow):
-    bike = await commit_bike(uow, heard_at=NOW, end_received_at=GRACE_CUTOFF - timedelta(seconds=1))
+async def test_due_bikes_include_a_bike_whose_end_grace_ran_out(store, ingestion):
+    bike = await commit_bike(
+        ingestion, heard_at=NOW, end_received_at=GRACE_CUTOFF - timedelta(seconds=1)
+    )
 
     assert bike in await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF)
 
 
-async def test_due_bikes_include_a_bike_that_went_dark(store, uow):
+async def test_due_bikes_include_a_bike_that_went_dark(store, ingestion):
     bike = await commit_bike(
-        uow, heard_at=ABANDON_CUTOFF - timedelta(seconds=1), end_received_at=None
+        ingestion, heard_at=ABANDON_CUTOFF - timedelta(seconds=1), end_received_at=None
     )
 
     assert bike in await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF)
@@ -789,8 +802,8 @@ async def test_due_bikes_include_a_bike_that_went_dark(store, uow):
     assert bike not in await store.due_bikes(GRACE_CUTOFF)
 
 
-async def test_a_samples_summary_update_touches_no_index(store, uow, pool):
-    bike = await commit_bike(uow, heard_at=GRACE_CUTOFF, end_received_at=None)
+async def test_a_samples_summary_update_touches_no_index(store, ingestion, pool):
+    bike = await commit_bike(ingestion, heard_at=GRACE_CUTOFF, end_received_at=None)
     indexed = await pool.fetchval(
         "SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
         " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'sessions'::regclass"
@@ -803,10 +816,10 @@ async def test_a_samples_summary_update_touches_no_index(store, uow, pool):
     assert fillfactor == ["fillfactor=70"]  # and each page keeps room for them
 
 
-async def test_due_bikes_leave_out_fresh_bikes(store, uow):
-    heard = await commit_bike(uow, heard_at=GRACE_CUTOFF, end_received_at=None)
+async def test_due_bikes_leave_out_fresh_bikes(store, ingestion):
+    heard = await commit_bike(ingestion, heard_at=GRACE_CUTOFF, end_received_at=None)
     ending = await commit_bike(
-        uow, heard_at=GRACE_CUTOFF, end_received_at=GRACE_CUTOFF + timedelta(seconds=1)
+        ingestion, heard_at=GRACE_CUTOFF, end_received_at=GRACE_CUTOFF + timedelta(seconds=1)
     )
 
     due = await store.due_bikes(GRACE_CUTOFF, ABANDON_CUTOFF)
@@ -818,11 +831,11 @@ async def test_due_bikes_leave_out_fresh_bikes(store, uow):
 # -- rejections ------------------------------------------------------------------------------
 
 
-async def test_a_redelivered_rejected_message_is_kept_once(uow, conn):
+async def test_a_redelivered_rejected_message_is_kept_once(ingestion, conn):
     message = rejected(bike_id())
 
-    await uow.commit_batch([message])
-    await uow.commit_batch([message])
+    await ingestion.commit_batch([message])
+    await ingestion.commit_batch([message])
 
     kept = await conn.fetchval(
         "SELECT count(*) FROM rejected_messages WHERE topic = $1", message.topic
@@ -830,12 +843,12 @@ async def test_a_redelivered_rejected_message_is_kept_once(uow, conn):
     assert kept == 1
 
 
-async def test_a_repeated_rejected_message_is_answered_every_time(uow, conn):
+async def test_a_repeated_rejected_message_is_answered_every_time(ingestion, conn):
     bike = bike_id()
     message = rejected(bike)
 
-    await uow.commit_batch([message])
-    await uow.commit_batch([message])
+    await ingestion.commit_batch([message])
+    await ingestion.commit_batch([message])
 
     rows = await outbox_rows(conn, f"{PREFIX}/bikes/{bike}/rejections")
     assert [r["event"] for r in rows] == ["rejection", "rejection"]
@@ -844,10 +857,10 @@ async def test_a_repeated_rejected_message_is_answered_every_time(uow, conn):
         assert (document["topic"], document["reason"]) == (message.topic, "malformed_json")
 
 
-async def test_a_rejected_payload_is_stored_capped_with_its_real_size(uow, conn):
+async def test_a_rejected_payload_is_stored_capped_with_its_real_size(ingestion, conn):
     message = rejected(bike_id(), payload=b"x" * 5000)
 
-    await uow.commit_batch([message])
+    await ingestion.commit_batch([message])
 
     row = await conn.fetchrow(
         "SELECT payload, payload_size FROM rejected_messages WHERE topic = $1", message.topic
@@ -855,11 +868,11 @@ async def test_a_rejected_payload_is_stored_capped_with_its_real_size(uow, conn)
     assert (row["payload"], row["payload_size"]) == (b"x" * 4096, 5000)
 
 
-async def test_rejected_payloads_that_differ_only_beyond_the_cap_are_both_kept(uow, conn):
+async def test_rejected_payloads_that_differ_only_beyond_the_cap_are_both_kept(ingestion, conn):
     bike = bike_id()
 
-    await uow.commit_batch([rejected(bike, payload=b"x" * 5000 + b"1")])
-    await uow.commit_batch([rejected(bike, payload=b"x" * 5000 + b"2")])
+    await ingestion.commit_batch([rejected(bike, payload=b"x" * 5000 + b"1")])
+    await ingestion.commit_batch([rejected(bike, payload=b"x" * 5000 + b"2")])
 
     kept = await conn.fetchval(
         "SELECT count(*) FROM rejected_messages WHERE topic = $1", rejected(bike).topic
@@ -867,10 +880,10 @@ async def test_rejected_payloads_that_differ_only_beyond_the_cap_are_both_kept(u
     assert kept == 2
 
 
-async def test_a_rejected_message_without_a_bike_is_kept_but_not_answered(uow, conn):
+async def test_a_rejected_message_without_a_bike_is_kept_but_not_answered(ingestion, conn):
     topic = f"elsewhere/{uuid.uuid4().hex}"
 
-    await uow.commit_batch([rejected(None, topic=topic)])
+    await ingestion.commit_batch([rejected(None, topic=topic)])
 
     kept = await conn.fetchval("SELECT count(*) FROM rejected_messages WHERE topic = $1", topic)
     answered = await conn.fetchval(
@@ -884,10 +897,10 @@ async def test_a_rejected_message_without_a_bike_is_kept_but_not_answered(uow, c
 # -- the outbox ------------------------------------------------------------------------------
 
 
-async def test_pending_outbox_returns_rows_in_id_order(store, uow, conn):
+async def test_pending_outbox_returns_rows_in_id_order(store, ingestion, conn):
     bikes = [bike_id(), bike_id()]
     for bike in bikes:
-        await commit_finalized_ride(uow, bike)
+        await commit_finalized_ride(ingestion, bike)
     mine = [r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, bikes)]
     # Rewrite the oldest row so that it sits last in the table, and read the table in its own
     # order: only ORDER BY puts that row first again, whatever plan PostgreSQL would pick.
@@ -901,9 +914,9 @@ async def test_pending_outbox_returns_rows_in_id_order(store, uow, conn):
     assert [i for i in pending if i in mine] == sorted(mine)
 
 
-async def test_marking_rows_published_takes_them_out_of_the_pending_set(store, uow, conn):
+async def test_marking_rows_published_takes_them_out_of_the_pending_set(store, ingestion, conn):
     bike = bike_id()
-    await commit_finalized_ride(uow, bike)
+    await commit_finalized_ride(ingestion, bike)
     mine = {r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, [bike])}
     assert len(mine) == 2
 
@@ -912,10 +925,10 @@ async def test_marking_rows_published_takes_them_out_of_the_pending_set(store, u
     assert await pending_ids(store, conn, mine) == []
 
 
-async def test_outbox_pending_count_counts_rows_until_they_are_published(store, uow, conn):
+async def test_outbox_pending_count_counts_rows_until_they_are_published(store, ingestion, conn):
     before = await store.outbox_pending_count()
     bike = bike_id()
-    await commit_finalized_ride(uow, bike)
+    await commit_finalized_ride(ingestion, bike)
     after_commit = await store.outbox_pending_count()
     first, _ = sorted(
         r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, [bike])
@@ -1012,14 +1025,16 @@ async def test_sessions_finalized_before_versions_were_kept_get_their_published_
     assert validated is True
 
 
-async def test_a_telemetry_id_another_session_holds_is_a_conflict_not_a_refused_batch(uow, pool):
+async def test_a_telemetry_id_another_session_holds_is_a_conflict_not_a_refused_batch(
+    ingestion, pool
+):
     first, second = start(bike_id()), start(bike_id())
     shared = uuid.uuid4()
     at = T0 + timedelta(seconds=5)
-    await commit(uow, first, second, sample(first, 1, "7", at=at, telemetry_id=shared))
+    await commit(ingestion, first, second, sample(first, 1, "7", at=at, telemetry_id=shared))
 
     settled, _ = await commit_settled(
-        uow,
+        ingestion,
         sample(second, 1, "9", at=at, telemetry_id=shared),  # claimed by another session
         sample(second, 2, "4"),
     )
@@ -1034,13 +1049,13 @@ async def test_a_telemetry_id_another_session_holds_is_a_conflict_not_a_refused_
     assert energy == Decimal(4)
 
 
-async def test_two_sessions_claiming_one_telemetry_id_in_one_batch_keep_the_first(uow, pool):
+async def test_two_sessions_claiming_one_telemetry_id_in_one_batch_keep_the_first(ingestion, pool):
     first, second = start(bike_id()), start(bike_id())
     shared, at = uuid.uuid4(), T0 + timedelta(seconds=5)
-    await commit(uow, first, second)
+    await commit(ingestion, first, second)
 
     settled, _ = await commit_settled(
-        uow,
+        ingestion,
         sample(first, 1, "7", at=at, telemetry_id=shared),
         sample(second, 1, "9", at=at, telemetry_id=shared),
     )
@@ -1053,18 +1068,18 @@ async def test_two_sessions_claiming_one_telemetry_id_in_one_batch_keep_the_firs
 
 
 async def test_one_batch_of_starts_gives_each_rider_one_pseudonym_and_a_charge_its_station(
-    uow, conn
+    ingestion, conn
 ):
     rider, other = f"rider-{uuid.uuid4().hex[:8]}", f"rider-{uuid.uuid4().hex[:8]}"
     earlier = start(bike_id(), party=other)
-    await commit(uow, earlier)
+    await commit(ingestion, earlier)
     starts = [
         start(bike_id(), party=rider),
         start(bike_id(), party=other),
         start(bike_id(), party=rider),
         start(bike_id(), SessionKind.CHARGING, party="station-9"),
     ]
-    await commit(uow, *starts)
+    await commit(ingestion, *starts)
 
     rows = await conn.fetch(
         "SELECT session_id, kind, party_id FROM sessions WHERE session_id = ANY($1::uuid[])",

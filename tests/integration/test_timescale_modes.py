@@ -108,18 +108,18 @@ async def test_stored_sessions_keep_their_telemetry_and_guards_when_moved_to_a_h
     from daemon.db.store import Store
     from tests.builders import bike_id, end, sample, start
     from tests.conftest import shipped_pricing
-    from tests.integration.test_store import NOW, commit, unit_of_work
+    from tests.integration.test_store import NOW, commit, new_ingestion
 
     await migrate(fresh, timescaledb="off")
     pool = await asyncpg.create_pool(fresh_url, min_size=1, max_size=2)
     try:
         store = Store(pool)
         await store.record_pricing(shipped_pricing(), NOW)
-        uow = unit_of_work(store, shipped_pricing())
+        ingestion = new_ingestion(store, shipped_pricing())
         done, active = start(bike_id()), start(bike_id())
-        await commit(uow, done, sample(done, 1, "1.5"), sample(done, 2, "2"), end(done, 2))
-        await uow.expire([done.bike_id], NOW + timedelta(minutes=5))
-        await commit(uow, active, sample(active, 1, "4"))
+        await commit(ingestion, done, sample(done, 1, "1.5"), sample(done, 2, "2"), end(done, 2))
+        await ingestion.expire([done.bike_id], NOW + timedelta(minutes=5))
+        await commit(ingestion, active, sample(active, 1, "4"))
         problem = await timescale_problem(fresh)
 
         applied = await migrate(fresh, timescaledb="auto")
@@ -135,8 +135,8 @@ async def test_stored_sessions_keep_their_telemetry_and_guards_when_moved_to_a_h
                 " energy_wh, received_at) VALUES ($1, $2, $3, 3, $4, 1, $4)",
                 uuid.uuid4(), done.session_id, done.bike_id, NOW,
             )  # fmt: skip
-        uow.reset()
-        await commit(uow, sample(active, 2, "1"))  # the Active one goes on taking samples
+        ingestion.reset()
+        await commit(ingestion, sample(active, 2, "1"))  # the Active one goes on taking samples
         assert await fresh.fetchval(
             "SELECT energy_wh FROM sessions WHERE session_id = $1", active.session_id
         ) == Decimal(5)

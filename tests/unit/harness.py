@@ -29,10 +29,10 @@ class FleetHarness:
         fleet = self.fleet
         if command.bike_id not in fleet.bikes:
             fleet.load_bike(command.bike_id, None)
-        for session_id in fleet.sessions_to_load([command]):
+        for session_id in fleet.sessions_decisions_need([command]):
             if session_id in self.sessions:
                 fleet.load_session(self.sessions[session_id])
-        keys = fleet.samples_to_load([command])
+        keys = fleet.samples_decisions_need([command])
         fleet.load_samples(self.samples[k] for k in keys if k in self.samples)
         decision = fleet.handle(command, now, ref or repr(command).encode())
         self.keep(decision.events)

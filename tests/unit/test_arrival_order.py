@@ -141,7 +141,7 @@ def test_waiting_messages_loaded_from_the_store_are_applied_like_fresh_ones():
     fleet = Fleet(POLICY)
     begun = start(bike_id())
     early = sample(begun, 1, "3")
-    fleet.load_bike(begun.bike_id, None, [Waiting(early, NOW, b"ref-1")], version=4)
+    fleet.load_bike(begun.bike_id, None, [Waiting(early, NOW, b"ref-1")])
     decision = fleet.handle(begun, NOW + timedelta(seconds=1))
     (settled,) = [e for e in decision.events if isinstance(e, DeferredMessageSettled)]
     assert (settled.waiting.ref, settled.reason) == (b"ref-1", None)
@@ -196,14 +196,6 @@ def test_a_bike_cannot_be_loaded_with_a_finalized_or_foreign_session():
     )
     with pytest.raises(ValueError, match="not an Active session"):
         fleet.load_bike(begun.bike_id, other)
-
-
-def test_a_bike_whose_version_moved_is_reloaded_and_one_that_did_not_is_kept():
-    fleet = Fleet(POLICY)
-    fleet.load_bike("bike-a", None, version=3)
-    fleet.load_bike("bike-b", None, version=3)
-    assert fleet.refresh({"bike-a": 4, "bike-b": 6, "bike-c": 1}) == ["bike-b", "bike-c"]
-    assert fleet.bikes["bike-a"].version == 4
 
 
 # -- any arrival order within the grace period gives the in-order result -----------------------

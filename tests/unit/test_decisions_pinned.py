@@ -139,7 +139,7 @@ def test_the_stored_sample_of_every_taken_seq_is_asked_for_whatever_comes_before
     first = sample(a, 1)
     fleet.handle(first, NOW)
     fleet.pop_events()
-    wanted = fleet.samples_to_load([end(a, 3), sample(a, 2), first])
+    wanted = fleet.samples_decisions_need([end(a, 3), sample(a, 2), first])
     assert wanted == {(a.session_id, 1)}
 
 
@@ -251,27 +251,3 @@ def test_an_instant_is_published_in_utc_whatever_the_machines_time_zone(monkeypa
     finally:
         monkeypatch.undo()
         time.tzset()
-
-
-# -- deciding ahead of the lock ------------------------------------------------------------
-
-
-def test_a_batch_can_be_decided_on_the_cache_only_when_every_bike_is_known():
-    known, unknown = bike_id(), bike_id()
-    fleet = fresh(known)
-    assert fleet.knows([known])
-    assert fleet.knows([])  # a batch of only not-owned or undecodable messages
-    assert not fleet.knows([known, unknown])
-
-
-def test_deciding_ahead_expects_each_bike_at_the_version_after_ours_once_per_batch():
-    a, b = bike_id(), bike_id()
-    fleet = Fleet(POLICY)
-    fleet.load_bike(a, None, version=4)
-    fleet.load_bike(b, None, version=9)
-    assert fleet.assume_written([a, b]) == {a: 5, b: 10}
-    assert fleet.assume_written([a]) == {a: 6}  # the next batch, decided before this commits
-    # A later lock that finds the version after ours: nobody else wrote the bike, no reload.
-    assert fleet.refresh({a: 7}) == []
-    # Another writer in between: the lock's version skips ours, and the bike is reloaded.
-    assert fleet.refresh({b: 12}) == [b]

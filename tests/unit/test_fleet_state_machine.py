@@ -100,7 +100,7 @@ class FleetMachine(RuleBasedStateMachine):
         if bike in self.fleet.bikes:
             known = self.fleet.bikes[bike]
             current = reloaded(known.current) if known.current else None
-            self.fleet.load_bike(bike, current, list(known.waiting), known.version + 5)
+            self.fleet.load_bike(bike, current, list(known.waiting))
             if current is not None:
                 self.fleet.sessions[current.session_id] = current
 

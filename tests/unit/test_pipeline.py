@@ -13,8 +13,8 @@ import asyncpg
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Delivery, ReadGate
 from daemon.mqtt.schemas import Rejection
-from daemon.service.pipeline import Pipeline
-from daemon.service.unit_of_work import Settled
+from daemon.service.arrival import Settled
+from daemon.service.pipeline import Pipeline, PipelineConfig
 from domain.errors import DomainError
 from domain.events import SessionFinalized, TelemetrySampleAccepted
 from domain.fleet import Fleet
@@ -35,7 +35,7 @@ class FakeAcks:
         return True
 
 
-class FakeUnitOfWork:
+class FakeIngestion:
     """The pipeline's port, faked over the real domain: every batch is decided by a fleet
     rebuilt from what was committed before (a replay log), so an uncommitted batch leaves no
     trace, as a rolled-back transaction does. Fails on demand."""
@@ -140,15 +140,16 @@ class Bike:
                                            "last_seq": last_seq}, at)  # fmt: skip
 
 
-def pipeline(uow: FakeUnitOfWork, clock=lambda: NOW) -> Pipeline:
-    return Pipeline(uow, Metrics(), prefix=PREFIX, clock=clock)
+def pipeline(ingestion: FakeIngestion, clock=lambda: NOW) -> Pipeline:
+    return Pipeline(ingestion, Metrics(), PipelineConfig(PREFIX), clock=clock)
 
 
 async def test_a_batch_is_acknowledged_in_order_only_after_it_is_committed():
     log: list[str] = []
     bike = Bike(log)
     batch = [bike.start(), bike.sample(1), bike.end(1)]
-    await pipeline(FakeUnitOfWork(log)).process(batch)
+    p = pipeline(FakeIngestion(log))
+    await p.process(p.read(batch))
     assert log == ["commit 4 events", "ack 1", "ack 2", "ack 3"]
 
 
@@ -157,12 +158,12 @@ async def test_an_outbound_message_heard_back_is_acknowledged_in_order_and_nothi
     bills and rejections it (or another instance) publishes: not inbound messages."""
     log: list[str] = []
     bike = Bike(log)
-    p = pipeline(FakeUnitOfWork(log))
+    p = pipeline(FakeIngestion(log))
     bill = bike.delivery("billing", {"amount": "0.37"})
     batch = [bike.start(), bill, bike.sample(1)]
     for d in batch:
         p.deliver(d)
-    await p.process(p._next_batch())
+    await p.process(p.next_batch())
     assert log == ["commit 2 events", *(f"ack {d.mid}" for d in batch)]
     assert p.metrics.received.labels("unknown")._value.get() == 0
     assert p.metrics.rejected.labels("unknown_topic")._value.get() == 0
@@ -170,25 +171,25 @@ async def test_an_outbound_message_heard_back_is_acknowledged_in_order_and_nothi
 
 async def test_a_batch_whose_commit_failed_is_decided_again_and_acknowledged_once():
     log: list[str] = []
-    store = FakeUnitOfWork(log)
+    store = FakeIngestion(log)
     store.failures.append(ConnectionResetError("database went away"))
     bike = Bike(log)
     p = pipeline(store)
-    await p.process([bike.start(), bike.sample(1)])
+    await p.process(p.read([bike.start(), bike.sample(1)]))
     assert log == ["reset", "commit 2 events", "ack 1", "ack 2"]
     assert p.metrics.database_up._value.get() == 1
 
 
 async def test_a_message_the_database_refuses_is_found_by_bisection_and_kept_as_a_rejection():
     log: list[str] = []
-    store = FakeUnitOfWork(log)
+    store = FakeIngestion(log)
     bike = Bike(log)
     poison = str(uuid.uuid4())
     store.poison.add(uuid.UUID(poison))
     p = pipeline(store)
     batch = [bike.start(), *(bike.sample(seq) for seq in range(1, 8))]
     batch[3] = bike.sample(3, telemetry_id=poison)
-    await p.process(batch)
+    await p.process(p.read(batch))
     committed = [type(e).__name__ for commit in store.commits for e in commit]
     assert committed == ["SessionStarted"] + ["TelemetrySampleAccepted"] * 6
     assert [line for line in log if line.startswith("ack")] == [f"ack {d.mid}" for d in batch]
@@ -201,14 +202,14 @@ async def test_a_message_the_database_refuses_is_found_by_bisection_and_kept_as_
 
 async def test_a_sample_that_arrived_inside_the_grace_period_counts_even_if_handled_later():
     log: list[str] = []
-    store = FakeUnitOfWork(log)
+    store = FakeIngestion(log)
     bike = Bike(log)
     later = NOW + timedelta(minutes=10)  # the pipeline is far behind the wall clock
     p = pipeline(store, clock=lambda: later)
-    await p.process([bike.start(at=NOW), bike.end(2, at=NOW)])
+    await p.process(p.read([bike.start(at=NOW), bike.end(2, at=NOW)]))
     p.deliver(bike.sample(1, at=NOW + timedelta(seconds=2)))
     await p.sweep()  # must not finalize: the waiting sample arrived inside the grace period
-    await p.process(p._next_batch())
+    await p.process(p.next_batch())
     events = [e for commit in store.commits for e in commit]
     assert not any(isinstance(e, SessionFinalized) for e in events)
     await p.sweep()
@@ -220,9 +221,9 @@ async def test_a_sample_that_arrived_inside_the_grace_period_counts_even_if_hand
 async def test_a_rejection_is_committed_before_it_is_acknowledged():
     log: list[str] = []
     bike = Bike(log)
-    store = FakeUnitOfWork(log)
+    store = FakeIngestion(log)
     p = pipeline(store)
-    await p.process([bike.start(), bike.sample(1), bike.end(0)])  # last_seq below seq 1
+    await p.process(p.read([bike.start(), bike.sample(1), bike.end(0)]))  # last_seq below seq 1
     assert log == ["commit 2 events", "ack 1", "ack 2", "ack 3"]
     assert p.metrics.rejected.labels("seq_beyond_end")._value.get() == 1
 
@@ -249,15 +250,15 @@ def reader_logged_to(log: list[str]) -> ReadGate:
 async def test_intake_pauses_when_the_inbox_is_full_and_resumes_once_half_is_taken():
     log: list[str] = []
     bike = Bike(log)
-    p = Pipeline(FakeUnitOfWork(log), Metrics(), prefix=PREFIX, max_inbox=4, max_batch=2,
+    p = Pipeline(FakeIngestion(log), Metrics(), PipelineConfig(PREFIX, max_inbox=4, max_batch=2),
                  gate=reader_logged_to(log))  # fmt: skip
     for seq in range(1, 6):
         p.deliver(bike.sample(seq))
     assert log == ["pause"]
     assert p.metrics.intake_paused._value.get() == 1
-    p._next_batch()  # 3 left: above half of 4
+    p.next_batch()  # 3 left: above half of 4
     assert log == ["pause"]
-    p._next_batch()  # 1 left
+    p.next_batch()  # 1 left
     assert log == ["pause", "resume"]
     assert p.metrics.intake_paused._value.get() == 0
 
@@ -279,26 +280,27 @@ def test_the_gate_tells_its_reader_only_of_changes_and_a_late_reader_of_its_stat
 async def test_intake_pauses_on_payload_bytes_too_so_large_garbage_cannot_fill_memory():
     log: list[str] = []
     bike = Bike(log)
-    p = Pipeline(FakeUnitOfWork(log), Metrics(), prefix=PREFIX, max_inbox=1000, max_batch=1,
-                 max_inbox_bytes=3 * 1024, gate=reader_logged_to(log))  # fmt: skip
+    p = Pipeline(FakeIngestion(log), Metrics(),
+                 PipelineConfig(PREFIX, max_inbox=1000, max_batch=1, max_inbox_bytes=3 * 1024),
+                 gate=reader_logged_to(log))  # fmt: skip
     big = bike.sample(1)
     big = dataclasses.replace(big, payload=b"x" * 1024)
     for _ in range(3):
         p.deliver(big)
     assert log == ["pause"]  # 3 messages, far below 1000, but 3 KiB
-    p._next_batch()
+    p.next_batch()
     assert log == ["pause"]  # 2 KiB left: above half
-    p._next_batch()
+    p.next_batch()
     assert log == ["pause", "resume"]
 
 
 async def test_a_batch_that_met_another_writer_is_decided_again_not_taken_apart():
     log: list[str] = []
-    store = FakeUnitOfWork(log)
+    store = FakeIngestion(log)
     store.failures += [asyncpg.DeadlockDetectedError("deadlock")] * 3
     bike = Bike(log)
     p = pipeline(store)
-    await p.process([bike.start(), bike.sample(1)])
+    await p.process(p.read([bike.start(), bike.sample(1)]))
     assert log == ["reset", "reset", "reset", "commit 2 events", "ack 1", "ack 2"]
     assert store.kept == []
 
@@ -310,10 +312,10 @@ async def test_a_message_decoding_fails_on_is_kept_as_a_rejection_not_dropped(mo
     monkeypatch.setattr("daemon.service.pipeline.decode", broken)
     log: list[str] = []
     bike = Bike(log)
-    p = pipeline(FakeUnitOfWork(log))
+    p = pipeline(FakeIngestion(log))
     delivery = bike.sample(1)
 
-    await p.process([delivery])
+    await p.process(p.read([delivery]))
 
     assert log[-1] == f"ack {delivery.mid}"
     assert p.metrics.rejected.labels("schema_violation")._value.get() == 1
@@ -326,13 +328,13 @@ async def test_a_message_decoding_fails_on_is_kept_as_a_rejection_not_dropped(mo
 async def test_the_messages_of_bikes_another_instance_takes_are_acknowledged_in_order_unread():
     log: list[str] = []
     mine, theirs = Bike(log), Bike(log)
-    store = FakeUnitOfWork(log)
-    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: b == mine.bike_id)
+    store = FakeIngestion(log)
+    p = Pipeline(store, Metrics(), PipelineConfig(PREFIX), takes=lambda b: b == mine.bike_id)
     foreign = theirs.delivery("telemetry", {"not": "even valid"})
     batch = [mine.start(), foreign, mine.sample(1)]
     for delivery in batch:
         p.deliver(delivery)
-    await p.process(p._next_batch())
+    await p.process(p.next_batch())
     # One commit for the owned two (start + sample: two events), every PUBACK in arrival order.
     assert log == ["commit 2 events", "ack 1", "ack 1", "ack 2"]
     assert p.metrics.not_owned.labels("telemetry")._value.get() == 1
@@ -343,16 +345,16 @@ async def test_the_messages_of_bikes_another_instance_takes_are_acknowledged_in_
 async def test_a_batch_of_other_instances_bikes_alone_touches_no_database():
     log: list[str] = []
     theirs = Bike(log)
-    store = FakeUnitOfWork(log)
+    store = FakeIngestion(log)
     store.failures.append(ConnectionResetError("a commit was attempted"))
-    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: False)
-    await p.process([theirs.start(), theirs.sample(1)])
+    p = Pipeline(store, Metrics(), PipelineConfig(PREFIX), takes=lambda b: False)
+    await p.process(p.read([theirs.start(), theirs.sample(1)]))
     assert log == ["ack 1", "ack 2"]
 
 
 async def test_a_sweep_settles_only_the_bikes_this_instance_takes():
     log: list[str] = []
-    store = FakeUnitOfWork(log)
+    store = FakeIngestion(log)
     expired: list[list[str]] = []
 
     async def expire(bike_ids, now):
@@ -360,9 +362,9 @@ async def test_a_sweep_settles_only_the_bikes_this_instance_takes():
         return []
 
     store.expire = expire  # type: ignore[method-assign]
-    p = Pipeline(store, Metrics(), prefix=PREFIX, takes=lambda b: False)
+    p = Pipeline(store, Metrics(), PipelineConfig(PREFIX), takes=lambda b: False)
     await p.sweep()
     assert expired == []
-    p.takes = lambda b: True
+    p.intake.takes = p.expiry.takes = lambda b: True
     await p.sweep()
     assert expired == [["any"]]

@@ -474,7 +474,7 @@ def test_the_fleet_refuses_a_command_for_a_bike_it_has_not_loaded():
     with pytest.raises(LookupError):
         fleet.handle(begun, NOW)
     with pytest.raises(LookupError):
-        fleet.sessions_to_load([begun])
+        fleet.sessions_decisions_need([begun])
 
 
 def test_the_fleet_names_the_sessions_it_must_load_first():
@@ -483,7 +483,9 @@ def test_the_fleet_names_the_sessions_it_must_load_first():
     fleet.load_bike(current.bike_id, RideSession(session_id=current.session_id,
                     bike_id=current.bike_id, party_id="r", started_at=T0, last_heard_at=T0))  # fmt: skip
     named = replace(other, bike_id=current.bike_id)
-    assert fleet.sessions_to_load([sample(current, 1), sample(named, 1)]) == {other.session_id}
+    assert fleet.sessions_decisions_need([sample(current, 1), sample(named, 1)]) == {
+        other.session_id
+    }
 
 
 def test_the_fleet_names_a_stored_sample_only_when_its_seq_is_taken():
@@ -493,7 +495,7 @@ def test_the_fleet_names_a_stored_sample_only_when_its_seq_is_taken():
                     party_id="r", started_at=T0, last_heard_at=T0,
                     seqs=SeqRanges(((1, 3),))))  # fmt: skip
     commands = [sample(begun, 2), sample(begun, 4)]
-    assert fleet.samples_to_load(commands) == {(begun.session_id, 2)}
+    assert fleet.samples_decisions_need(commands) == {(begun.session_id, 2)}
 
 
 def test_a_taken_seq_without_its_stored_sample_is_a_loading_bug_not_a_decision():
@@ -502,7 +504,7 @@ def test_a_taken_seq_without_its_stored_sample_is_a_loading_bug_not_a_decision()
     fleet.load_bike(begun.bike_id, RideSession(session_id=begun.session_id, bike_id=begun.bike_id,
                     party_id="r", started_at=T0, last_heard_at=T0,
                     seqs=SeqRanges(((1, 1),))))  # fmt: skip
-    with pytest.raises(LookupError, match="samples_to_load"):
+    with pytest.raises(LookupError, match="samples_decisions_need"):
         fleet.handle(sample(begun, 1), NOW)
 
 

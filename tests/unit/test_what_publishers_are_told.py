@@ -294,7 +294,7 @@ def test_a_bike_not_loaded_is_a_lookup_error_that_says_to_refresh_it():
     with pytest.raises(LookupError, match=f"^bike {a.bike_id} is not loaded; refresh it first$"):
         Fleet(POLICY).handle(a, NOW)
     with pytest.raises(LookupError, match=f"^bike {a.bike_id} is not loaded; refresh it first$"):
-        Fleet(POLICY).sessions_to_load([a])
+        Fleet(POLICY).sessions_decisions_need([a])
 
 
 def test_a_finalized_session_a_message_names_is_remembered_as_finalized():
@@ -564,7 +564,7 @@ def test_a_taken_seq_without_its_stored_sample_tells_the_caller_what_to_load():
         fleet.handle(sample(a, 1, "2"), NOW)
     assert str(caught.value) == (
         f"seq 1 of session {a.session_id} is taken but its stored sample was not loaded; "
-        "call Fleet.samples_to_load first"
+        "call Fleet.samples_decisions_need first"
     )
 
 

@@ -1,0 +1,71 @@
+"""The expiry sweep: finalize sessions whose grace ran out or that went dark, and settle
+overdue waiting messages, for whichever bikes the store says are due (any instance may have
+written them)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+import structlog
+
+from daemon.metrics import Metrics
+from daemon.service.commits import UNAVAILABLE, Batches
+from daemon.service.events import report
+
+__all__ = ["Expiry"]
+
+log = structlog.get_logger(__name__)
+
+
+class Expiry:
+    """Sweeps the bikes this instance takes; sessions gone dark are looked for less often."""
+
+    def __init__(
+        self,
+        batches: Batches,
+        metrics: Metrics,
+        takes: Callable[[str | None], bool],
+        *,
+        abandon_check_s: float,
+        on_commit: Callable[[], None],
+    ) -> None:
+        self.batches = batches
+        self.metrics = metrics
+        self.takes = takes
+        self.abandon_check_s = abandon_check_s
+        self.on_commit = on_commit
+        self._abandon_checked = float("-inf")
+
+    async def sweep(self, now: datetime) -> None:
+        """One sweep at ``now``; a failure is logged and the next sweep tries again."""
+        try:
+            await self._sweep(now)
+            self.metrics.active_sessions.set(self.batches.active_count())
+            self.metrics.database_up.set(1)
+        except Exception as exc:
+            # Nothing was committed; the cache may be ahead of the store, so drop it.
+            self.batches.reset()
+            if isinstance(exc, UNAVAILABLE):
+                self.metrics.database_up.set(0)
+            log.warning("expiry sweep failed; will retry", error=repr(exc))
+
+    async def _sweep(self, now: datetime) -> None:
+        policy = self.batches.policy
+        # Sessions gone dark are looked for every 30 s, or a twentieth of the abandon time if
+        # that is shorter: the look is a scan of every Active session.
+        every = min(self.abandon_check_s, policy.abandon_after.total_seconds() / 20)
+        abandon = now - policy.abandon_after
+        look_for_dark = time.monotonic() - self._abandon_checked >= every
+        due = await self.batches.due_bikes(
+            now - policy.finalize_grace, abandon if look_for_dark else None
+        )
+        if look_for_dark:
+            self._abandon_checked = time.monotonic()
+        due = [bike_id for bike_id in due if self.takes(bike_id)]
+        if due:
+            events = await self.batches.expire(due, now)
+            report(self.metrics, events)
+            if events:
+                self.on_commit()
