@@ -185,15 +185,12 @@ class Daemon:
         s.tls_context()  # a certificate, key or CA that cannot be used stops the start at once
         self.http = HttpServer(
             self.metrics,
-            self.read_model,
-            self.ready,
+            self,
             s.http_host,
             s.http_port,
             asyncapi=asyncapi_document(s.topic_prefix),
             tokens=tokens,
             metrics_auth=s.metrics_auth,
-            broker=self.broker_node,
-            partition=self.partition_view,
         )
         async with asyncio.TaskGroup() as tg:
             http_task = tg.create_task(self.http.serve())

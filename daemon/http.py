@@ -12,7 +12,7 @@ import re
 import socket
 from collections.abc import Callable, Generator, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 from urllib.parse import urlencode
 from uuid import UUID
 
@@ -178,7 +178,7 @@ class _Metrics:
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
-        self.metrics, self.ready = server.metrics, server.ready
+        self.metrics, self.ready = server.metrics, server.instance.ready
         self.app = make_asgi_app(server.metrics.registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -248,7 +248,7 @@ def build_app(server: HttpServer) -> FastAPI:
 
 def _reads_of(server: HttpServer) -> Callable[[], ReadModel]:
     def reads() -> ReadModel:
-        model = server.reads()
+        model = server.instance.read_model()
         if model is None:
             raise _Unavailable
         return model
@@ -316,15 +316,15 @@ def _health_routes(app: FastAPI, server: HttpServer) -> None:
         responses={503: {"model": Readiness, "description": "Not ready; `checks` says what"}},
     )
     async def readyz() -> JSONResponse:
-        checks = server.ready()
+        checks = server.instance.ready()
         ok = all(checks.values())
         server.metrics.ready.set(1 if ok else 0)
         return JSONResponse(
             {
                 "ready": ok,
                 "checks": checks,
-                "broker": server.broker(),
-                "partition": server.partition(),
+                "broker": server.instance.broker_node(),
+                "partition": server.instance.partition_view(),
             },
             status_code=200 if ok else 503,
         )
@@ -441,29 +441,44 @@ class _Server(uvicorn.Server):
         yield
 
 
+class Instance(Protocol):
+    """What the HTTP port reads of the daemon it serves (``app.Daemon``)."""
+
+    def read_model(self) -> ReadModel | None:
+        """The read model, once the database is there."""
+        ...
+
+    def ready(self) -> dict[str, bool]:
+        """Each readiness check, by name."""
+        ...
+
+    def broker_node(self) -> str | None:
+        """Which broker of the list the daemon is on, for /readyz."""
+        ...
+
+    def partition_view(self) -> dict[str, list[str]] | None:
+        """The partition claims it takes and sees, for /readyz."""
+        ...
+
+
 class HttpServer:
     """The HTTP port, served inside the daemon's TaskGroup until cancelled."""
 
-    def __init__(  # noqa: PLR0913 - the port's parts and settings, named where it is built (app.py)
+    def __init__(  # noqa: PLR0913 - the port, its settings by keyword (app.py)
         self,
         metrics: Metrics,
-        reads: Callable[[], ReadModel | None],
-        ready: Callable[[], dict[str, bool]],
+        instance: Instance,
         host: str,
         port: int,
+        *,
         asyncapi: dict[str, Any] | None = None,
         tokens: Tokens | None = None,
         metrics_auth: str = "open",
-        broker: Callable[[], str | None] = lambda: None,
-        partition: Callable[[], dict[str, list[str]] | None] = lambda: None,
     ) -> None:
         self.tokens = tokens or Tokens()
-        self.broker = broker  # which broker of the list the daemon is on, for /readyz
-        self.partition = partition  # the claims it takes and sees, for /readyz
         self.metrics_auth = metrics_auth
         self.metrics = metrics
-        self.reads = reads
-        self.ready = ready
+        self.instance = instance
         self.host = host
         self.port = port
         self.asyncapi = asyncapi

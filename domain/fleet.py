@@ -249,23 +249,12 @@ class Fleet:
             self._remember_finalized(bike.current)
             bike.current = None
 
-    # One branch per command and state: the routing table, whole.
-    def _route(self, bike: Bike, command: Command, now: datetime, ref: bytes) -> Decision:  # noqa: PLR0912
+    def _route(self, bike: Bike, command: Command, now: datetime, ref: bytes) -> Decision:
+        """The routing table: a start, or a message for a session that is not there yet
+        (it waits), of another bike (refused), or this bike's (the session records it)."""
         session = self._find(bike, command.session_id)
         if isinstance(command, StartSession):
-            if session is not None:
-                if session.same_start(command):
-                    return Decision(Outcome.DUPLICATE)
-                raise SessionIdConflict(
-                    f"session_id {command.session_id} is already used by another "
-                    f"{session.kind} session of bike {session.bike_id}"
-                )
-            if bike.busy:
-                Bike.check_start(command, now, self.policy)
-                return self._defer(bike, command, now, ref)
-            session, events = bike.start(command, now, self.policy)
-            self._changed[session.session_id] = session
-            return Decision(Outcome.ACCEPTED, tuple(events))
+            return self._start(bike, session, command, now, ref)
         if session is None:
             return self._defer(bike, command, now, ref)
         if session.bike_id != bike.bike_id:
@@ -274,27 +263,52 @@ class Fleet:
             outcome, events = session.record_end(command, now, self.policy)
         else:
             assert isinstance(command, RecordTelemetry)
-            sample = command.sample
-            owners, key = self._owners, (sample.telemetry_id, sample.emitted_at.at)
-            if owners is not None:
-                owner = owners.get(key)
-                if owner is not None and owner != (sample.session_id, sample.seq):
-                    raise SessionIdConflict(
-                        f"telemetry_id {sample.telemetry_id} emitted at "
-                        f"{when(sample.emitted_at.at)} is already sample {owner[1]} of "
-                        f"session {owner[0]}"
-                    )
-            outcome, events = session.record_sample(
-                sample, now, self.policy, self._stored.get((sample.session_id, sample.seq))
-            )
-            if outcome is Outcome.ACCEPTED:
-                self._stored[(sample.session_id, sample.seq)] = sample
-                if owners is not None:
-                    owners[key] = (sample.session_id, sample.seq)
+            outcome, events = self._record_sample(session, command.sample, now)
         if outcome is Outcome.ACCEPTED:
             self._changed[session.session_id] = session
             self._settle_current(bike)
         return Decision(outcome, tuple(events))
+
+    def _start(
+        self, bike: Bike, session: Session | None, command: StartSession, now: datetime, ref: bytes
+    ) -> Decision:
+        """A start: its own redelivery, a clash of session ids, a wait for the bike's Active
+        session to be finalized, or the new Active session."""
+        if session is not None:
+            if session.same_start(command):
+                return Decision(Outcome.DUPLICATE)
+            raise SessionIdConflict(
+                f"session_id {command.session_id} is already used by another "
+                f"{session.kind} session of bike {session.bike_id}"
+            )
+        if bike.busy:
+            Bike.check_start(command, now, self.policy)
+            return self._defer(bike, command, now, ref)
+        session, events = bike.start(command, now, self.policy)
+        self._changed[session.session_id] = session
+        return Decision(Outcome.ACCEPTED, tuple(events))
+
+    def _record_sample(
+        self, session: Session, sample: TelemetrySample, now: datetime
+    ) -> tuple[Outcome, list[Event]]:
+        """A sample for its session; with the owners of telemetry ids known (a clash seen by
+        the store), a telemetry id already another sample's is refused."""
+        owners, key = self._owners, (sample.telemetry_id, sample.emitted_at.at)
+        if owners is not None:
+            owner = owners.get(key)
+            if owner is not None and owner != (sample.session_id, sample.seq):
+                raise SessionIdConflict(
+                    f"telemetry_id {sample.telemetry_id} emitted at "
+                    f"{when(sample.emitted_at.at)} is already sample {owner[1]} of "
+                    f"session {owner[0]}"
+                )
+        stored = self._stored.get((sample.session_id, sample.seq))
+        outcome, events = session.record_sample(sample, now, self.policy, stored)
+        if outcome is Outcome.ACCEPTED:
+            self._stored[(sample.session_id, sample.seq)] = sample
+            if owners is not None:
+                owners[key] = (sample.session_id, sample.seq)
+        return outcome, events
 
     def _defer(self, bike: Bike, command: Command, now: datetime, ref: bytes) -> Decision:
         if any(w.command == command for w in bike.waiting):

@@ -80,16 +80,21 @@ class SeqRanges:
             return _one_to(1)
         if seq in self:
             return self
-        merged: list[tuple[int, int]] = []
-        low, high = seq, seq
-        for r_low, r_high in ranges:
-            if r_high + 1 < low or r_low > high + 1:
-                merged.append((r_low, r_high))
-            else:
-                low, high = min(low, r_low), max(high, r_high)
-        merged.append((low, high))
-        merged.sort()
-        return SeqRanges(tuple(merged))
+        return SeqRanges(_merged(ranges, seq))
+
+
+def _merged(ranges: tuple[tuple[int, int], ...], seq: int) -> tuple[tuple[int, int], ...]:
+    """The ranges with ``seq`` added: the ranges it touches joined into one, in order."""
+    merged: list[tuple[int, int]] = []
+    low, high = seq, seq
+    for r_low, r_high in ranges:
+        if r_high + 1 < low or r_low > high + 1:
+            merged.append((r_low, r_high))
+        else:
+            low, high = min(low, r_low), max(high, r_high)
+    merged.append((low, high))
+    merged.sort()
+    return tuple(merged)
 
 
 @lru_cache(maxsize=4096)

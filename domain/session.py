@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import ClassVar
@@ -36,10 +37,24 @@ from domain.session_values import (
 )
 from domain.telemetry import TelemetrySample
 
-__all__ = ["ChargingSession", "RideSession", "Session", "session_for"]
+__all__ = ["ChargingSession", "RideSession", "Session", "Tally", "session_for"]
 
 _ZERO = Decimal(0)
 _NO_SEQS = SeqRanges()
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What a session's samples add up to so far: the energy and distance sums, which seqs
+    are stored, and the latest emission time (None before the first sample)."""
+
+    energy_wh: Decimal = _ZERO
+    distance_m: Decimal = _ZERO
+    seqs: SeqRanges = _NO_SEQS
+    latest_emitted_at: datetime | None = None
+
+
+_NO_TALLY = Tally()
 
 
 # Sums are exact: inputs are bounded at the edge (SPEC §2), and this context holds any total of
@@ -76,10 +91,7 @@ class Session:
         started_at: datetime,
         last_heard_at: datetime,
         end: SessionEnd | None = None,
-        energy_wh: Decimal = _ZERO,
-        distance_m: Decimal = _ZERO,
-        seqs: SeqRanges = _NO_SEQS,
-        latest_emitted_at: datetime | None = None,
+        tally: Tally = _NO_TALLY,
         finalized: FinalizedSession | None = None,
     ) -> None:
         require_aware(started_at, "started_at")
@@ -90,11 +102,17 @@ class Session:
         self.started_at = started_at
         self.last_heard_at = last_heard_at
         self.end = end
-        self.energy_wh = energy_wh
-        self.distance_m = distance_m
-        self.seqs = seqs
-        self.latest_emitted_at = latest_emitted_at
+        # Kept in the session's own slots, not as a Tally: a sample updates them in place.
+        self.energy_wh = tally.energy_wh
+        self.distance_m = tally.distance_m
+        self.seqs = tally.seqs
+        self.latest_emitted_at = tally.latest_emitted_at
         self.finalized = finalized
+
+    @property
+    def tally(self) -> Tally:
+        """What its samples add up to so far."""
+        return Tally(self.energy_wh, self.distance_m, self.seqs, self.latest_emitted_at)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.session_id} bike={self.bike_id} {self.state}>"

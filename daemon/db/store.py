@@ -25,7 +25,7 @@ from domain.events import (
     TelemetrySampleAccepted,
 )
 from domain.seqs import SeqRanges
-from domain.session import Session, session_for
+from domain.session import Session, Tally, session_for
 from domain.session_values import EndReason, FinalizedSession, SessionEnd, SessionKind
 from domain.telemetry import Distance, EmissionTime, EnergyDelta, StateOfCharge, TelemetrySample
 
@@ -152,10 +152,12 @@ def session_from_row(row: asyncpg.Record) -> Session:
         started_at=row["started_at"],
         last_heard_at=row["last_heard_at"],
         end=end,
-        energy_wh=row["energy_wh"],
-        distance_m=row["distance_m"],
-        seqs=SeqRanges.from_flat(row["seq_ranges"]),
-        latest_emitted_at=row["latest_emitted_at"],
+        tally=Tally(
+            row["energy_wh"],
+            row["distance_m"],
+            SeqRanges.from_flat(row["seq_ranges"]),
+            row["latest_emitted_at"],
+        ),
         finalized=finalized_from_row(row) if row["state"] == "finalized" else None,
     )
 

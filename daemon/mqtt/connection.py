@@ -214,19 +214,24 @@ class Connection(asyncio.Protocol):
                 future.set_result(packet)
         elif isinstance(packet, ConnAck):
             if not self.connack.done():
-                if packet.accepted:
-                    self.session_present = packet.session_present
-                    if packet.receive_max is not None:
-                        self._window = asyncio.Semaphore(max(1, min(packet.receive_max, 100)))
-                    if packet.server_keep_alive is not None:
-                        self.keep_alive = packet.server_keep_alive
-                self.connack.set_result(packet)
+                self._connacked(packet)
         elif isinstance(packet, Disconnect):
             self.disconnect_reason = packet.reason
         elif isinstance(packet, PingResp):
             pass
         else:  # PUBREL and friends belong to QoS 2, which we never ask for
             self._fail(LinkDown(f"unexpected {packet.name} from the broker"))
+
+    def _connacked(self, packet: ConnAck) -> None:
+        """The broker's answer to CONNECT: when accepted, what it says of the session, of
+        how many messages may be in flight, and of the keep-alive."""
+        if packet.accepted:
+            self.session_present = packet.session_present
+            if packet.receive_max is not None:
+                self._window = asyncio.Semaphore(max(1, min(packet.receive_max, 100)))
+            if packet.server_keep_alive is not None:
+                self.keep_alive = packet.server_keep_alive
+        self.connack.set_result(packet)
 
     # -- acknowledgements (Acks) -----------------------------------------------------------
 

@@ -18,9 +18,9 @@ own ``publish_type``, read by the connection through the attributes both types s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import mqtt5
 
@@ -145,6 +145,44 @@ class Codec(Protocol):
 # -- MQTT v5, on the mqtt5 codec --------------------------------------------------------------
 
 
+def _v5_puback(packet: Any) -> Control:
+    refused = packet.reason_code
+    return PubAck(packet.packet_id, None if int(refused) < 0x80 else refused.name)
+
+
+def _v5_suback(packet: Any) -> Control:
+    codes = tuple(None if int(c) < 0x80 else c.name for c in packet.reason_codes)
+    return SubAck(packet.packet_id, codes)
+
+
+def _v5_connack(packet: Any) -> Control:
+    code = packet.reason_code
+    reason = code.name + (f" ({packet.reason_str})" if packet.reason_str else "")
+    return ConnAck(
+        accepted=code == mqtt5.ConnAckReasonCode.SUCCESS,
+        reason=reason,
+        session_present=packet.session_present,
+        receive_max=packet.receive_max,
+        server_keep_alive=packet.server_keep_alive,
+        wrong_level=code == mqtt5.ConnAckReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
+    )
+
+
+def _v5_disconnect(packet: Any) -> Control:
+    why = packet.reason_code.name
+    return Disconnect(f"{why}: {packet.reason_str}" if packet.reason_str else why)
+
+
+# What each control packet of MQTT 5 the broker sends means to the connection.
+_V5_CONTROL: dict[type, Callable[[Any], Control]] = {
+    mqtt5.PubAckPacket: _v5_puback,
+    mqtt5.SubAckPacket: _v5_suback,
+    mqtt5.ConnAckPacket: _v5_connack,
+    mqtt5.DisconnectPacket: _v5_disconnect,
+    mqtt5.PingRespPacket: lambda _packet: PingResp(),
+}
+
+
 class V5Codec:
     """MQTT v5 through the ``mqtt5`` codec; control packets read into our records."""
 
@@ -154,31 +192,8 @@ class V5Codec:
     read = staticmethod(mqtt5.read)  # the Rust reader itself: no Python frame per packet
 
     def control(self, packet: object) -> Control:
-        if isinstance(packet, mqtt5.PubAckPacket):
-            refused = packet.reason_code
-            return PubAck(packet.packet_id, None if int(refused) < 0x80 else refused.name)
-        if isinstance(packet, mqtt5.SubAckPacket):
-            return SubAck(
-                packet.packet_id,
-                tuple(None if int(c) < 0x80 else c.name for c in packet.reason_codes),
-            )
-        if isinstance(packet, mqtt5.ConnAckPacket):
-            code = packet.reason_code
-            reason = code.name + (f" ({packet.reason_str})" if packet.reason_str else "")
-            return ConnAck(
-                accepted=code == mqtt5.ConnAckReasonCode.SUCCESS,
-                reason=reason,
-                session_present=packet.session_present,
-                receive_max=packet.receive_max,
-                server_keep_alive=packet.server_keep_alive,
-                wrong_level=code == mqtt5.ConnAckReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
-            )
-        if isinstance(packet, mqtt5.DisconnectPacket):
-            why = packet.reason_code.name
-            return Disconnect(f"{why}: {packet.reason_str}" if packet.reason_str else why)
-        if isinstance(packet, mqtt5.PingRespPacket):
-            return PingResp()
-        return Unexpected(type(packet).__name__)
+        read = _V5_CONTROL.get(type(packet))
+        return read(packet) if read is not None else Unexpected(type(packet).__name__)
 
     def connect(  # noqa: PLR0913 - the fields of CONNECT
         self,
@@ -272,6 +287,57 @@ def _packet(first: int, body: bytes) -> bytes:
     return bytes((first,)) + _varint(len(body)) + body
 
 
+def _remaining_length(data: memoryview, size: int) -> tuple[int, int]:
+    """Remaining Length of more than one byte: up to four, seven bits each, least
+    significant first; the length and where the variable header starts."""
+    length, shift, i = data[1] & 0x7F, 7, 2
+    while True:
+        if i >= size:
+            raise IndexError("incomplete remaining length")
+        digit = data[i]
+        i += 1
+        length |= (digit & 0x7F) << shift
+        if not digit & 0x80:
+            return length, i
+        shift += 7
+        if shift > 21:
+            raise ValueError("malformed remaining length")
+
+
+def _v311_puback(body: memoryview) -> Control | None:
+    return PubAck((body[0] << 8) | body[1]) if len(body) == 2 else None
+
+
+def _v311_suback(body: memoryview) -> Control | None:
+    if len(body) < 3:
+        return None
+    granted = tuple(None if c < 0x80 else "failure" for c in body[2:])  # 0-2 QoS, 0x80 failure
+    return SubAck((body[0] << 8) | body[1], granted)
+
+
+def _v311_connack(body: memoryview) -> Control | None:
+    if len(body) != 2:
+        return None
+    code = body[1]
+    return ConnAck(
+        accepted=code == 0,
+        reason=_CONNACK_311.get(code, f"return code {code}"),
+        session_present=bool(body[0] & 1),
+        wrong_level=code == 1,
+    )
+
+
+# What each control packet of MQTT 3.1.1 the broker sends means to the connection (None: the
+# packet is malformed), and those it has no business sending on our QoS 1 subscriptions.
+_V311_CONTROL: dict[int, Callable[[memoryview], Control | None]] = {
+    4: _v311_puback,
+    9: _v311_suback,
+    2: _v311_connack,
+    13: lambda body: None if body else PingResp(),
+}
+_V311_UNEXPECTED = {5: "PUBREC", 6: "PUBREL", 7: "PUBCOMP", 11: "UNSUBACK", 14: "DISCONNECT"}
+
+
 class V311Codec:
     """MQTT 3.1.1, written here: the packets the connection uses, nothing more."""
 
@@ -283,23 +349,7 @@ class V311Codec:
         if size < 2:
             raise IndexError("incomplete fixed header")
         first = data[0]
-        # Remaining Length: up to four bytes, seven bits each, least significant first.
-        length = data[1]
-        i = 2
-        if length & 0x80:
-            length &= 0x7F
-            shift = 7
-            while True:
-                if i >= size:
-                    raise IndexError("incomplete remaining length")
-                digit = data[i]
-                i += 1
-                length |= (digit & 0x7F) << shift
-                if not digit & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    raise ValueError("malformed remaining length")
+        length, i = (data[1], 2) if data[1] < 0x80 else _remaining_length(data, size)
         end = i + length
         if end > size:
             raise IndexError("incomplete packet")
@@ -319,26 +369,12 @@ class V311Codec:
         return self._control(kind, first, data[i:end]), end
 
     def _control(self, kind: int, first: int, body: memoryview) -> Control:
-        if kind == 4 and len(body) == 2:  # PUBACK
-            return PubAck((body[0] << 8) | body[1])
-        if kind == 9 and len(body) >= 3:  # SUBACK: 0-2 granted QoS, 0x80 failure
-            codes = body[2:]
-            return SubAck(
-                (body[0] << 8) | body[1], tuple(None if c < 0x80 else "failure" for c in codes)
-            )
-        if kind == 2 and len(body) == 2:  # CONNACK
-            code = body[1]
-            return ConnAck(
-                accepted=code == 0,
-                reason=_CONNACK_311.get(code, f"return code {code}"),
-                session_present=bool(body[0] & 1),
-                wrong_level=code == 1,
-            )
-        if kind == 13 and not body:  # PINGRESP
-            return PingResp()
-        names = {5: "PUBREC", 6: "PUBREL", 7: "PUBCOMP", 11: "UNSUBACK", 14: "DISCONNECT"}
-        if kind in names:
-            return Unexpected(names[kind])
+        read = _V311_CONTROL.get(kind)
+        packet = read(body) if read is not None else None
+        if packet is not None:
+            return packet
+        if kind in _V311_UNEXPECTED:
+            return Unexpected(_V311_UNEXPECTED[kind])
         raise ValueError(f"not an MQTT 3.1.1 packet a broker sends (type {kind}, {first:#04x})")
 
     def control(self, packet: object) -> Control:

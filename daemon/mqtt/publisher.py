@@ -139,12 +139,7 @@ class Publisher:
             if failures:
                 break
             tasks.append(asyncio.create_task(one(topic, payload)))  # tasks start in order
-            if pace is not None:
-                wait = pace(handed)
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            if progress is not None and handed % 200 == 0:
-                progress(self.report.sent + self.report.refused)
+            await self._paced(handed, pace, progress)
             if len(tasks) >= 10 * self.window:
                 tasks = [t for t in tasks if not t.done()]
         await asyncio.gather(*tasks)
@@ -153,6 +148,19 @@ class Publisher:
         if progress is not None:
             progress(self.report.sent + self.report.refused)
         return self.report
+
+    async def _paced(
+        self,
+        handed: int,
+        pace: Callable[[int], float] | None,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """After ``handed`` messages: wait as ``pace`` says, and say how far it is."""
+        wait = pace(handed) if pace is not None else 0.0
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if progress is not None and handed % 200 == 0:
+            progress(self.report.sent + self.report.refused)
 
 
 def _no_inbound(_: object) -> None:

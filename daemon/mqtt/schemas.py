@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID, SafeUUID
 
 import msgspec
@@ -206,6 +207,7 @@ _RFC3339_TEXT = re.compile(
 )
 _TELEMETRY_FIELDS = frozenset(Telemetry.model_fields)
 _QUANTITY_LIMIT, _PERCENT_LIMIT = Decimal(QUANTITY_MAX), Decimal(100)
+_V = TypeVar("_V")
 
 
 def _uuid(
@@ -250,19 +252,10 @@ def _usual_sample(bike_id: str, document: dict[str, Any]) -> RecordTelemetry | N
     if len(document) > len(_TELEMETRY_FIELDS) or not _TELEMETRY_FIELDS.issuperset(document):
         return None
     get = document.get
-    tid, sid, seq, at = get("telemetry_id"), get("session_id"), get("seq"), get("emitted_at")
-    if (
-        type(seq) is not int
-        or not 1 <= seq <= SEQ_MAX
-        or type(tid) is not str
-        or type(sid) is not str
-        or type(at) is not str
-        or _UUID_TEXT.fullmatch(tid) is None
-        or _UUID_TEXT.fullmatch(sid) is None
-        or _RFC3339_TEXT.fullmatch(at) is None
-    ):
+    fields = _usual_fields(get("telemetry_id"), get("session_id"), get("seq"), get("emitted_at"))
+    if fields is None:
         return None
-    distance, soc = get("distance_m"), get("soc_pct")
+    tid, sid, seq, at = fields
     try:
         return RecordTelemetry(
             bike_id,
@@ -272,16 +265,33 @@ def _usual_sample(bike_id: str, document: dict[str, Any]) -> RecordTelemetry | N
                 seq=seq,
                 emitted_at=EmissionTime(_in_utc(datetime.fromisoformat(at))),
                 energy=EnergyDelta(_quantity(get("energy_wh"), QUANTITY_MAX, _QUANTITY_LIMIT)),
-                distance=(
-                    Distance(_quantity(distance, QUANTITY_MAX, _QUANTITY_LIMIT))
-                    if distance is not None
-                    else None
-                ),
-                soc=StateOfCharge(_quantity(soc, 100, _PERCENT_LIMIT)) if soc is not None else None,
+                distance=_optional(Distance, get("distance_m"), QUANTITY_MAX, _QUANTITY_LIMIT),
+                soc=_optional(StateOfCharge, get("soc_pct"), 100, _PERCENT_LIMIT),
             ),
         )
     except (ValueError, ArithmeticError, DomainError):  # pydantic's path says which and why
         return None
+
+
+def _usual_fields(tid: Any, sid: Any, seq: Any, at: Any) -> tuple[str, str, int, str] | None:
+    """Canonical UUID texts, an int seq in range and an RFC 3339 time text, or None."""
+    if (
+        type(seq) is int
+        and 1 <= seq <= SEQ_MAX
+        and type(tid) is str
+        and type(sid) is str
+        and type(at) is str
+        and _UUID_TEXT.fullmatch(tid) is not None
+        and _UUID_TEXT.fullmatch(sid) is not None
+        and _RFC3339_TEXT.fullmatch(at) is not None
+    ):
+        return tid, sid, seq, at
+    return None
+
+
+def _optional(kind: Callable[[Decimal], _V], value: Any, most: int, limit: Decimal) -> _V | None:
+    """An optional quantity of the usual sample as its value object; None when absent."""
+    return None if value is None else kind(_quantity(value, most, limit))
 
 
 def _reject_constant(name: str) -> Any:

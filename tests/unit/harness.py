@@ -69,9 +69,6 @@ def reloaded(session: Session) -> Session:
         started_at=session.started_at,
         last_heard_at=session.last_heard_at,
         end=session.end,
-        energy_wh=session.energy_wh,
-        distance_m=session.distance_m,
-        seqs=session.seqs,
-        latest_emitted_at=session.latest_emitted_at,
+        tally=session.tally,
         finalized=session.finalized,
     )

@@ -23,7 +23,7 @@ from domain.events import (
 )
 from domain.fleet import Fleet
 from domain.seqs import SeqRanges
-from domain.session import ChargingSession, RideSession
+from domain.session import ChargingSession, RideSession, Tally
 from domain.session_values import EndReason, SessionEnd, SessionKind, SessionPolicy
 from tests.builders import T0, bike_id, end, sample, start
 from tests.unit.harness import FleetHarness
@@ -49,7 +49,7 @@ def ended_ride_as_stored(begun, **summary) -> RideSession:
         started_at=T0,
         last_heard_at=NOW,
         end=SessionEnd(T0 + timedelta(minutes=30), 3, received_at=NOW),
-        **summary,
+        tally=Tally(**summary),
     )
 
 

@@ -30,7 +30,7 @@ from domain.events import (
 )
 from domain.fleet import Decision, Fleet
 from domain.seqs import SeqRanges
-from domain.session import ChargingSession, RideSession
+from domain.session import ChargingSession, RideSession, Tally
 from domain.session_values import EndReason, SessionKind, SessionPolicy, SessionState
 from tests.builders import T0, bike_id, end, sample, start
 from tests.unit.harness import FleetHarness
@@ -493,7 +493,7 @@ def test_the_fleet_names_a_stored_sample_only_when_its_seq_is_taken():
     begun = start(bike_id())
     fleet.load_bike(begun.bike_id, RideSession(session_id=begun.session_id, bike_id=begun.bike_id,
                     party_id="r", started_at=T0, last_heard_at=T0,
-                    seqs=SeqRanges(((1, 3),))))  # fmt: skip
+                    tally=Tally(seqs=SeqRanges(((1, 3),)))))  # fmt: skip
     commands = [sample(begun, 2), sample(begun, 4)]
     assert fleet.samples_decisions_need(commands) == {(begun.session_id, 2)}
 
@@ -503,7 +503,7 @@ def test_a_taken_seq_without_its_stored_sample_is_a_loading_bug_not_a_decision()
     begun = start(bike_id())
     fleet.load_bike(begun.bike_id, RideSession(session_id=begun.session_id, bike_id=begun.bike_id,
                     party_id="r", started_at=T0, last_heard_at=T0,
-                    seqs=SeqRanges(((1, 1),))))  # fmt: skip
+                    tally=Tally(seqs=SeqRanges(((1, 1),)))))  # fmt: skip
     with pytest.raises(LookupError, match="samples_decisions_need"):
         fleet.handle(sample(begun, 1), NOW)
 

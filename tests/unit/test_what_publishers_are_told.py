@@ -37,7 +37,7 @@ from domain.events import (
 )
 from domain.fleet import Bike, Fleet
 from domain.seqs import SeqRanges
-from domain.session import RideSession
+from domain.session import RideSession, Tally
 from domain.session_values import (
     EndReason,
     FinalizedSession,
@@ -317,7 +317,7 @@ def test_a_session_loaded_from_the_store_keeps_its_latest_sample_time():
     latest = T0 + timedelta(minutes=20)
     stored = RideSession(
         session_id=a.session_id, bike_id=a.bike_id, party_id="r", started_at=T0,
-        last_heard_at=NOW, latest_emitted_at=latest,
+        last_heard_at=NOW, tally=Tally(latest_emitted_at=latest),
     )  # fmt: skip
     fleet = Fleet(POLICY)
     fleet.load_bike(a.bike_id, stored)
