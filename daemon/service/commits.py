@@ -90,7 +90,7 @@ class Commits:
         self,
         batches: Batches,
         metrics: Metrics,
-        acknowledge: Callable[[Batch, Sequence[Settled]], None],
+        acknowledge: Callable[[Sequence[Taken], Sequence[Settled]], None],
         *,
         on_commit: Callable[[], None],
         pipelined: bool,
@@ -135,7 +135,7 @@ class Commits:
             return  # shutting down with the database away: the broker redelivers
         if batch.arrivals:
             self.metrics.database_up.set(1)
-        self.acknowledge(batch, settled)
+        self.acknowledge(batch.taken, settled)
 
     async def _retrying(self, arrivals: Sequence[Arrival]) -> list[Settled] | None:
         attempt, backoff = 0, Backoff()
@@ -265,5 +265,5 @@ class Commits:
             return False
         self._committed(opened.settled, opened.events, begun_s + time.perf_counter() - started)
         self.metrics.database_up.set(1)
-        self.acknowledge(batch, opened.settled)
+        self.acknowledge(batch.taken, opened.settled)
         return True

@@ -29,7 +29,7 @@ from domain.billing import PricingRules, bill
 from domain.commands import Command, RecordTelemetry
 from domain.errors import Reason
 from domain.events import DeferredMessageSettled, Event, MessageDeferred, SessionFinalized
-from domain.fleet import Fleet
+from domain.session import Session
 
 __all__ = [
     "Rendering", "batch_rows", "entry", "outbox_entries", "refusal", "rejection_row", "report",
@@ -91,23 +91,21 @@ def refusal(command: Command, topic: str, reason: Reason, detail: str) -> Reject
 
 def batch_rows(
     rendering: Rendering,
-    fleet: Fleet,
+    decided: tuple[list[Event], list[Session]],
     waiting: Sequence[Arrival] = (),
     rejections: Sequence[RejectionRow] = (),
-) -> tuple[list[Event], BatchRows]:
-    """What the fleet decided since the last batch, as events and the rows to write;
+) -> BatchRows:
+    """What a batch decided (its events and the sessions it changed) as the rows to write;
     ``waiting`` are the arrivals it deferred, whose raw payloads the waiting room keeps."""
-    changed = fleet.changed_sessions()
-    events = fleet.pop_events()
+    events, changed = decided
     payloads = {message_ref(a.topic, a.payload): (a.topic, a.payload) for a in waiting}
-    rows = BatchRows.of(
+    return BatchRows.of(
         events=events,
         changed=changed,
         outbox=outbox_entries(rendering, events),
         rejections=rejections,
         waiting_payloads=payloads,
     )
-    return events, rows
 
 
 def storable(text: str) -> str:

@@ -10,6 +10,7 @@ batch is decided, ``load`` reads what its decisions need that the cache lacks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 
 import structlog
 
@@ -17,8 +18,9 @@ from daemon.db.store import Store, WaitingRow
 from daemon.mqtt.schemas import decode
 from daemon.service.unit_of_work import UnitOfWork
 from domain.commands import Command
-from domain.events import Waiting
-from domain.fleet import Fleet
+from domain.events import Event, Waiting
+from domain.fleet import Decision, Fleet
+from domain.session import Session
 from domain.session_values import SessionPolicy
 
 __all__ = ["BikeVersions", "FleetCache"]
@@ -82,14 +84,32 @@ class FleetCache:
         self.fleet = Fleet(self.policy, self.finalized_cache)
         self.versions = BikeVersions()
 
-    def holds_all(self, commands: Sequence[Command]) -> bool:
-        """Whether these commands can be decided on the cache alone, without the store."""
-        fleet = self.fleet
-        return (
-            self.versions.knows({c.bike_id for c in commands})
-            and not fleet.sessions_decisions_need(commands)
-            and not fleet.samples_decisions_need(commands)
-        )
+    def ahead(self, commands: Sequence[Command]) -> dict[str, int] | None:
+        """To decide these commands on the cache alone, without the store: the versions their
+        bikes must have once locked (``BikeVersions.assume_written``); None when the cache
+        lacks something their decisions need."""
+        fleet, bike_ids = self.fleet, {c.bike_id for c in commands}
+        if (
+            not self.versions.knows(bike_ids)
+            or fleet.sessions_decisions_need(commands)
+            or fleet.samples_decisions_need(commands)
+        ):
+            return None
+        return self.versions.assume_written(bike_ids)
+
+    def handle(self, command: Command, at: datetime, ref: bytes) -> Decision:
+        """Decide one command on the cached fleet (``Fleet.handle``)."""
+        return self.fleet.handle(command, at, ref)
+
+    def decided(self) -> tuple[list[Event], list[Session]]:
+        """The events since the last batch, and the sessions whose summary changed: the
+        batch's decisions, handed over once (the fleet starts the next batch)."""
+        changed = self.fleet.changed_sessions()
+        return self.fleet.pop_events(), changed
+
+    def expire(self, now: datetime, bike_ids: Sequence[str]) -> None:
+        """Finalize these bikes' due sessions and settle their overdue waiting messages."""
+        self.fleet.expire(now, bike_ids)
 
     async def lock(self, uow: UnitOfWork, bike_ids: Iterable[str]) -> None:
         """Lock these bikes (in bike_id order) and read again those another writer took."""

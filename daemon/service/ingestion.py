@@ -131,9 +131,9 @@ class Ingestion:
         batch before is committed by then). A failed check raises ``DecidedOnStaleState``, and
         both batches are decided again, one by one, from the store."""
         commands = [a.inbound.command for a in arrivals if a.inbound.command is not None]
-        if not self.cache.holds_all(commands):
+        expected = self.cache.ahead(commands)
+        if expected is None:
             return None
-        expected = self.cache.versions.assume_written({c.bike_id for c in commands})
         settled, events, rows = self._decide_all(arrivals)
         return OpenBatch(settled, events, rows, expected=expected)
 
@@ -189,10 +189,10 @@ class Ingestion:
         ids = sorted(set(bike_ids))
         async with UnitOfWork(self.store) as uow:
             await self.cache.lock(uow, ids)
-            self.cache.fleet.expire(now, ids)
-            events, rows = batch_rows(self.rendering, self.cache.fleet)
-            await uow.write(rows)
-        return events
+            self.cache.expire(now, ids)
+            decided = self.cache.decided()
+            await uow.write(batch_rows(self.rendering, decided))
+        return decided[0]
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -206,10 +206,11 @@ class Ingestion:
                 rejections.append(rejection_row(self.rendering, a, s.rejection))
             elif s.outcome is Outcome.DEFERRED:
                 waiting.append(a)
-        events, rows = batch_rows(self.rendering, self.cache.fleet, waiting, rejections)
+        decided = self.cache.decided()
+        rows = batch_rows(self.rendering, decided, waiting, rejections)
         if any(s.dropped for s in settled):
             self.reset()  # a command failed half-way through the domain: trust the store
-        return settled, events, rows
+        return settled, decided[0], rows
 
     def _decide(self, arrival: Arrival) -> Settled:
         inbound = arrival.inbound
@@ -220,7 +221,7 @@ class Ingestion:
             return Settled(dropped=DropReason.INTERNAL_ERROR)
         ref = message_ref(arrival.topic, arrival.payload)
         try:
-            decision = self.cache.fleet.handle(command, arrival.received_at, ref)
+            decision = self.cache.handle(command, arrival.received_at, ref)
         except DomainError as exc:
             return Settled(rejection=refusal(command, arrival.topic, exc.reason, exc.detail))
         except Exception:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from daemon.mqtt.delivery import Delivery, ReadGate
 from daemon.mqtt.schemas import Inbound, Rejection, decode
 from daemon.mqtt.topics import topics_for
 from daemon.service.acks import acknowledge
-from daemon.service.arrival import Arrival, Settled
+from daemon.service.arrival import Arrival
 from daemon.service.commits import Batch, Batches, Commits
 from daemon.service.expiry import Expiry
 from daemon.service.intake import Intake, Taken
@@ -75,8 +76,9 @@ class Pipeline:
             metrics, self.topics, takes, gate if gate is not None else ReadGate(),
             max_inbox=config.max_inbox, max_inbox_bytes=config.max_inbox_bytes,
         )  # fmt: skip
+        acks = functools.partial(acknowledge, metrics, self.intake.counters)
         self.commits = Commits(
-            batches, metrics, self._acknowledge, on_commit=on_commit, pipelined=config.pipelined
+            batches, metrics, acks, on_commit=on_commit, pipelined=config.pipelined
         )
         self.expiry = Expiry(
             batches, metrics, takes, abandon_check_s=config.abandon_check_s, on_commit=on_commit
@@ -164,9 +166,6 @@ class Pipeline:
         inbox = self.intake.inbox
         now = min(self.clock(), inbox[0].delivery.received_at) if inbox else self.clock()
         await self.expiry.sweep(now)
-
-    def _acknowledge(self, batch: Batch, settled: Sequence[Settled]) -> None:
-        acknowledge(self.metrics, self.intake.counters, batch.taken, settled)
 
     def _decode(self, taken: Taken) -> Inbound:
         d = taken.delivery
