@@ -38,11 +38,12 @@ from benchmarks.harness import fresh_database
 from daemon.config import DEFAULT_PRICING_FILE
 from daemon.db.migrate import ensure_database, migrate
 from daemon.db.store import Store
+from daemon.documents import utc_text
 from daemon.mqtt.schemas import decode
+from daemon.pricing_text import parse_pricing
 from daemon.service.arrival import Arrival
 from daemon.service.ingestion import Ingestion
-from domain.billing import parse_pricing
-from domain.session_values import SessionPolicy, utc_text
+from domain.session_values import SessionPolicy
 
 PREFIX = "chargeflow/v1"
 _SPANS: dict[str, list[float]] = {}

@@ -33,7 +33,7 @@ from daemon.db.store import Store
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Delivery
 from daemon.partition import Ownership
-from domain.billing import parse_pricing
+from daemon.pricing_text import parse_pricing
 from domain.session_values import SessionPolicy
 from tests.builders import bike_id, sample, start
 from tests.integration.test_store import payload_of

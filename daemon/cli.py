@@ -30,10 +30,10 @@ from rich.table import Table
 
 from daemon import MAX_PAGE, installed_version
 from daemon.config import READ_SETTINGS, ConfigError, Settings, load_settings
+from daemon.documents import utc_text
 from daemon.logs import configure_logging
 from daemon.simulate import PublishRefused
 from domain.errors import Reason
-from domain.session_values import utc_text
 
 __all__ = ["app", "main"]
 

@@ -23,8 +23,9 @@ from pydantic_core import ErrorDetails
 
 from daemon.http_auth import Tokens, load_tokens
 from daemon.partition import Partition
+from daemon.pricing_text import parse_pricing
 from daemon.topic_names import check_prefix
-from domain.billing import PricingRules, parse_pricing
+from domain.billing import PricingRules
 from domain.errors import InvalidPricing
 from domain.session_values import SessionPolicy
 

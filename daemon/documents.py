@@ -11,16 +11,16 @@ digits, money with its scale, a duration as a JSON number of seconds.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
-from domain.billing import BillingRecord, money_text
+from domain.billing import BillingRecord
 from domain.errors import Reason
-from domain.session_values import FinalizedSession, SessionKind, quantity_text, utc_text
+from domain.session_values import FinalizedSession, SessionKind, require_aware
 
 __all__ = [
     "BillingPayload",
@@ -31,8 +31,32 @@ __all__ = [
     "Published",
     "RejectionPayload",
     "Seconds",
+    "money_text",
+    "quantity_text",
     "seconds_number",
+    "utc_text",
 ]
+
+# -- the written form of each kind of value -----------------------------------------------
+
+
+def quantity_text(value: Decimal) -> str:
+    """The one published form of a quantity: plain digits, no exponent, no trailing zeros
+    (2.50 and 2.5 are the same energy and are both written 2.5; 1E+3 is written 1000)."""
+    return format(value.normalize(), "f") if value else "0"
+
+
+def utc_text(value: datetime) -> str:
+    """The one published form of an instant: RFC 3339 in UTC with Z, whatever offset it came in."""
+    require_aware(value, "a published timestamp")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def money_text(value: Decimal) -> str:
+    """The one written form of money and prices: plain digits with the scale they were given
+    or rounded to (0.30 stays 0.30, an amount keeps its minor unit), never an exponent."""
+    return format(value, "f")
+
 
 _DECIMAL = r"^-?\d+(\.\d+)?$"
 

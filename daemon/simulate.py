@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from daemon.config import Settings
+from daemon.documents import utc_text
 from daemon.mqtt.publisher import Published, Publisher
 from daemon.mqtt.topics import TopicKind, topics_for
-from domain.session_values import utc_text
 
 __all__ = ["FleetPlan", "PublishRefused", "json_payload", "messages", "publish"]
 

@@ -7,12 +7,9 @@ the end to the currency's minor unit with the pricing file's rounding mode.
 from __future__ import annotations
 
 import decimal
-import json
-import tomllib
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
 from uuid import UUID
 
 from domain.errors import InvalidPricing, InvalidValue
@@ -28,8 +25,6 @@ __all__ = [
     "Rounding",
     "UnitPrice",
     "bill",
-    "money_text",
-    "parse_pricing",
 ]
 
 # ISO 4217 minor units of the currencies a fleet is likely to bill in; others need `minor_unit`.
@@ -94,12 +89,6 @@ class Rounding(StrEnum):
             Rounding.CEILING: decimal.ROUND_CEILING,
             Rounding.FLOOR: decimal.ROUND_FLOOR,
         }[self]
-
-
-def money_text(value: Decimal) -> str:
-    """The one written form of money and prices: plain digits with the scale they were given
-    or rounded to (0.30 stays 0.30, an amount keeps its minor unit), never an exponent."""
-    return format(value, "f")
 
 
 def _non_negative(value: Decimal, what: str) -> None:
@@ -178,46 +167,6 @@ class PricingRules:
     def rule_for(self, kind: SessionKind) -> PricingRule:
         return next(rule for rule in self.rules if rule.kind is kind)
 
-    def canonical(self) -> str:
-        """The price list as canonical JSON, decimals exactly as written (0.30 stays 0.30, as
-        billing records print it); comments and layout of the file make no difference."""
-        return json.dumps(
-            {
-                "version": self.version,
-                "currency": self.currency,
-                "rounding": str(self.rounding),
-                "minor_unit": self.minor_unit,
-                **{
-                    str(r.kind): {
-                        "unit_price": money_text(r.unit_price.per_kwh),
-                        "session_fee": money_text(r.session_fee),
-                    }
-                    for r in sorted(self.rules, key=lambda r: r.kind)
-                },
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        )
-
-    @classmethod
-    def from_canonical(cls, text: str) -> PricingRules:
-        """The price list a ``canonical()`` text records."""
-        doc = json.loads(text)
-        return cls(
-            doc["version"],
-            doc["currency"],
-            Rounding(doc["rounding"]),
-            doc["minor_unit"],
-            tuple(
-                PricingRule(
-                    kind,
-                    UnitPrice(Decimal(doc[kind]["unit_price"])),
-                    Decimal(doc[kind]["session_fee"]),
-                )
-                for kind in SessionKind
-            ),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class PricingHistory:
@@ -284,80 +233,4 @@ def bill(session: FinalizedSession, pricing: PricingRules) -> BillingRecord:
         unit_price=rule.unit_price,
         amount=Money(amount, pricing.currency),
         pricing_version=pricing.version,
-    )
-
-
-def _decimal(table: dict[str, Any], key: str, where: str, default: str | None = None) -> Decimal:
-    raw = table.get(key, default)
-    if raw is None:
-        raise InvalidPricing(f"{where}: `{key}` is missing")
-    if isinstance(raw, bool) or not isinstance(raw, str | int | Decimal):
-        raise InvalidPricing(f"{where}: `{key}` must be a decimal like 0.30, got {raw!r}")
-    try:
-        value = Decimal(str(raw))
-    except decimal.InvalidOperation:
-        raise InvalidPricing(f"{where}: `{key}` is not a decimal: {raw!r}") from None
-    if not value.is_finite() or value < 0:
-        raise InvalidPricing(f"{where}: `{key}` must be a non-negative decimal, got {raw!r}")
-    return value
-
-
-def parse_pricing(text: str, source: str = "pricing file") -> PricingRules:
-    """Parse a pricing file (TOML) into PricingRules; errors say what to fix and where."""
-    try:
-        # parse_float=Decimal: prices are read exactly, never through a binary float.
-        doc = tomllib.loads(text, parse_float=Decimal)
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidPricing(f"{source} is not valid TOML: {exc}") from None
-    known = {"version", "currency", "rounding", "minor_unit", *SessionKind}
-    unknown = sorted(set(doc) - known)
-    if unknown:
-        raise InvalidPricing(f"{source}: unknown keys {', '.join(unknown)}")
-    version, currency = _version(doc, source), _currency(doc, source)
-    minor_unit = _minor_unit(doc, currency, source)
-    try:
-        rounding = Rounding(doc.get("rounding", "half_even"))
-    except ValueError:
-        raise InvalidPricing(
-            f"{source}: `rounding` must be one of {', '.join(Rounding)}, got {doc['rounding']!r}"
-        ) from None
-    rules = tuple(_rule(doc, kind, source) for kind in SessionKind)
-    return PricingRules(version, currency, rounding, minor_unit, rules)
-
-
-def _version(doc: dict[str, Any], source: str) -> str:
-    version = doc.get("version")
-    if not isinstance(version, str | int) or isinstance(version, bool) or not str(version):
-        raise InvalidPricing(f'{source}: `version` must be set, e.g. version = "2026-01"')
-    return str(version)
-
-
-def _currency(doc: dict[str, Any], source: str) -> str:
-    currency = doc.get("currency")
-    if not isinstance(currency, str) or len(currency) != 3 or not currency.isupper():
-        raise InvalidPricing(f'{source}: `currency` must be an ISO 4217 code, e.g. "EUR"')
-    return currency
-
-
-def _minor_unit(doc: dict[str, Any], currency: str, source: str) -> int:
-    minor_unit = doc.get("minor_unit", MINOR_UNITS.get(currency))
-    if not isinstance(minor_unit, int) or isinstance(minor_unit, bool) or not 0 <= minor_unit <= 4:
-        raise InvalidPricing(
-            f"{source}: the minor unit of {currency} is not known; set minor_unit = 0..4"
-        )
-    return minor_unit
-
-
-def _rule(doc: dict[str, Any], kind: SessionKind, source: str) -> PricingRule:
-    table = doc.get(str(kind))
-    if not isinstance(table, dict):
-        raise InvalidPricing(f"{source}: a [{kind}] table with `unit_price` is missing")
-    extra = sorted(set(table) - {"unit_price", "session_fee"})
-    if extra:
-        raise InvalidPricing(f"{source}: [{kind}] has unknown keys {', '.join(extra)}")
-    where = f"{source} [{kind}]"
-    return PricingRule(
-        kind,
-        UnitPrice(_decimal(table, "unit_price", where)),
-        _decimal(table, "session_fee", where, default="0"),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from uuid import UUID
@@ -17,22 +17,8 @@ __all__ = [
     "SessionKind",
     "SessionPolicy",
     "SessionState",
-    "quantity_text",
     "require_not_future",
-    "utc_text",
 ]
-
-
-def quantity_text(value: Decimal) -> str:
-    """The one published form of a quantity: plain digits, no exponent, no trailing zeros
-    (2.50 and 2.5 are the same energy and are both written 2.5; 1E+3 is written 1000)."""
-    return format(value.normalize(), "f") if value else "0"
-
-
-def utc_text(value: datetime) -> str:
-    """The one published form of an instant: RFC 3339 in UTC with Z, whatever offset it came in."""
-    require_aware(value, "a published timestamp")
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 class SessionKind(StrEnum):

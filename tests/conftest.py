@@ -29,7 +29,8 @@ import pytest
 from daemon.db.migrate import migrate
 from daemon.db.store import Store
 from daemon.devbroker import free_port, start_broker
-from domain.billing import PricingRules, parse_pricing
+from daemon.pricing_text import parse_pricing
+from domain.billing import PricingRules
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 DAEMON_USER = ("chargeflow-daemon", "daemon-example-password")

@@ -16,6 +16,7 @@ from uuid import UUID
 import asyncpg
 
 from daemon.partition import Partition
+from daemon.pricing_text import canonical_pricing, pricing_from_canonical
 from domain.billing import PricingHistory, PricingRules
 from domain.events import (
     DeferredMessageSettled,
@@ -527,7 +528,7 @@ class Store:
                 "SELECT content FROM pricing_versions WHERE version = $1", pricing.version
             )
             if content is None:
-                content = pricing.canonical()
+                content = canonical_pricing(pricing)
                 await conn.execute(
                     "INSERT INTO pricing_versions (version, content, first_used_at)"
                     " VALUES ($1, $2, $3)",
@@ -535,7 +536,7 @@ class Store:
                     content,
                     now,
                 )
-            recorded = PricingRules.from_canonical(content)
+            recorded = pricing_from_canonical(content)
             if recorded != pricing:
                 return None
             await conn.execute(
@@ -563,7 +564,7 @@ class Store:
             "SELECT version, content, first_used_at FROM pricing_versions"
             " ORDER BY first_used_at, version"
         )
-        history = PricingHistory(tuple(PricingRules.from_canonical(r["content"]) for r in rows))
+        history = PricingHistory(tuple(pricing_from_canonical(r["content"]) for r in rows))
         return history, {r["version"]: r["first_used_at"] for r in rows}
 
     async def waiting_count(self) -> int:

@@ -15,12 +15,21 @@ import asyncpg
 
 from daemon import MAX_PAGE
 from daemon.db.store import Store, finalized_from_row, party_of
-from daemon.documents import BillingPayload, FinalizedPayload, party_fields, seconds_number
+from daemon.documents import (
+    BillingPayload,
+    FinalizedPayload,
+    money_text,
+    party_fields,
+    quantity_text,
+    seconds_number,
+    utc_text,
+)
+from daemon.pricing_text import canonical_pricing
 from domain.analytics import AnalyticsReport, KindFigures, project
-from domain.billing import BillingRecord, PricingHistory, money_text
+from domain.billing import BillingRecord, PricingHistory
 from domain.commands import BIKE_ID_PATTERN, BIKE_ID_RULE
 from domain.errors import Reason
-from domain.session_values import FinalizedSession, SessionKind, quantity_text, utc_text
+from domain.session_values import FinalizedSession, SessionKind
 
 __all__ = ["KeptRejection", "ReadModel", "RejectionFilter", "SessionView", "analytics_document"]
 
@@ -142,7 +151,7 @@ class ReadModel:
         history, first_used = await Store(self.pool).pricing_history()
         return [
             {
-                **json.loads(p.canonical()),
+                **json.loads(canonical_pricing(p)),
                 "first_used_at": utc_text(first_used[p.version]),
             }
             for p in history.versions

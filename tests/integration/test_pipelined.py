@@ -16,10 +16,10 @@ from structlog.testing import capture_logs
 from daemon.db.store import Store
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Delivery
+from daemon.pricing_text import parse_pricing
 from daemon.service.arrival import Arrival
 from daemon.service.ingestion import Ingestion
 from daemon.service.pipeline import Pipeline, PipelineConfig
-from domain.billing import parse_pricing
 from domain.session_values import SessionPolicy
 from tests.builders import T0, bike_id, sample, start
 from tests.integration.test_store import NOW, PREFIX, payload_of

@@ -19,9 +19,10 @@ import pytest
 from daemon.db.migrate import ensure_database, migrate
 from daemon.db.store import Store
 from daemon.mqtt.schemas import Inbound, Rejection, TopicKind, decode
+from daemon.pricing_text import canonical_pricing, parse_pricing
 from daemon.service.arrival import Arrival, Settled
 from daemon.service.ingestion import Ingestion
-from domain.billing import PricingRules, parse_pricing
+from domain.billing import PricingRules
 from domain.commands import Command, RecordTelemetry, StartSession
 from domain.events import DeferredMessageSettled, Outcome, SessionFinalized
 from domain.seqs import SeqRanges
@@ -997,9 +998,7 @@ async def test_sessions_finalized_before_versions_were_kept_get_their_published_
         await conn.execute(
             "INSERT INTO pricing_versions (version, content, first_used_at) VALUES ($1, $2, $3)",
             "2025-12",
-            PricingRules.from_canonical(pricing.canonical())
-            .canonical()
-            .replace('"version":"2026-01"', '"version":"2025-12"'),
+            canonical_pricing(pricing).replace('"version":"2026-01"', '"version":"2025-12"'),
             T0,
         )
     finally:

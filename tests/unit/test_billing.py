@@ -9,7 +9,9 @@ from importlib import resources
 
 import pytest
 
-from domain.billing import Rounding, bill, money_text, parse_pricing
+from daemon.documents import money_text
+from daemon.pricing_text import canonical_pricing, parse_pricing
+from domain.billing import Rounding, bill
 from domain.errors import InvalidPricing
 from domain.session_values import EndReason, FinalizedSession, SessionKind
 from tests.builders import T0
@@ -138,14 +140,14 @@ def test_the_recorded_price_list_is_this_exact_text_however_the_file_is_written(
         '{"charging":{"session_fee":"0","unit_price":"0.25"},"currency":"EUR","minor_unit":2,'
         '"ride":{"session_fee":"0","unit_price":"0.30"},"rounding":"half_even","version":"2026-01"}'
     )
-    assert shipped_pricing().canonical() == canonical
+    assert canonical_pricing(shipped_pricing()) == canonical
     rewritten = parse_pricing(
         '# the same prices, written otherwise\nrounding = "half_even"\nversion = "2026-01"\n'
         'currency = "EUR"\n[charging]\nunit_price = "0.25"\nsession_fee = 0\n'
         "[ride]\nunit_price = 0.30\n",
         "rewritten.toml",
     )
-    assert rewritten.canonical() == canonical
+    assert canonical_pricing(rewritten) == canonical
 
 
 def test_the_pricing_files_minor_unit_decides_the_rounding_place():

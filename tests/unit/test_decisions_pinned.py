@@ -241,7 +241,7 @@ def test_an_instant_is_published_in_utc_whatever_the_machines_time_zone(monkeypa
     import time
     from datetime import timezone
 
-    from domain.session_values import utc_text
+    from daemon.documents import utc_text
 
     monkeypatch.setenv("TZ", "Asia/Kolkata")
     time.tzset()

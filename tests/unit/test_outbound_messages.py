@@ -13,7 +13,8 @@ import pytest
 from daemon.config import DEFAULT_PRICING_FILE
 from daemon.mqtt.messages import billing_message, finalized_message, rejection_message
 from daemon.mqtt.schemas import Rejection
-from domain.billing import bill, parse_pricing
+from daemon.pricing_text import parse_pricing
+from domain.billing import bill
 from domain.errors import Reason
 from domain.session_values import EndReason, FinalizedSession, SessionKind
 from tests.builders import T0, bike_id

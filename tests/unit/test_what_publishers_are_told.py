@@ -13,6 +13,8 @@ from decimal import Decimal
 
 import pytest
 
+from daemon.documents import money_text, utc_text
+from daemon.pricing_text import canonical_pricing, parse_pricing
 from domain.analytics import project
 from domain.billing import (
     BillableEnergy,
@@ -23,8 +25,6 @@ from domain.billing import (
     Rounding,
     UnitPrice,
     bill,
-    money_text,
-    parse_pricing,
 )
 from domain.commands import EndSession, RecordTelemetry, StartSession
 from domain.errors import DomainError, InvalidPricing, InvalidValue, Reason
@@ -44,7 +44,6 @@ from domain.session_values import (
     SessionEnd,
     SessionKind,
     SessionPolicy,
-    utc_text,
 )
 from domain.telemetry import Distance, EmissionTime, EnergyDelta, StateOfCharge
 from tests.builders import T0, bike_id, end, sample, start
@@ -478,7 +477,7 @@ def test_four_decimal_places_are_the_finest_minor_unit():
 
 def test_a_price_written_with_an_exponent_is_recorded_and_billed_in_plain_digits():
     pricing = parse_pricing(GOOD.replace("[ride]\nunit_price=1", "[ride]\nunit_price=1e1"))
-    assert '"unit_price":"10"' in pricing.canonical()
+    assert '"unit_price":"10"' in canonical_pricing(pricing)
     session = FinalizedSession(
         uuid.uuid4(), "b", SessionKind.RIDE, "r", T0, T0, Decimal(1000), Decimal(0), 1, 0,
         EndReason.ENDED, NOW, "1",
@@ -538,7 +537,7 @@ def test_an_empty_version_is_refused():
 
 def test_a_fee_written_with_an_exponent_is_recorded_in_plain_digits():
     text = GOOD.replace("[ride]\nunit_price=1", "[ride]\nunit_price=1\nsession_fee=1e1")
-    assert '"ride":{"session_fee":"10"' in parse_pricing(text).canonical()
+    assert '"ride":{"session_fee":"10"' in canonical_pricing(parse_pricing(text))
 
 
 def test_two_rules_for_one_kind_are_named_in_the_refusal():
@@ -548,7 +547,7 @@ def test_two_rules_for_one_kind_are_named_in_the_refusal():
 
 
 def test_a_negative_zero_is_published_as_zero():
-    from domain.session_values import quantity_text
+    from daemon.documents import quantity_text
 
     assert quantity_text(Decimal("-0")) == "0"
     assert quantity_text(Decimal("-0.000")) == "0"
