@@ -37,6 +37,7 @@ import asyncpg.transaction
 from benchmarks.harness import fresh_database
 from daemon.config import DEFAULT_PRICING_FILE
 from daemon.db.migrate import ensure_database, migrate
+from daemon.db.pricing import PricingRecords
 from daemon.db.store import Store
 from daemon.documents import utc_text
 from daemon.mqtt.schemas import decode
@@ -121,7 +122,7 @@ async def run(args: argparse.Namespace) -> None:
         await migrate(conn, 7, 30, "auto")
     pricing = parse_pricing(DEFAULT_PRICING_FILE.read_text(encoding="utf-8"))
     store = Store(pool)
-    await store.record_pricing(pricing, datetime.now(UTC))
+    await PricingRecords(store.pool).record(pricing, datetime.now(UTC))
     policy = SessionPolicy(pricing_version=pricing.version)
     ingestion = Ingestion(store, policy, pricing, prefix=PREFIX, max_payload_bytes=16_384)
     now = datetime.now(UTC)

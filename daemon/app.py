@@ -14,7 +14,9 @@ import structlog
 
 from daemon.backoff import Backoff
 from daemon.config import ConfigError, DatabaseUnavailable, Settings
+from daemon.db.claims import Claims
 from daemon.db.migrate import TimescaleUnavailable, ensure_database, migrate, pending_migrations
+from daemon.db.outbox import OutboxStore
 from daemon.db.store import Store
 from daemon.db.views import ReadModel
 from daemon.http import HttpServer
@@ -174,7 +176,7 @@ class Daemon:
             self.metrics.database_up.set(1 if self.database_ok else 0)
             if self.database_ok:
                 with contextlib.suppress(Exception):
-                    self.metrics.outbox_pending.set(await store.outbox_pending_count())
+                    self.metrics.outbox_pending.set(await OutboxStore(store.pool).pending_count())
                     self.metrics.waiting_messages.set(await store.waiting_count())
             await asyncio.sleep(2)
 
@@ -232,7 +234,7 @@ class Daemon:
         if s.partition_of is None:
             return None
         registry = PartitionRegistry(
-            store,
+            Claims(store.pool),
             s.client_id,
             s.partition_of,
             ownership,
@@ -273,7 +275,7 @@ class Daemon:
             on_commit=committed.set,
         )  # fmt: skip
         link = self.link = MqttLink(s, self.metrics, pipeline.deliver, gate)
-        publisher = OutboxPublisher(store, link, self.metrics, wake=committed)
+        publisher = OutboxPublisher(OutboxStore(store.pool), link, self.metrics, wake=committed)
         return pipeline, link, publisher
 
 

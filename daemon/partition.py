@@ -115,17 +115,17 @@ class Ownership:
 
 
 class ClaimStore(Protocol):
-    """What the registry needs of the database (``daemon.db.store.Store`` has it)."""
+    """What the registry needs of the database (``daemon.db.claims.Claims`` has it)."""
 
-    async def register_claim(self, client_id: str, partition: Partition) -> list[Partition]:
+    async def register(self, client_id: str, partition: Partition) -> list[Partition]:
         """Write this instance's claim; return what it claimed before and has not settled."""
         ...
 
-    async def live_claims(self, client_id: str, lease_s: float) -> list[Partition]:
+    async def live(self, client_id: str, lease_s: float) -> list[Partition]:
         """Refresh this instance's heartbeat; the other instances' claims within the lease."""
         ...
 
-    async def settle_claim(self, client_id: str) -> None:
+    async def settle(self, client_id: str) -> None:
         """The change of claim is settled: forget what this instance claimed before."""
         ...
 
@@ -157,11 +157,11 @@ class PartitionRegistry:
         """Register before connecting: from here on, this instance takes its claim (and the
         claim it held before, until that is settled)."""
         self.previous = tuple(
-            p for p in await self.store.register_claim(self.client_id, self.partition)
+            p for p in await self.store.register(self.client_id, self.partition)
             if p != self.partition
         )  # fmt: skip
         self._registered_at = time.monotonic()
-        others = await self.store.live_claims(self.client_id, self.lease_s)
+        others = await self.store.live(self.client_id, self.lease_s)
         self.ownership.update((self.partition, *self.previous), others)
         log.info(
             "partition claimed",
@@ -173,14 +173,14 @@ class PartitionRegistry:
     async def refresh(self) -> None:
         """One round: heartbeat and the others' claims; narrow a settled change."""
         if self.previous and self._settled():
-            await self.store.settle_claim(self.client_id)
+            await self.store.settle(self.client_id)
             log.info(
                 "partition change settled; taking only the new claim",
                 partition=str(self.partition),
                 released=[str(p) for p in self.previous],
             )
             self.previous = ()
-        others = await self.store.live_claims(self.client_id, self.lease_s)
+        others = await self.store.live(self.client_id, self.lease_s)
         self.ownership.update((self.partition, *self.previous), others)
 
     def _settled(self) -> bool:

@@ -27,7 +27,7 @@ import asyncpg
 import pytest
 
 from daemon.db.migrate import migrate
-from daemon.db.store import Store
+from daemon.db.pricing import PricingRecords
 from daemon.devbroker import free_port, start_broker
 from daemon.pricing_text import parse_pricing
 from domain.billing import PricingRules
@@ -103,7 +103,7 @@ def database_url(postgres_url: str) -> Iterator[str]:
         pool = await asyncpg.create_pool(_with_database(postgres_url, name), min_size=1, max_size=1)
         assert pool is not None
         try:
-            await Store(pool).record_pricing(shipped_pricing(), datetime.now(UTC))
+            await PricingRecords(pool).record(shipped_pricing(), datetime.now(UTC))
         finally:
             await pool.close()
 

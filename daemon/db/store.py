@@ -1,8 +1,10 @@
-"""The write side's SQL: lock and load what a batch needs, write what it decided, the outbox.
+"""The write side's SQL for ingestion: lock and load what a batch needs, write what it decided.
 
 Hand-written SQL, explicit row mappers, batches: one statement locks a batch's bikes, one COPY
 appends its telemetry, one statement writes every changed session summary. Nothing here
-decides or renders: the unit of work does (``daemon.service.unit_of_work``).
+decides or renders: the service layer does (``daemon.service.ingestion``, through the unit
+of work). Partition claims, recorded price lists and the outbox relay's reads have modules of
+their own (``claims``, ``pricing``, ``outbox``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ from uuid import UUID
 
 import asyncpg
 
-from daemon.partition import Partition
-from daemon.pricing_text import canonical_pricing, pricing_from_canonical
-from domain.billing import PricingHistory, PricingRules
 from domain.events import (
     DeferredMessageSettled,
     Event,
@@ -34,7 +33,6 @@ __all__ = [
     "BatchRows",
     "Conn",
     "OutboxEntry",
-    "OutboxRow",
     "RejectionRow",
     "Store",
     "WaitingRow",
@@ -62,14 +60,6 @@ class OutboxEntry:
     """An outbound message to write: what it is, where it goes, its bytes."""
 
     created_at: datetime
-    event: str
-    topic: str
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
-    id: int
     event: str
     topic: str
     payload: bytes
@@ -468,126 +458,8 @@ class Store:
         if batch.rejections:
             await conn.executemany(_KEEP_REJECTION, [_rejection_args(r) for r in batch.rejections])
 
-    # -- instance partitions ---------------------------------------------------------------
-
-    async def register_claim(self, client_id: str, partition: Partition) -> list[Partition]:
-        """Write this instance's claim; return the claims it held before that are not settled
-        (its previous claim, when it changed, and whatever was still pending then)."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT part_index, part_count, previous FROM instance_partitions"
-                " WHERE client_id = $1 FOR UPDATE",
-                client_id,
-            )
-            held = set()
-            if row is not None:
-                held = {Partition(row["part_index"], row["part_count"])}
-                held |= {Partition.parse(p) for p in row["previous"]}
-            held.discard(partition)
-            await conn.execute(
-                "INSERT INTO instance_partitions (client_id, part_index, part_count, previous)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (client_id) DO UPDATE SET"
-                " part_index = $2, part_count = $3, previous = $4, seen_at = now()",
-                client_id,
-                partition.index,
-                partition.count,
-                sorted(str(p) for p in held),
-            )
-        return sorted(held)
-
-    async def live_claims(self, client_id: str, lease_s: float) -> list[Partition]:
-        """Refresh this instance's heartbeat; the claims of the others seen within the lease."""
-        await self.pool.execute(
-            "UPDATE instance_partitions SET seen_at = now() WHERE client_id = $1", client_id
-        )
-        rows = await self.pool.fetch(
-            "SELECT DISTINCT part_index, part_count FROM instance_partitions"
-            " WHERE client_id <> $1 AND seen_at > now() - make_interval(secs => $2)",
-            client_id,
-            lease_s,
-        )
-        return [Partition(r["part_index"], r["part_count"]) for r in rows]
-
-    async def settle_claim(self, client_id: str) -> None:
-        await self.pool.execute(
-            "UPDATE instance_partitions SET previous = '{}' WHERE client_id = $1", client_id
-        )
-
-    # -- pricing versions ------------------------------------------------------------------
-
-    async def record_pricing(self, pricing: PricingRules, now: datetime) -> PricingRules | None:
-        """Keep the running price list and return it as recorded; None if its version is
-        recorded with other prices (equal values written differently are the same prices).
-
-        Sessions finalized before versions were recorded get one here: the version their
-        published bill named while the outbox still has it, else the earliest recorded one.
-        """
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PRICING_LOCK)
-            content = await conn.fetchval(
-                "SELECT content FROM pricing_versions WHERE version = $1", pricing.version
-            )
-            if content is None:
-                content = canonical_pricing(pricing)
-                await conn.execute(
-                    "INSERT INTO pricing_versions (version, content, first_used_at)"
-                    " VALUES ($1, $2, $3)",
-                    pricing.version,
-                    content,
-                    now,
-                )
-            recorded = pricing_from_canonical(content)
-            if recorded != pricing:
-                return None
-            await conn.execute(
-                "UPDATE sessions s SET pricing_version = COALESCE(("
-                " SELECT v.version FROM outbox o JOIN pricing_versions v"
-                " ON v.version = convert_from(o.payload, 'UTF8')::jsonb ->> 'pricing_version'"
-                " WHERE o.event = 'billing'"
-                " AND convert_from(o.payload, 'UTF8')::jsonb ->> 'session_id' = s.session_id::text"
-                " ORDER BY o.id LIMIT 1),"
-                " (SELECT version FROM pricing_versions ORDER BY first_used_at, version LIMIT 1))"
-                " WHERE s.state = 'finalized' AND s.pricing_version IS NULL"
-            )
-            if not await conn.fetchval(
-                "SELECT convalidated FROM pg_constraint"
-                " WHERE conname = 'finalized_sessions_name_their_pricing'"
-            ):
-                await conn.execute(
-                    "ALTER TABLE sessions VALIDATE CONSTRAINT finalized_sessions_name_their_pricing"
-                )
-        return recorded
-
-    async def pricing_history(self) -> tuple[PricingHistory, dict[str, datetime]]:
-        """Every recorded price list, and when each was first used."""
-        rows = await self.pool.fetch(
-            "SELECT version, content, first_used_at FROM pricing_versions"
-            " ORDER BY first_used_at, version"
-        )
-        history = PricingHistory(tuple(pricing_from_canonical(r["content"]) for r in rows))
-        return history, {r["version"]: r["first_used_at"] for r in rows}
-
     async def waiting_count(self) -> int:
         return int(await self.pool.fetchval("SELECT count(*) FROM waiting_messages"))
-
-    # -- outbox --------------------------------------------------------------------------
-
-    async def pending_outbox(self, conn: Conn, limit: int) -> list[OutboxRow]:
-        rows = await conn.fetch(
-            "SELECT id, event, topic, payload FROM outbox WHERE published_at IS NULL"
-            " ORDER BY id LIMIT $1",
-            limit,
-        )
-        return [OutboxRow(r["id"], r["event"], r["topic"], bytes(r["payload"])) for r in rows]
-
-    async def mark_published(self, conn: Conn, ids: Sequence[int], at: datetime) -> None:
-        await conn.execute(
-            "UPDATE outbox SET published_at = $2 WHERE id = ANY($1::bigint[])", list(ids), at
-        )
-
-    async def outbox_pending_count(self) -> int:
-        count = await self.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-        return int(count)
 
 
 _DUE = (
@@ -599,7 +471,6 @@ _DUE_OR_DARK = (
     " UNION SELECT bike_id FROM waiting_messages WHERE received_at <= $1"
     " UNION SELECT bike_id FROM sessions WHERE state = 'active' AND last_heard_at <= $2"
 )
-_PRICING_LOCK = 0x43_46_50_52  # "CFPR": one instance records a price list at a time
 _PAYLOAD_CAP = 4096  # bytes of a rejected payload kept; payload_size says what was received
 
 

@@ -14,7 +14,8 @@ from uuid import UUID
 import asyncpg
 
 from daemon import MAX_PAGE
-from daemon.db.store import Store, finalized_from_row, party_of
+from daemon.db.pricing import PricingRecords
+from daemon.db.store import finalized_from_row, party_of
 from daemon.documents import (
     BillingPayload,
     FinalizedPayload,
@@ -144,11 +145,11 @@ class ReadModel:
         self.pool = pool
 
     async def history(self) -> PricingHistory:
-        return (await Store(self.pool).pricing_history())[0]
+        return (await PricingRecords(self.pool).history())[0]
 
     async def pricing(self) -> list[dict[str, Any]]:
         """Every pricing version recorded, its prices, and when it was first used."""
-        history, first_used = await Store(self.pool).pricing_history()
+        history, first_used = await PricingRecords(self.pool).history()
         return [
             {
                 **json.loads(canonical_pricing(p)),

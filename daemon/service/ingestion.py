@@ -21,6 +21,7 @@ import asyncpg
 import structlog
 
 from daemon.config import ConfigError, Settings
+from daemon.db.pricing import PricingRecords
 from daemon.db.store import BatchRows, Store
 from daemon.metrics import DropReason
 from daemon.mqtt.schemas import Rejection
@@ -243,7 +244,7 @@ async def configured_ingestion(
     configured prices (``pricing``, already read, or the pricing file), recorded in the store
     first, so that bills are derived from the recorded text wherever they are read."""
     pricing = pricing if pricing is not None else settings.load_pricing()
-    recorded = await store.record_pricing(pricing, datetime.now(UTC))
+    recorded = await PricingRecords(store.pool).record(pricing, datetime.now(UTC))
     if recorded is None:
         raise ConfigError(
             f"pricing version {pricing.version} is already recorded with other prices;"

@@ -16,7 +16,8 @@ import asyncpg
 import structlog
 
 from daemon.backoff import Backoff
-from daemon.db.store import Conn, OutboxRow, Store
+from daemon.db.outbox import OutboxRow, OutboxStore
+from daemon.db.store import Conn
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Link, LinkDown
 
@@ -29,7 +30,7 @@ _LOCK = 0x43_46_4F_42  # "CFOB"
 class OutboxPublisher:
     def __init__(  # noqa: PLR0913 - keyword-only tunables with defaults, set in app.Daemon._wire
         self,
-        store: Store,
+        outbox: OutboxStore,
         link: Link,
         metrics: Metrics,
         *,
@@ -39,7 +40,7 @@ class OutboxPublisher:
         poll_s: float = 1.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.store = store
+        self.outbox = outbox
         self.link = link
         self.metrics = metrics
         self.batch = batch
@@ -56,7 +57,7 @@ class OutboxPublisher:
         while True:
             await self.link.connected.wait()
             try:
-                async with self.store.pool.acquire() as conn:
+                async with self.outbox.pool.acquire() as conn:
                     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
                         await asyncio.sleep(self.poll_s * 5)  # another instance publishes
                         continue
@@ -78,7 +79,7 @@ class OutboxPublisher:
     async def _publish_until_down(self, conn: Conn) -> None:
         while True:
             self._wake.clear()
-            rows = await self.store.pending_outbox(conn, self.batch)
+            rows = await self.outbox.pending(conn, self.batch)
             if not rows:
                 self.metrics.outbox_pending.set(0)
                 with contextlib.suppress(TimeoutError):
@@ -89,12 +90,12 @@ class OutboxPublisher:
                 await self._publish_window(rows, done)
             finally:
                 if done:
-                    await self.store.mark_published(conn, done, self.clock())
+                    await self.outbox.mark_published(conn, done, self.clock())
             if len(rows) < self.batch:
                 self.metrics.outbox_pending.set(0)
             elif time.monotonic() - self._last_count >= 1.0:
                 self._last_count = time.monotonic()
-                self.metrics.outbox_pending.set(await self.store.outbox_pending_count())
+                self.metrics.outbox_pending.set(await self.outbox.pending_count())
 
     async def _publish_window(self, rows: list[OutboxRow], done: list[int]) -> None:
         """Publish in order with up to ``in_flight`` PUBACKs outstanding (a sliding window, not

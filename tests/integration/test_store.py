@@ -17,6 +17,8 @@ import asyncpg
 import pytest
 
 from daemon.db.migrate import ensure_database, migrate
+from daemon.db.outbox import OutboxStore
+from daemon.db.pricing import PricingRecords
 from daemon.db.store import Store
 from daemon.mqtt.schemas import Inbound, Rejection, TopicKind, decode
 from daemon.pricing_text import canonical_pricing, parse_pricing
@@ -272,7 +274,7 @@ def is_of(topic: str, bikes: list[str]) -> bool:
 
 
 async def pending_ids(store: Store, conn: Any, ids: set[int]) -> list[int]:
-    return [r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if r.id in ids]
+    return [r.id for r in await OutboxStore(store.pool).pending(conn, PENDING_LIMIT) if r.id in ids]
 
 
 def sqlstate_of(excinfo: pytest.ExceptionInfo[asyncpg.PostgresError]) -> str:
@@ -902,13 +904,17 @@ async def test_pending_outbox_returns_rows_in_id_order(store, ingestion, conn):
     bikes = [bike_id(), bike_id()]
     for bike in bikes:
         await commit_finalized_ride(ingestion, bike)
-    mine = [r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, bikes)]
+    mine = [
+        r.id
+        for r in await OutboxStore(store.pool).pending(conn, PENDING_LIMIT)
+        if is_of(r.topic, bikes)
+    ]
     # Rewrite the oldest row so that it sits last in the table, and read the table in its own
     # order: only ORDER BY puts that row first again, whatever plan PostgreSQL would pick.
     await conn.execute("UPDATE outbox SET payload = payload WHERE id = $1", min(mine))
     async with conn.transaction():
         await conn.execute("SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off")
-        pending = [r.id for r in await store.pending_outbox(conn, PENDING_LIMIT)]
+        pending = [r.id for r in await OutboxStore(store.pool).pending(conn, PENDING_LIMIT)]
 
     assert len(mine) == 4
     assert pending == sorted(pending)
@@ -918,26 +924,32 @@ async def test_pending_outbox_returns_rows_in_id_order(store, ingestion, conn):
 async def test_marking_rows_published_takes_them_out_of_the_pending_set(store, ingestion, conn):
     bike = bike_id()
     await commit_finalized_ride(ingestion, bike)
-    mine = {r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, [bike])}
+    mine = {
+        r.id
+        for r in await OutboxStore(store.pool).pending(conn, PENDING_LIMIT)
+        if is_of(r.topic, [bike])
+    }
     assert len(mine) == 2
 
-    await store.mark_published(conn, sorted(mine), NOW)
+    await OutboxStore(store.pool).mark_published(conn, sorted(mine), NOW)
 
     assert await pending_ids(store, conn, mine) == []
 
 
 async def test_outbox_pending_count_counts_rows_until_they_are_published(store, ingestion, conn):
-    before = await store.outbox_pending_count()
+    before = await OutboxStore(store.pool).pending_count()
     bike = bike_id()
     await commit_finalized_ride(ingestion, bike)
-    after_commit = await store.outbox_pending_count()
+    after_commit = await OutboxStore(store.pool).pending_count()
     first, _ = sorted(
-        r.id for r in await store.pending_outbox(conn, PENDING_LIMIT) if is_of(r.topic, [bike])
+        r.id
+        for r in await OutboxStore(store.pool).pending(conn, PENDING_LIMIT)
+        if is_of(r.topic, [bike])
     )
 
-    await store.mark_published(conn, [first], NOW)
+    await OutboxStore(store.pool).mark_published(conn, [first], NOW)
 
-    assert (after_commit, await store.outbox_pending_count()) == (before + 2, before + 1)
+    assert (after_commit, await OutboxStore(store.pool).pending_count()) == (before + 2, before + 1)
 
 
 # -- pricing versions ------------------------------------------------------------------------
@@ -949,13 +961,13 @@ async def test_a_recorded_version_is_kept_and_the_same_prices_written_differentl
     relaid = parse_pricing("# relaid\n" + PRICES.format(version=version, ride="0.30"))
     changed = parse_pricing(PRICES.format(version=version, ride="0.31"))
 
-    first = await store.record_pricing(pricing, NOW)
-    again = await store.record_pricing(relaid, NOW + timedelta(days=1))
-    refused = await store.record_pricing(changed, NOW + timedelta(days=2))
+    first = await PricingRecords(store.pool).record(pricing, NOW)
+    again = await PricingRecords(store.pool).record(relaid, NOW + timedelta(days=1))
+    refused = await PricingRecords(store.pool).record(changed, NOW + timedelta(days=2))
 
     assert first == again == pricing
     assert refused is None
-    history, first_used = await store.pricing_history()
+    history, first_used = await PricingRecords(store.pool).history()
     assert history.rules(version) == pricing
     assert first_used[version] == NOW
 
@@ -1005,7 +1017,7 @@ async def test_sessions_finalized_before_versions_were_kept_get_their_published_
         await conn.close()
     pool = await asyncpg.create_pool(spare_database_url, min_size=1, max_size=2)
     try:
-        assert await Store(pool).record_pricing(pricing, NOW) == pricing
+        assert await PricingRecords(pool).record(pricing, NOW) == pricing
         named = {
             r["session_id"]: r["pricing_version"]
             for r in await pool.fetch("SELECT session_id, pricing_version FROM sessions")

@@ -105,6 +105,7 @@ async def test_stored_sessions_keep_their_telemetry_and_guards_when_moved_to_a_h
 ):
     """An operator ran on plain tables for a while, then preloaded TimescaleDB: finalized and
     Active sessions' samples move into chunks, and the append-only guard still holds."""
+    from daemon.db.pricing import PricingRecords
     from daemon.db.store import Store
     from tests.builders import bike_id, end, sample, start
     from tests.conftest import shipped_pricing
@@ -114,7 +115,7 @@ async def test_stored_sessions_keep_their_telemetry_and_guards_when_moved_to_a_h
     pool = await asyncpg.create_pool(fresh_url, min_size=1, max_size=2)
     try:
         store = Store(pool)
-        await store.record_pricing(shipped_pricing(), NOW)
+        await PricingRecords(store.pool).record(shipped_pricing(), NOW)
         ingestion = new_ingestion(store, shipped_pricing())
         done, active = start(bike_id()), start(bike_id())
         await commit(ingestion, done, sample(done, 1, "1.5"), sample(done, 2, "2"), end(done, 2))

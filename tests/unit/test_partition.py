@@ -96,7 +96,7 @@ class FakeClaims:
     def __init__(self) -> None:
         self.rows: dict[str, tuple[Partition, list[Partition]]] = {}
 
-    async def register_claim(self, client_id, partition):
+    async def register(self, client_id, partition):
         held: set[Partition] = set()
         if client_id in self.rows:
             current, previous = self.rows[client_id]
@@ -104,10 +104,10 @@ class FakeClaims:
         self.rows[client_id] = (partition, sorted(held))
         return sorted(held)
 
-    async def live_claims(self, client_id, lease_s):
+    async def live(self, client_id, lease_s):
         return [p for c, (p, _) in self.rows.items() if c != client_id]
 
-    async def settle_claim(self, client_id):
+    async def settle(self, client_id):
         current, _ = self.rows[client_id]
         self.rows[client_id] = (current, [])
 
