@@ -38,6 +38,7 @@ __all__ = [
     "WaitingRow",
     "finalized_from_row",
     "party_of",
+    "session_from_row",
 ]
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy

@@ -15,7 +15,7 @@ import asyncpg
 
 from daemon import MAX_PAGE
 from daemon.db.pricing import PricingRecords
-from daemon.db.store import finalized_from_row, party_of
+from daemon.db.store import finalized_from_row, session_from_row
 from daemon.documents import (
     BillingPayload,
     FinalizedPayload,
@@ -171,17 +171,18 @@ class ReadModel:
         if row["state"] == "finalized":
             finalized = finalized_from_row(row)
             bill = (await self.history()).bill(finalized)
+        session = session_from_row(row)  # the columns are mapped in one place: the store's
         return SessionView(
-            session_id=row["session_id"],
-            bike_id=row["bike_id"],
-            kind=SessionKind(row["kind"]),
-            party_id=party_of(row),
+            session_id=session.session_id,
+            bike_id=session.bike_id,
+            kind=session.kind,
+            party_id=session.party_id,
             state=row["state"],
-            started_at=row["started_at"],
+            started_at=session.started_at,
             stored_telemetry_count=int(row["stored"]),
-            last_heard_at=row["last_heard_at"],
-            energy_wh_so_far=row["energy_wh"],
-            telemetry_count_so_far=row["telemetry_count"],
+            last_heard_at=session.last_heard_at,
+            energy_wh_so_far=session.energy_wh,
+            telemetry_count_so_far=session.telemetry_count,
             ended_at=row["ended_at"],
             last_seq=row["last_seq"],
             finalized=finalized,
