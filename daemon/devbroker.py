@@ -12,6 +12,7 @@ in the data directory, which is handed to that user; the repository itself is on
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import socket
@@ -250,18 +251,26 @@ class NatsCluster:
 _PROBE_LOGIN = ("fleet-simulator", "simulator-example-password")
 
 
+_PROBES = itertools.count(1)
+
+
 def _accepts_mqtt(port: int) -> bool:
-    """An MQTT 3.1.1 CONNECT (clean session) answered with CONNACK 0 (accepted)."""
+    """An MQTT 3.1.1 CONNECT (clean session) answered with CONNACK 0 (accepted), then a
+    DISCONNECT. Each probe has a client id of its own: NATS keeps MQTT sessions cluster-wide,
+    and one id reused across nodes makes each probe wait for the last one's session."""
     from daemon.mqtt.packets import V311Codec  # a dev tool's probe; the daemon never needs it
 
+    client_id = f"chargeflow-probe-{os.getpid()}-{port}-{next(_PROBES)}"
     connect = V311Codec().connect(
-        f"chargeflow-probe-{os.getpid()}", username=_PROBE_LOGIN[0], password=_PROBE_LOGIN[1],
+        client_id, username=_PROBE_LOGIN[0], password=_PROBE_LOGIN[1],
         keep_alive=10, session_expiry_s=0, receive_max=1, clean=True,
     )  # fmt: skip
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(connect)
             answer = sock.recv(4)
+            if answer[:1] == b"\x20":
+                sock.sendall(b"\xe0\x00")  # DISCONNECT
     except OSError:
         return False
     return len(answer) == 4 and answer[0] == 0x20 and answer[3] == 0
