@@ -20,13 +20,15 @@ empty queue costs), and the broker's CPU per message. For ChargeFlow also the ba
 
 Then the lag: for each count of ``--live-bikes`` (e.g. 10000,100000, side by side), that many
 ride starts published while the daemon is stopped and timed from its start to the last one
-committed (starts/s), then samples offered at a steady rate
+committed (starts/s), with ``--warm-up yes`` one sample to each (untimed), then samples
+offered at a steady rate
 (each stamped with its publish time) for ``--lag-seconds``; p50/p99 from publish to committed.
 Commits are read every 20 ms from the daemon's accepted counter (the i-th sample published
 counts as committed once i samples are), so lags are good to about 20 ms.
 
     python -m benchmarks.throughput [--messages 50000] [--bikes 50] [--workers 2]
         [--rates 2000,4000,5000] [--live-bikes 10000,100000] [--lag-seconds 10] [--share-lag]
+        [--warm-up no,yes]
         [--baseline /path/to/another/checkout] [--skip-lag]
         [--database-url postgresql://postgres@127.0.0.1:5432/chargeflow_throughput]
 """
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -261,6 +264,17 @@ def starts(bikes: int, seed: int) -> Iterator[tuple[str, bytes]]:
         yield f"{PREFIX}/bikes/{bike}/lifecycle", json_payload(body)
 
 
+def warm_samples(bikes: int, seed: int) -> Iterator[tuple[str, bytes]]:
+    """Sample 1 of every Active session: the warm-up before a timed window (``--warm-up``)."""
+    at = (datetime.now(UTC) - timedelta(seconds=4)).isoformat()
+    for bike, sid in live_sessions(bikes, seed):
+        body = {
+            "telemetry_id": str(uuid.uuid4()), "session_id": sid, "seq": 1, "emitted_at": at,
+            "energy_wh": 1.25, "distance_m": 2.5, "soc_pct": 50,
+        }  # fmt: skip
+        yield f"{PREFIX}/bikes/{bike}/telemetry", json_payload(body)
+
+
 def _steady(args: argparse.Namespace) -> None:
     """Publish samples on schedule with paho's own network thread: aiomqtt could not offer
     4,000 msg/s on a core shared with the daemon, and a late publisher hides lag."""
@@ -289,7 +303,7 @@ def _steady(args: argparse.Namespace) -> None:
         bike, sid = sessions[i % len(sessions)]
         body = {
             "telemetry_id": str(uuid.uuid4()), "session_id": sid,
-            "seq": i // len(sessions) + 1,
+            "seq": i // len(sessions) + args.first_seq,
             "emitted_at": datetime.fromtimestamp(start_at + i / args.rate, UTC).isoformat(),
             "energy_wh": 1.25, "distance_m": 2.5, "soc_pct": 50,
         }  # fmt: skip
@@ -554,6 +568,7 @@ async def lag(
     broker_pid: int,
     pipelined: str = "true",
     bikes: int = 10_000,
+    warm: bool = False,
 ) -> str:
     """p50/p99 publish-to-commit of samples offered at a steady rate to Active sessions."""
     db = _database(args.database_url, f"lag{workers}")
@@ -587,6 +602,16 @@ async def lag(
             starts_profiler.send_signal(signal.SIGINT)
             await starts_profiler.wait()
         rss_after_starts = daemon.rss_mib()
+        settled = bikes
+        if warm:
+            # Every session takes its first sample before the clock: the timed window then
+            # holds a fleet's steady state (each bike's next sample), at any fleet size. Without
+            # it, 10 s at 5,000 msg/s is every sample of 10,000 bikes but only the first of
+            # half of 100,000.
+            await publish(fleet_url(port), warm_samples(bikes, seed), bikes, "warm-up")
+            settled += bikes
+            while daemon.metric("chargeflow_messages_accepted_total") < settled:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
         # One paho publisher keeps its schedule up to about 5,000 msg/s here; above that its
         # own PUBACKs came seconds late (p50 7 s at 10,000), so the rate is split.
         parts = max(1, math.ceil(rate / 5000))
@@ -599,7 +624,7 @@ async def lag(
                 sys.executable, "-m", "benchmarks.throughput", "steady", "--port", str(port),
                 "--rate", str(rate), "--seconds", str(args.lag_seconds), "--bikes", str(bikes),
                 "--seed", str(seed), "--out", str(out), "--part", str(k), "--parts", str(parts),
-                "--start-at", str(start_at),
+                "--start-at", str(start_at), "--first-seq", "2" if warm else "1",
             )  # fmt: skip
             publishers.append(publisher)
         profiler = None
@@ -619,8 +644,8 @@ async def lag(
         deadline = time.monotonic() + args.lag_seconds * 20 + 60
         while time.monotonic() < deadline:
             n = await asyncio.to_thread(daemon.metric, "chargeflow_messages_accepted_total")
-            seen.append((time.time(), n - bikes))
-            if n - bikes >= total:
+            seen.append((time.time(), n - settled))
+            if n - settled >= total:
                 break
             await asyncio.sleep(0.02)
         if profiler is not None:
@@ -779,7 +804,7 @@ async def main(args: argparse.Namespace) -> None:
             for bikes in args.live_bikes:
                 for workers in sorted({1, args.workers}):
                     for rate in args.rates:
-                        for pipelined in args.pipelined:
+                        for pipelined, warm in itertools.product(args.pipelined, args.warm_up):
                             # A broker of its own for each: the persistent sessions of the
                             # drains and of earlier lag runs (offline now, subscribed to every
                             # bike) would otherwise have every live message queued for each.
@@ -789,9 +814,9 @@ async def main(args: argparse.Namespace) -> None:
                             broker = start_broker(port, data_dir / f"lag-{len(rows)}")
                             row = await lag(
                                 args, port, rate, workers, args.seed + len(rows), broker.pid,
-                                pipelined, bikes,
+                                pipelined, bikes, warm == "yes",
                             )  # fmt: skip
-                            rows.append(f"{row}  pipelined={pipelined}")
+                            rows.append(f"{row}  pipelined={pipelined} warm-up={warm}")
             print(f"{'bikes':>7} {'offered':>7} {'achieved':>9} {'workers':>8} {'p50 ms':>8} "
                   f"{'p99 ms':>8} {'max ms':>8} {'batch':>7} {'commit ms':>9} {'ms/msg':>8} "
                   f"{'CPU':>7} {'PG CPU':>7} {'broker':>7} {'RSS MiB':>11} "
@@ -921,6 +946,7 @@ if __name__ == "__main__":
     steady.add_argument("--part", type=int, default=0)
     steady.add_argument("--parts", type=int, default=1)
     steady.add_argument("--start-at", type=float, required=True)
+    steady.add_argument("--first-seq", type=int, default=1)
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--bikes", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
@@ -945,6 +971,13 @@ if __name__ == "__main__":
         default=["true"],
         help="CHARGEFLOW_PIPELINED_COMMITS values to run the lag phase with, side by side "
         "(e.g. true,false)",
+    )
+    parser.add_argument(
+        "--warm-up",
+        type=lambda t: t.split(","),
+        default=["no"],
+        help="yes: every Active session takes one sample before the timed window (a fleet's "
+        "steady state at any size); no,yes runs both side by side",
     )
     parser.add_argument(
         "--share-lag",
