@@ -63,6 +63,7 @@ class Batches(Protocol):
     ) -> tuple[list[Settled], list[Event]]: ...
     def decide_ahead(self, arrivals: Sequence[Arrival]) -> OpenBatch | None: ...
     async def begin_batch(self, arrivals: Sequence[Arrival]) -> OpenBatch: ...
+    def begins_beside(self, arrivals: Sequence[Arrival], in_flight: Sequence[Arrival]) -> bool: ...
     async def finish_batch(self, batch: OpenBatch) -> None: ...
     async def abandon_batch(self, batch: OpenBatch) -> None: ...
     async def commit_rejections(self, arrivals: Sequence[Arrival], why: str) -> None: ...
@@ -216,19 +217,14 @@ class Commits:
         A batch that needs the store (a bike or a session the cache lacks) waits for the one
         before to commit before it locks anything: the one before locks its bikes only when
         it is written, and would otherwise wait for this one's locks while this one waits for
-        it. If either fails, whatever is open is rolled back, the cache is dropped and both
-        are decided again one by one, with the usual retries (this one was decided on what
-        the one before had decided)."""
-        started = time.perf_counter()
-        opened = self._decide_ahead(batch)
+        it; unless it is only starts of bikes nobody in flight touches
+        (``Batches.begins_beside``), which lock no row the one before needs. If either fails,
+        whatever is open is rolled back, the cache is dropped and both are decided again one
+        by one, with the usual retries (this one was decided on what the one before had
+        decided)."""
         tail, self._tail = self._tail, None
-        committed = tail is None or await tail[0]
-        if opened is None and committed:
-            started = time.perf_counter()
-            opened = await self._begin(batch)
-            committed = opened is not None
+        opened, committed, begun_s = await self._open(batch, tail)
         if opened is not None and committed:
-            begun_s = time.perf_counter() - started
             self._tail = (asyncio.create_task(self._finish(opened, begun_s, batch)), batch)
             await asyncio.sleep(0)  # its first round trip goes out before the next batch
             return
@@ -238,6 +234,26 @@ class Commits:
         if tail is not None and not await tail[0]:
             await self._one_by_one(tail[1])
         await self._one_by_one(batch)
+
+    async def _open(
+        self, batch: Batch, tail: tuple[asyncio.Task[bool], Batch] | None
+    ) -> tuple[OpenBatch | None, bool, float]:
+        """The batch decided ahead on the cache, or begun beside the batch in flight, or begun
+        once that one is committed; whether that one was; the seconds this took."""
+        started = time.perf_counter()
+        opened = self._decide_ahead(batch)
+        if (
+            opened is None
+            and tail is not None
+            and self.batches.begins_beside(batch.arrivals, tail[1].arrivals)
+        ):
+            opened = await self._begin(batch)  # while the one before commits
+        committed = tail is None or await tail[0]
+        if opened is None and committed:
+            started = time.perf_counter()
+            opened = await self._begin(batch)
+            committed = opened is not None
+        return opened, committed, time.perf_counter() - started
 
     def _decide_ahead(self, batch: Batch) -> OpenBatch | None:
         try:

@@ -39,6 +39,11 @@ class BikeVersions:
         seen = self._seen
         return all(bike_id in seen for bike_id in bike_ids)
 
+    def knows_any(self, bike_ids: Iterable[str]) -> bool:
+        """Whether any of these bikes is cached."""
+        seen = self._seen
+        return any(bike_id in seen for bike_id in bike_ids)
+
     def stale(self, locked: Mapping[str, int]) -> list[str]:
         """Take the versions the lock gave these bikes; return those to read again: the ones
         we do not have, and those another writer took since we last wrote them."""

@@ -30,6 +30,7 @@ from daemon.service.events import Rendering, batch_rows, refusal, rejection_row
 from daemon.service.fleet_cache import FleetCache
 from daemon.service.unit_of_work import UnitOfWork
 from domain.billing import PricingRules
+from domain.commands import StartSession
 from domain.errors import DomainError, Reason
 from domain.events import Event, Outcome
 from domain.fleet import Fleet
@@ -137,6 +138,21 @@ class Ingestion:
             return None
         settled, events, rows = self._decide_all(arrivals)
         return OpenBatch(settled, events, rows, expected=expected)
+
+    def begins_beside(self, arrivals: Sequence[Arrival], in_flight: Sequence[Arrival]) -> bool:
+        """Whether this batch may lock its bikes and decide while ``in_flight`` (decided
+        before it, not committed yet) is written: every message is a start of a bike the
+        cache does not hold and the batch in flight does not touch (a morning's first rides,
+        a catch-up after an outage). Its decisions then depend on its own bikes alone, which
+        nobody in flight writes, and on the session ids it names; a session id reused from
+        the batch in flight is refused by the store's key when it is written, and both
+        batches are decided again, in order (``Commits``)."""
+        commands = [a.inbound.command for a in arrivals if a.inbound.command is not None]
+        if not commands or not all(isinstance(c, StartSession) for c in commands):
+            return False
+        theirs = {a.inbound.command.bike_id for a in in_flight if a.inbound.command is not None}
+        mine = {c.bike_id for c in commands}
+        return mine.isdisjoint(theirs) and not self.cache.versions.knows_any(mine)
 
     async def finish_batch(self, batch: OpenBatch) -> None:
         """Write the batch's rows and commit: the second half of its transaction (for a batch

@@ -178,3 +178,64 @@ async def test_a_batch_decided_ahead_that_another_writer_overtook_is_decided_aga
     assert any("not committed" in e["event"] for e in logs)
     assert acks.sent == [1, 2, 3, 4]
     assert await totals(pool, a.session_id) == (Decimal(10), 4, [1, 4])
+
+
+async def test_a_batch_of_starts_of_new_bikes_begins_while_the_one_before_commits(pool):
+    """A morning's first rides: each batch is starts of bikes the cache has never held; the
+    second locks its own (new) bikes and decides while the first is written, and both are
+    committed and acknowledged in order."""
+    acks = Acks()
+    p = pipeline(pool)
+    ingestion = p.commits.batches
+    beside: list[bool] = []
+    begins_beside = ingestion.begins_beside
+
+    def spy(arrivals, in_flight):
+        beside.append(begins_beside(arrivals, in_flight))
+        return beside[-1]
+
+    ingestion.begins_beside = spy  # type: ignore[method-assign]
+    first = [start(bike_id(), at=T0) for _ in range(3)]
+    second = [start(bike_id(), at=T0) for _ in range(3)]
+    await p.process(p.read(deliveries(acks, 1, *first)))  # begun, committing in the background
+    await p.process(p.read(deliveries(acks, 4, *second)))
+    await p.finish_in_flight()
+    assert beside == [True]
+    assert acks.sent == [1, 2, 3, 4, 5, 6]
+    stored = await pool.fetchval(
+        "SELECT count(*) FROM sessions WHERE session_id = ANY($1::uuid[])",
+        [s.session_id for s in first + second],
+    )
+    assert stored == 6
+
+
+async def test_a_session_id_reused_by_a_start_begun_beside_is_refused_as_in_order(pool):
+    """Begun beside the batch in flight, the second start cannot see the first's session
+    yet; the store's key refuses it when written, and both are decided again in order: the
+    second bike is told its session id is another bike's, exactly as one batch after the
+    other would have it."""
+    acks = Acks()
+    p = pipeline(pool)
+    a = start(bike_id(), at=T0)
+    b = start(bike_id(), at=T0, session_id=a.session_id)
+    ingestion = p.commits.batches
+    finish_batch = ingestion.finish_batch
+
+    async def slow_finish(batch):  # a's commit comes after b has decided, whatever the loop does
+        await asyncio.sleep(0.3)
+        await finish_batch(batch)
+
+    ingestion.finish_batch = slow_finish  # type: ignore[method-assign]
+    await p.process(p.read(deliveries(acks, 1, a)))
+    with capture_logs() as logs:
+        await p.process(p.read(deliveries(acks, 2, b)))  # begun beside a's batch
+        await p.finish_in_flight()
+    assert "pipelined batch not committed; deciding it again" in [e["event"] for e in logs]
+    assert acks.sent == [1, 2]
+    owner = await pool.fetchval("SELECT bike_id FROM sessions WHERE session_id = $1", a.session_id)
+    assert owner == a.bike_id
+    reason = await pool.fetchval(
+        "SELECT reason FROM rejected_messages WHERE bike_id = $1", b.bike_id
+    )
+    assert reason == "session_id_conflict"
+    assert p.metrics.dropped.labels("commit_failed")._value.get() == 0
