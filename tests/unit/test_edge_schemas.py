@@ -729,6 +729,77 @@ def test_the_usual_sample_takes_the_hand_path():
     assert _usual_sample("bike-1", {**document, "emitted_at": "2026-01-01T00:00:00Z"})
 
 
+_PARTY_LIKE = st.one_of(
+    st.text(min_size=1, max_size=12),
+    st.text(min_size=120, max_size=140),
+    st.text(max_size=6).map(lambda t: f" {t} "),
+    st.sampled_from(["rider-42", "station-7", "", " ", "a\x00b", "\ud800", "r\t", "é"]),
+    st.integers(),
+    st.none(),
+)
+
+
+@settings(max_examples=1000)
+@given(
+    st.one_of(
+        # the four fields of a start, each near its edges: the hand path's own cases
+        st.fixed_dictionaries(
+            {
+                "event": st.just("ride_started"),
+                "session_id": _UUID_LIKE,
+                "rider_id": _PARTY_LIKE,
+                "occurred_at": _TIME_LIKE,
+            }
+        ),
+        st.fixed_dictionaries(
+            {
+                "event": st.just("charging_started"),
+                "session_id": _UUID_LIKE,
+                "station_id": _PARTY_LIKE,
+                "occurred_at": _TIME_LIKE,
+            }
+        ),
+    )
+    | st.fixed_dictionaries(
+        {},
+        optional={
+            "event": st.sampled_from(
+                ["ride_started", "charging_started", "ride_ended", "started", 7, None]
+            ),
+            "session_id": _UUID_LIKE,
+            "rider_id": _PARTY_LIKE,
+            "station_id": _PARTY_LIKE,
+            "occurred_at": _TIME_LIKE,
+            "other": st.integers(),
+        },
+    )
+)
+def test_the_usual_starts_own_path_takes_only_what_pydantic_takes_and_builds_the_same(doc):
+    from daemon.mqtt.schemas import _LIFECYCLE, _lifecycle, _usual_start
+
+    fast = _usual_start("bike-1", doc)
+    try:
+        slow = _lifecycle("bike-1", _LIFECYCLE.validate_python(doc))
+    except (ValidationError, ValueError):
+        slow = None
+    if fast is not None:
+        assert slow is not None, "the hand path took what pydantic refuses"
+        assert fast == slow
+        assert fast.occurred_at.tzinfo is UTC
+
+
+def test_the_usual_start_takes_the_hand_path():
+    """A ride's and a charge's usual start never need pydantic."""
+    from daemon.mqtt.schemas import _usual_start
+
+    ride = {"event": "ride_started", "session_id": str(uuid.uuid4()), "rider_id": "rider-42",
+            "occurred_at": "2026-12-07T08:00:00.123+01:00"}  # fmt: skip
+    charge = {**ride, "event": "charging_started", "station_id": "st-1"}
+    del charge["rider_id"]
+    assert _usual_start("bike-1", ride) is not None
+    assert _usual_start("bike-1", charge) is not None
+
+
 @given(st.uuids())
 def test_a_uuid_read_by_the_usual_path_is_the_uuid_the_standard_library_reads(value):
     """The usual path fills UUID's slots itself (its constructor was a third of decoding)."""
