@@ -326,10 +326,9 @@ def _usual_start(bike_id: str, document: dict[str, Any]) -> StartSession | None:
         and _RFC3339_TEXT.fullmatch(at) is not None
     ):
         return None
-    try:
-        party.encode("utf-8")
+    try:  # printable text holds neither NUL nor lone surrogates: storable as it is
         occurred_at = _in_utc(datetime.fromisoformat(at))
-    except (ValueError, UnicodeEncodeError):
+    except ValueError:
         return None
     return StartSession(bike_id, _uuid(sid), kind, party, occurred_at)
 

@@ -33,7 +33,6 @@ from domain.session import Session
 
 __all__ = [
     "Rendering", "batch_rows", "entry", "outbox_entries", "refusal", "rejection_row", "report",
-    "storable",
 ]  # fmt: skip
 
 log = structlog.get_logger(__name__)

@@ -49,7 +49,7 @@ def kind_counters(metrics: Metrics) -> dict[TopicKind, KindCounters]:
     }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per message (see Delivery)
 class Taken:
     """A delivery with its topic read, and whether this instance decides it (``mine``): an
     inbound topic of a bike it takes. The others are only acknowledged, in order."""
