@@ -61,12 +61,13 @@ def _timescale_sql(redelivery_window_days: int, retention_days: int) -> list[str
         "CREATE EXTENSION IF NOT EXISTS timescaledb",
         # Moving stored rows into chunks deletes and re-inserts them: the append-only guard
         # (and its "only an Active session takes samples") must let this one move through.
-        # (A hypertable cannot disable or enable a trigger: it is dropped and made again.)
+        # (A hypertable cannot disable or enable a trigger: they are dropped and made again,
+        # as the extension's version allows: migration 007.)
         "DROP TRIGGER IF EXISTS telemetry_guard ON telemetry",
+        "DROP TRIGGER IF EXISTS telemetry_guard_added ON telemetry",
         "SELECT create_hypertable('telemetry', 'emitted_at',"
         " chunk_time_interval => INTERVAL '1 day', migrate_data => true, if_not_exists => true)",
-        "CREATE TRIGGER telemetry_guard BEFORE INSERT OR UPDATE OR DELETE ON telemetry"
-        " FOR EACH ROW EXECUTE FUNCTION chargeflow_guard_telemetry()",
+        "SELECT chargeflow_install_telemetry_guards()",
         "ALTER TABLE telemetry SET (timescaledb.compress,"
         " timescaledb.compress_segmentby = 'session_id', timescaledb.compress_orderby = 'seq')",
         f"SELECT add_compression_policy('telemetry', INTERVAL '{int(redelivery_window_days)} days',"

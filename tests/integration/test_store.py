@@ -819,6 +819,66 @@ async def test_a_samples_summary_update_touches_no_index(store, ingestion, pool)
     assert fillfactor == ["fillfactor=70"]  # and each page keeps room for them
 
 
+async def test_a_bikes_lock_is_a_heap_only_update(pool):
+    fillfactor = await pool.fetchval("SELECT reloptions FROM pg_class WHERE relname = 'bikes'")
+    indexed = await pool.fetchval(
+        "SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
+        " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'bikes'::regclass"
+        " AND a.attname = 'version'"
+    )
+    assert (fillfactor, indexed) == (["fillfactor=50"], 0)
+
+
+def _telemetry_line(session_id: uuid.UUID, bike: str, seq: int) -> str:
+    at = NOW.isoformat()
+    return f"{uuid.uuid4().hex}\t{session_id.hex}\t{bike}\t{seq}\t{at}\t1\t\\N\t\\N\t{at}\n"
+
+
+async def _copy_telemetry(conn: Any, *lines: str) -> None:
+    async def source() -> AsyncIterator[bytes]:
+        yield "".join(lines).encode()
+
+    await conn.copy_to_table(
+        "telemetry", source=source(), format="text",
+        columns=["telemetry_id", "session_id", "bike_id", "seq", "emitted_at", "energy_wh",
+                 "distance_m", "soc_pct", "received_at"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["finalized", "unknown"])
+async def test_a_copy_naming_a_session_not_active_is_refused_whole(ingestion, pool, which):
+    """The schema's own guard, whatever writes: one sample of a finalized or unknown session
+    refuses the whole statement, the Active session's sample beside it included."""
+    done, active = start(bike_id()), start(bike_id())
+    await commit(ingestion, done, sample(done, 1, "1"), end(done, 1), active)
+    stray = done.session_id if which == "finalized" else uuid.uuid4()
+    before = await pool.fetchval("SELECT count(*) FROM telemetry")
+
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="not active"):
+            await _copy_telemetry(
+                conn,
+                _telemetry_line(active.session_id, active.bike_id, 1),
+                _telemetry_line(stray, done.bike_id, 2),
+            )
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError, match=str(stray)):
+            await conn.execute(
+                "INSERT INTO telemetry (telemetry_id, session_id, bike_id, seq, emitted_at,"
+                " energy_wh, received_at) VALUES ($1, $2, $3, 2, $4, 1, $4)",
+                uuid.uuid4(), stray, done.bike_id, NOW,
+            )  # fmt: skip
+
+    assert await pool.fetchval("SELECT count(*) FROM telemetry") == before
+    await _copy_telemetry(pool, _telemetry_line(active.session_id, active.bike_id, 1))
+
+
+async def test_sessions_cannot_be_truncated(pool):
+    """No foreign key holds a sample to its session any more (the statement guard checks it
+    when the sample is added): sessions are never deleted, so never truncated either."""
+    with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="cannot be truncated"):
+        await pool.execute("TRUNCATE sessions CASCADE")
+
+
 async def test_due_bikes_leave_out_fresh_bikes(store, ingestion):
     heard = await commit_bike(ingestion, heard_at=GRACE_CUTOFF, end_received_at=None)
     ending = await commit_bike(
