@@ -64,7 +64,7 @@ class Batches(Protocol):
     def decide_ahead(self, arrivals: Sequence[Arrival]) -> OpenBatch | None: ...
     async def begin_batch(self, arrivals: Sequence[Arrival]) -> OpenBatch: ...
     def begins_beside(self, arrivals: Sequence[Arrival], in_flight: Sequence[Arrival]) -> bool: ...
-    async def finish_batch(self, batch: OpenBatch) -> None: ...
+    async def finish_batch(self, batch: OpenBatch, underway: Callable[[], None] = ...) -> None: ...
     async def abandon_batch(self, batch: OpenBatch) -> None: ...
     async def commit_rejections(self, arrivals: Sequence[Arrival], why: str) -> None: ...
     async def due_bikes(
@@ -87,7 +87,7 @@ class Commits:
     """Commits batches, in order, with retry, bisection and (optionally) pipelining; each
     committed batch is handed to ``acknowledge``."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the collaborators, then the hooks by keyword (Pipeline)
         self,
         batches: Batches,
         metrics: Metrics,
@@ -95,12 +95,16 @@ class Commits:
         *,
         on_commit: Callable[[], None],
         pipelined: bool,
+        meanwhile: Callable[[], bool] = lambda: False,
     ) -> None:
         self.batches = batches
         self.metrics = metrics
         self.acknowledge = acknowledge
         self.on_commit = on_commit
         self.pipelined = pipelined
+        # A little of the work the next batch will need (decoding what waits in the inbox),
+        # done while this one waits for the batch in flight; False when there is none.
+        self.meanwhile = meanwhile
         self.stopping = False  # at shutdown, a batch the database will not take is left
         self._tail: tuple[asyncio.Task[bool], Batch] | None = None  # committing meanwhile
         # The most recent batch sizes, for `chargeflow bench` (bounded: the daemon runs for months).
@@ -225,8 +229,15 @@ class Commits:
         tail, self._tail = self._tail, None
         opened, committed, begun_s = await self._open(batch, tail)
         if opened is not None and committed:
-            self._tail = (asyncio.create_task(self._finish(opened, begun_s, batch)), batch)
-            await asyncio.sleep(0)  # its first round trip goes out before the next batch
+            underway = asyncio.Event()
+            finish = asyncio.create_task(self._finish(opened, begun_s, batch, underway.set))
+            self._tail = (finish, batch)
+            # The next batch is decided in one go, holding the loop: first let this one open
+            # its transaction and send its lock, so PostgreSQL works on it meanwhile (a
+            # BEGIN's answer waited for that whole decision: 17 ms of 900 samples).
+            waiter = asyncio.ensure_future(underway.wait())
+            await asyncio.wait([finish, waiter], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
             return
         if opened is not None:
             await self.batches.abandon_batch(opened)
@@ -248,12 +259,21 @@ class Commits:
             and self.batches.begins_beside(batch.arrivals, tail[1].arrivals)
         ):
             opened = await self._begin(batch)  # while the one before commits
-        committed = tail is None or await tail[0]
+        committed = tail is None or await self._wait_for(tail[0])
         if opened is None and committed:
             started = time.perf_counter()
             opened = await self._begin(batch)
             committed = opened is not None
         return opened, committed, time.perf_counter() - started
+
+    async def _wait_for(self, in_flight: asyncio.Task[bool]) -> bool:
+        """Whether the batch in flight committed; until it has, work on what comes next a
+        little at a time, giving it a turn of the loop between two pieces (its round trips
+        to PostgreSQL then wait for a piece at most, not for the whole)."""
+        # A turn of the loop between two pieces of work, not a poll:
+        while not in_flight.done() and self.meanwhile():  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        return await in_flight
 
     def _decide_ahead(self, batch: Batch) -> OpenBatch | None:
         try:
@@ -270,12 +290,14 @@ class Commits:
             log.info("batch could not be begun; deciding it again", error=repr(exc))
             return None
 
-    async def _finish(self, opened: OpenBatch, begun_s: float, batch: Batch) -> bool:
+    async def _finish(
+        self, opened: OpenBatch, begun_s: float, batch: Batch, underway: Callable[[], None]
+    ) -> bool:
         """Write and commit a begun batch, then acknowledge it (the batch before it is
         acknowledged already); False, rolled back, when it could not be committed."""
         started = time.perf_counter()
         try:
-            await self.batches.finish_batch(opened)
+            await self.batches.finish_batch(opened, underway)
         except Exception as exc:
             log.info("pipelined batch not committed; deciding it again", error=repr(exc))
             return False

@@ -13,7 +13,7 @@ instances do, each bike's decisions are serialized by PostgreSQL.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -154,10 +154,14 @@ class Ingestion:
         mine = {c.bike_id for c in commands}
         return mine.isdisjoint(theirs) and not self.cache.versions.knows_any(mine)
 
-    async def finish_batch(self, batch: OpenBatch) -> None:
+    async def finish_batch(
+        self, batch: OpenBatch, underway: Callable[[], None] = lambda: None
+    ) -> None:
         """Write the batch's rows and commit: the second half of its transaction (for a batch
-        decided ahead, all of it: lock, check the versions, write, commit)."""
+        decided ahead, all of it: lock, check the versions, write, commit). ``underway`` is
+        called once its transaction is open, just before its first statement goes out."""
         uow = batch.uow if batch.uow is not None else await UnitOfWork(self.store).begin()
+        underway()
         try:
             if batch.expected is not None:
                 versions = await uow.lock_bikes(batch.expected)

@@ -19,6 +19,7 @@ from prometheus_client import Counter
 
 from daemon.metrics import Metrics
 from daemon.mqtt.delivery import Delivery, ReadGate
+from daemon.mqtt.schemas import Inbound
 from daemon.mqtt.topics import ParsedTopic, TopicKind, Topics
 
 __all__ = ["Intake", "KindCounters", "Taken", "kind_counters"]
@@ -57,6 +58,8 @@ class Taken:
     delivery: Delivery
     parsed: ParsedTopic
     mine: bool
+    # Decoded while it waited, when the loop had nothing else to do (Pipeline.decode_ahead).
+    inbound: Inbound | None = None
 
 
 class Intake:

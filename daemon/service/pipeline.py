@@ -78,8 +78,10 @@ class Pipeline:
         )  # fmt: skip
         acks = functools.partial(acknowledge, metrics, self.intake.counters)
         self.commits = Commits(
-            batches, metrics, acks, on_commit=on_commit, pipelined=config.pipelined
-        )
+            batches, metrics, acks, on_commit=on_commit, pipelined=config.pipelined,
+            meanwhile=self.decode_ahead,
+        )  # fmt: skip
+        self._decoded_ahead = 0  # the inbox's first messages already decoded
         self.expiry = Expiry(
             batches, metrics, takes, abandon_check_s=config.abandon_check_s, on_commit=on_commit
         )
@@ -102,7 +104,23 @@ class Pipeline:
 
     def next_batch(self) -> list[Taken]:
         """What has arrived, in arrival order, up to max_batch."""
-        return self.intake.take(self.config.max_batch)
+        batch = self.intake.take(self.config.max_batch)
+        self._decoded_ahead = max(0, self._decoded_ahead - len(batch))
+        return batch
+
+    def decode_ahead(self) -> bool:
+        """Decode up to ``_YIELD_EVERY`` of the messages waiting in the inbox, oldest first,
+        while the batch before waits for the one in flight: at 10,000 msg/s decoding was a
+        third of the daemon's work, done between the two round trips of a commit. False when
+        every waiting message is decoded already."""
+        inbox, start = self.intake.inbox, self._decoded_ahead
+        end = min(len(inbox), start + _YIELD_EVERY)
+        for i in range(start, end):
+            taken = inbox[i]
+            if taken.mine:
+                taken.inbound = self._decode(taken)
+        self._decoded_ahead = end
+        return end > start
 
     async def run(self) -> None:
         """Process batches until stopped; sweep expired sessions every ``sweep_every_s``."""
@@ -150,8 +168,10 @@ class Pipeline:
         arrivals = []
         for i, taken in enumerate(batch, start=1):
             if taken.mine:
-                d = taken.delivery
-                arrivals.append(Arrival(d.topic, d.payload, d.received_at, self._decode(taken)))
+                d, inbound = taken.delivery, taken.inbound
+                if inbound is None:
+                    inbound = self._decode(taken)
+                arrivals.append(Arrival(d.topic, d.payload, d.received_at, inbound))
             if i % _YIELD_EVERY == 0 and self.commits.in_flight:
                 # Let the batch in flight take its next round trip to PostgreSQL: its write
                 # and commit overlap this decoding only if it gets a turn of the loop.

@@ -221,7 +221,8 @@ async def test_a_session_id_reused_by_a_start_begun_beside_is_refused_as_in_orde
     ingestion = p.commits.batches
     finish_batch = ingestion.finish_batch
 
-    async def slow_finish(batch):  # a's commit comes after b has decided, whatever the loop does
+    async def slow_finish(batch, underway=lambda: None):  # a's commit comes after b decided
+        underway()  # the pipeline goes on to b at once
         await asyncio.sleep(0.3)
         await finish_batch(batch)
 
@@ -239,3 +240,44 @@ async def test_a_session_id_reused_by_a_start_begun_beside_is_refused_as_in_orde
     )
     assert reason == "session_id_conflict"
     assert p.metrics.dropped.labels("commit_failed")._value.get() == 0
+
+
+async def test_what_waits_in_the_inbox_is_decoded_while_the_batch_in_flight_commits(pool):
+    """While a batch waits for the one in flight, the messages behind it in the inbox are
+    decoded, once each; taken later, they are decided from that decoding, in order."""
+    acks = Acks()
+    p = pipeline(pool)
+    a = start(bike_id(), at=T0)
+    await p.process(p.read(deliveries(acks, 1, a)))
+    await p.finish_in_flight()
+    samples = [sample(a, seq, "1", at=T0 + timedelta(seconds=seq)) for seq in range(1, 9)]
+    first, second, waiting = samples[:1], samples[1:2], samples[2:]
+    decodes = 0
+    decode = p._decode
+
+    def counted(taken):
+        nonlocal decodes
+        decodes += 1
+        return decode(taken)
+
+    p._decode = counted  # type: ignore[method-assign]
+    async with pool.acquire() as blocker, blocker.transaction():
+        # The first batch's lock waits for this transaction: it stays in flight meanwhile.
+        await blocker.execute("SELECT 1 FROM bikes WHERE bike_id = $1 FOR UPDATE", a.bike_id)
+        await p.process(p.read(deliveries(acks, 2, *first)))
+        for d in deliveries(acks, 3, *waiting):
+            p.deliver(d)
+        behind = asyncio.create_task(p.process(p.read(deliveries(acks, 9, *second))))
+        for _ in range(200):
+            if all(t.inbound is not None for t in p.intake.inbox):
+                break
+            await asyncio.sleep(0.01)
+        decoded_ahead = [t.inbound.command for t in p.intake.inbox if t.inbound is not None]
+        assert not behind.done()  # still waiting for the first batch
+    await behind
+    await p.process(p.next_batch())
+    await p.finish_in_flight()
+    assert decoded_ahead == waiting
+    assert decodes == len(samples)  # each message decoded once
+    assert acks.sent == [1, 2, 9, *range(3, 9)]
+    assert await totals(pool, a.session_id) == (Decimal(8), 8, [1, 8])
