@@ -5,7 +5,7 @@ written them)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import structlog
@@ -17,6 +17,12 @@ from daemon.service.events import report
 __all__ = ["Expiry"]
 
 log = structlog.get_logger(__name__)
+
+_COUNT_EVERY_S = 5.0  # how often chargeflow_active_sessions is counted again
+
+
+async def _nothing() -> None:
+    return None
 
 
 class Expiry:
@@ -37,12 +43,21 @@ class Expiry:
         self.abandon_check_s = abandon_check_s
         self.on_commit = on_commit
         self._abandon_checked = float("-inf")
+        self._counted_at = float("-inf")
 
-    async def sweep(self, now: datetime) -> None:
-        """One sweep at ``now``; a failure is logged and the next sweep tries again."""
+    async def sweep(
+        self, now: datetime, before_expiring: Callable[[], Awaitable[None]] = _nothing
+    ) -> None:
+        """One sweep at ``now``; a failure is logged and the next sweep tries again.
+        ``before_expiring`` is awaited once the store named bikes to expire, before they are
+        (the pipeline: the batch in flight committed first; most sweeps find none, and the
+        batch in flight goes on committing while the store is asked)."""
         try:
-            await self._sweep(now)
-            self.metrics.active_sessions.set(self.batches.active_count())
+            await self._sweep(now, before_expiring)
+            if time.monotonic() - self._counted_at >= _COUNT_EVERY_S:
+                # A walk of every cached bike (4 ms at 100,000): not at every sweep.
+                self.metrics.active_sessions.set(self.batches.active_count())
+                self._counted_at = time.monotonic()
             self.metrics.database_up.set(1)
         except Exception as exc:
             # Nothing was committed; the cache may be ahead of the store, so drop it.
@@ -51,7 +66,7 @@ class Expiry:
                 self.metrics.database_up.set(0)
             log.warning("expiry sweep failed; will retry", error=repr(exc))
 
-    async def _sweep(self, now: datetime) -> None:
+    async def _sweep(self, now: datetime, before_expiring: Callable[[], Awaitable[None]]) -> None:
         policy = self.batches.policy
         # Sessions gone dark are looked for every 30 s, or a twentieth of the abandon time if
         # that is shorter: the look is a scan of every Active session.
@@ -65,6 +80,7 @@ class Expiry:
             self._abandon_checked = time.monotonic()
         due = [bike_id for bike_id in due if self.takes(bike_id)]
         if due:
+            await before_expiring()
             events = await self.batches.expire(due, now)
             report(self.metrics, events)
             if events:

@@ -35,7 +35,7 @@ __all__ = ["Pipeline", "PipelineConfig"]
 
 log = structlog.get_logger(__name__)
 
-_YIELD_EVERY = 64  # messages decoded between two turns given to the batch in flight
+_YIELD_EVERY = 16  # messages decoded between two turns given to the batch in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,13 +179,12 @@ class Pipeline:
         await self.commits.commit(Batch(batch, arrivals))
 
     async def sweep(self) -> None:
-        """The expiry sweep, after the batch in flight is in. "Now" is never later than the
-        oldest message still waiting in the inbox: a sample that arrived inside the grace
-        period is not refused because it waited here."""
-        await self.commits.finish_in_flight()
+        """The expiry sweep; what it expires, after the batch in flight is in. "Now" is never
+        later than the oldest message still waiting in the inbox: a sample that arrived
+        inside the grace period is not refused because it waited here."""
         inbox = self.intake.inbox
         now = min(self.clock(), inbox[0].delivery.received_at) if inbox else self.clock()
-        await self.expiry.sweep(now)
+        await self.expiry.sweep(now, self.commits.finish_in_flight)
 
     def _decode(self, taken: Taken) -> Inbound:
         d = taken.delivery
