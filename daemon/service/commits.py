@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 import structlog
@@ -50,6 +50,7 @@ UNAVAILABLE = (
 # Another writer got in the way: decide again from the store, as often as it takes.
 _TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _ATTEMPTS_BEFORE_SPLIT = 2
+_LOOK_AGAIN_S = 0.001  # waiting for the batch in flight: how often to look for work
 
 
 class Batches(Protocol):
@@ -64,7 +65,15 @@ class Batches(Protocol):
     def decide_ahead(self, arrivals: Sequence[Arrival]) -> OpenBatch | None: ...
     async def begin_batch(self, arrivals: Sequence[Arrival]) -> OpenBatch: ...
     def begins_beside(self, arrivals: Sequence[Arrival], in_flight: Sequence[Arrival]) -> bool: ...
-    async def finish_batch(self, batch: OpenBatch, underway: Callable[[], None] = ...) -> None: ...
+    def writes_beside(
+        self, arrivals: Sequence[Arrival], opened: OpenBatch, in_flight: Sequence[Arrival]
+    ) -> bool: ...
+    async def finish_batch(
+        self,
+        batch: OpenBatch,
+        underway: Callable[[], None] = ...,
+        before: Awaitable[bool] | None = None,
+    ) -> None: ...
     async def abandon_batch(self, batch: OpenBatch) -> None: ...
     async def commit_rejections(self, arrivals: Sequence[Arrival], why: str) -> None: ...
     async def due_bikes(
@@ -218,26 +227,31 @@ class Commits:
         """Decide this batch on the cache while the one before is written and committed; once
         that one is in, write and commit this one in the background.
 
-        A batch that needs the store (a bike or a session the cache lacks) waits for the one
-        before to commit before it locks anything: the one before locks its bikes only when
-        it is written, and would otherwise wait for this one's locks while this one waits for
-        it; unless it is only starts of bikes nobody in flight touches
+        Decided ahead on the cache alone, a batch that writes no row the one before may write
+        (``Batches.writes_beside``: samples and ends, the steady state) is written beside it,
+        on a connection of its own, and committed once that one is (``_beside``). A batch that
+        needs the store (a bike or a session the cache lacks) waits for the one before to
+        commit before it locks anything: the one before locks its bikes only when it is
+        written, and would otherwise wait for this one's locks while this one waits for it;
+        unless it is only starts of bikes nobody in flight touches
         (``Batches.begins_beside``), which lock no row the one before needs. If either fails,
         whatever is open is rolled back, the cache is dropped and both are decided again one
         by one, with the usual retries (this one was decided on what the one before had
         decided)."""
         tail, self._tail = self._tail, None
-        opened, committed, begun_s = await self._open(batch, tail)
+        started = time.perf_counter()
+        ahead = self._decide_ahead(batch)
+        if (
+            ahead is not None
+            and tail is not None
+            and self.batches.writes_beside(batch.arrivals, ahead, tail[1].arrivals)
+        ):
+            await self._beside(ahead, batch, tail, started)
+            return
+        opened, committed, begun_s = await self._open(batch, tail, ahead, started)
         if opened is not None and committed:
-            underway = asyncio.Event()
-            finish = asyncio.create_task(self._finish(opened, begun_s, batch, underway.set))
-            self._tail = (finish, batch)
-            # The next batch is decided in one go, holding the loop: first let this one open
-            # its transaction and send its lock, so PostgreSQL works on it meanwhile (a
-            # BEGIN's answer waited for that whole decision: 17 ms of 900 samples).
-            waiter = asyncio.ensure_future(underway.wait())
-            await asyncio.wait([finish, waiter], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+            finish, underway = self._start_finish(opened, begun_s, batch, None)
+            await self._until(underway, finish)
             return
         if opened is not None:
             await self.batches.abandon_batch(opened)
@@ -246,13 +260,50 @@ class Commits:
             await self._one_by_one(tail[1])
         await self._one_by_one(batch)
 
+    async def _beside(
+        self, opened: OpenBatch, batch: Batch, tail: tuple[asyncio.Task[bool], Batch],
+        started: float,
+    ) -> None:  # fmt: skip
+        """A batch decided ahead: its transaction locks, checks and writes while the one in
+        flight commits, and commits once that one has (acknowledged in order). Consecutive
+        batches of a large fleet touch different bikes, so PostgreSQL writes both at once; a
+        bike they share waits in PostgreSQL for the lock of the one before."""
+        before, before_batch = tail
+        finish, underway = self._start_finish(opened, time.perf_counter() - started, batch, before)
+        await self._until(underway, finish)
+        if await self._wait_for(before):
+            return  # this one commits in the background once it has written
+        # The one before failed: this one rolls back (it waits for it); both are decided again.
+        self._tail = None
+        await finish
+        self.batches.reset()
+        await self._one_by_one(before_batch)
+        await self._one_by_one(batch)
+
+    def _start_finish(
+        self, opened: OpenBatch, begun_s: float, batch: Batch, before: asyncio.Task[bool] | None
+    ) -> tuple[asyncio.Task[bool], asyncio.Event]:
+        underway = asyncio.Event()
+        finish = asyncio.create_task(self._finish(opened, begun_s, batch, underway.set, before))
+        self._tail = (finish, batch)
+        return finish, underway
+
+    async def _until(self, underway: asyncio.Event, finish: asyncio.Task[bool]) -> None:
+        """Until this batch has locked its bikes: the next one may then lock its own beside it
+        (a bike they share waits for this one in PostgreSQL, never the other way round), and
+        is decided in one go, holding the loop, while PostgreSQL writes this one (a BEGIN's
+        answer waited for that whole decision: 17 ms of 900 samples)."""
+        waiter = asyncio.ensure_future(underway.wait())
+        await self._work_until(finish, waiter)
+        waiter.cancel()
+
     async def _open(
-        self, batch: Batch, tail: tuple[asyncio.Task[bool], Batch] | None
-    ) -> tuple[OpenBatch | None, bool, float]:
-        """The batch decided ahead on the cache, or begun beside the batch in flight, or begun
-        once that one is committed; whether that one was; the seconds this took."""
-        started = time.perf_counter()
-        opened = self._decide_ahead(batch)
+        self, batch: Batch, tail: tuple[asyncio.Task[bool], Batch] | None,
+        ahead: OpenBatch | None, started: float,
+    ) -> tuple[OpenBatch | None, bool, float]:  # fmt: skip
+        """The batch decided ahead (nothing in flight), or begun beside the batch in flight,
+        or begun once that one is committed; whether that one was; the seconds this took."""
+        opened = ahead
         if (
             opened is None
             and tail is not None
@@ -267,13 +318,22 @@ class Commits:
         return opened, committed, time.perf_counter() - started
 
     async def _wait_for(self, in_flight: asyncio.Task[bool]) -> bool:
-        """Whether the batch in flight committed; until it has, work on what comes next a
-        little at a time, giving it a turn of the loop between two pieces (its round trips
-        to PostgreSQL then wait for a piece at most, not for the whole)."""
-        # A turn of the loop between two pieces of work, not a poll:
-        while not in_flight.done() and self.meanwhile():  # noqa: ASYNC110
-            await asyncio.sleep(0)
+        """Whether the batch in flight committed; until it has, the work of what comes next."""
+        await self._work_until(in_flight)
         return await in_flight
+
+    async def _work_until(self, *waits: asyncio.Future[Any]) -> None:
+        """Until one of ``waits`` is done, the work of what comes next a piece at a time, with
+        a turn of the loop between two (the round trips of the batch in flight then wait for
+        a piece at most, not for the whole); with none left, a look for more every
+        millisecond (messages go on arriving)."""
+        while not any(w.done() for w in waits):
+            if self.meanwhile():
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait(
+                    waits, timeout=_LOOK_AGAIN_S, return_when=asyncio.FIRST_COMPLETED
+                )
 
     def _decide_ahead(self, batch: Batch) -> OpenBatch | None:
         try:
@@ -291,14 +351,20 @@ class Commits:
             return None
 
     async def _finish(
-        self, opened: OpenBatch, begun_s: float, batch: Batch, underway: Callable[[], None]
-    ) -> bool:
-        """Write and commit a begun batch, then acknowledge it (the batch before it is
-        acknowledged already); False, rolled back, when it could not be committed."""
+        self, opened: OpenBatch, begun_s: float, batch: Batch, underway: Callable[[], None],
+        before: asyncio.Task[bool] | None,
+    ) -> bool:  # fmt: skip
+        """Write and commit a begun batch (once ``before``, if any, has committed), then
+        acknowledge it (the batch before it is acknowledged already); False, rolled back,
+        when it or the one before could not be committed."""
         started = time.perf_counter()
         try:
-            await self.batches.finish_batch(opened, underway)
+            await self.batches.finish_batch(opened, underway, before)
         except Exception as exc:
+            if before is not None and not await before:
+                # The one before failed (its bikes' versions, its sessions went with it): this
+                # one is decided again after it, not for a fault of its own (Commits._beside).
+                return False
             log.info("pipelined batch not committed; deciding it again", error=repr(exc))
             return False
         self._committed(opened.settled, opened.events, begun_s + time.perf_counter() - started)

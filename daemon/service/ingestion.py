@@ -13,9 +13,10 @@ instances do, each bike's decisions are serialized by PostgreSQL.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from uuid import UUID
 
 import asyncpg
 import structlog
@@ -30,13 +31,19 @@ from daemon.service.events import Rendering, batch_rows, refusal, rejection_row
 from daemon.service.fleet_cache import FleetCache
 from daemon.service.unit_of_work import UnitOfWork
 from domain.billing import PricingRules
-from domain.commands import StartSession
+from domain.commands import RecordTelemetry, StartSession
 from domain.errors import DomainError, Reason
 from domain.events import Event, Outcome
 from domain.fleet import Fleet
 from domain.session_values import SessionPolicy
 
-__all__ = ["DecidedOnStaleState", "Ingestion", "OpenBatch", "configured_ingestion"]
+__all__ = [
+    "BatchBeforeFailed",
+    "DecidedOnStaleState",
+    "Ingestion",
+    "OpenBatch",
+    "configured_ingestion",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +63,10 @@ class OpenBatch:
 
 class DecidedOnStaleState(Exception):
     """A batch decided ahead found, on locking its bikes, that another writer had been there."""
+
+
+class BatchBeforeFailed(Exception):
+    """A batch written beside the one decided before it was rolled back: that one failed."""
 
 
 class Ingestion:
@@ -155,26 +166,50 @@ class Ingestion:
         return mine.isdisjoint(theirs) and not self.cache.versions.knows_any(mine)
 
     async def finish_batch(
-        self, batch: OpenBatch, underway: Callable[[], None] = lambda: None
+        self,
+        batch: OpenBatch,
+        underway: Callable[[], None] = lambda: None,
+        before: Awaitable[bool] | None = None,
     ) -> None:
         """Write the batch's rows and commit: the second half of its transaction (for a batch
         decided ahead, all of it: lock, check the versions, write, commit). ``underway`` is
-        called once its transaction is open, just before its first statement goes out."""
+        called once its bikes are locked (a batch begun beside may then lock its own); with
+        ``before`` (the batch decided before it, still committing), the commit waits for that
+        one's, and the batch is rolled back (``BatchBeforeFailed``) if it was not."""
         uow = batch.uow if batch.uow is not None else await UnitOfWork(self.store).begin()
-        underway()
         try:
             if batch.expected is not None:
                 versions = await uow.lock_bikes(batch.expected)
+                underway()
                 if versions != batch.expected:
                     raise DecidedOnStaleState(
                         f"{sum(versions[b] != v for b, v in batch.expected.items())} of "
                         f"{len(versions)} bikes were written by another writer meanwhile"
                     )
+            underway()
             await uow.write(batch.rows)
+            if before is not None and not await before:
+                raise BatchBeforeFailed("the batch decided before this one was not committed")
         except BaseException:
             await uow.rollback()
             raise
         await uow.commit()
+
+    def writes_beside(
+        self, arrivals: Sequence[Arrival], opened: OpenBatch, in_flight: Sequence[Arrival]
+    ) -> bool:
+        """Whether a batch decided ahead may write while ``in_flight`` (decided before it) has
+        its bikes locked and is writing and committing: whether it writes no row that one
+        might write too. It then waits, while holding rows, only for that one's commit, and
+        that one never for it. Its bikes are locked after that one's (in PostgreSQL, so a bike
+        they share waits there); sessions and waiting messages are per bike; what is left
+        is a row of another kind both could write: a new session or rider (a start), a kept
+        rejection, a waiting message, or a telemetry id both carry. So: samples and ends
+        only, none of whose telemetry ids the batch in flight carries."""
+        rows = opened.rows
+        if rows.rejections or rows.events.starts or rows.events.deferred or rows.events.settled:
+            return False
+        return _telemetry_ids(arrivals).isdisjoint(_telemetry_ids(in_flight))
 
     async def abandon_batch(self, batch: OpenBatch) -> None:
         """Roll a begun batch back (its decisions are to be made again: ``reset`` first)."""
@@ -255,6 +290,14 @@ class Ingestion:
             )
             return Settled(dropped=DropReason.INTERNAL_ERROR)
         return Settled(outcome=decision.outcome)
+
+
+def _telemetry_ids(arrivals: Sequence[Arrival]) -> set[UUID]:
+    return {
+        command.sample.telemetry_id
+        for a in arrivals
+        if isinstance(command := a.inbound.command, RecordTelemetry)
+    }
 
 
 async def configured_ingestion(

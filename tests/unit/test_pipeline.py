@@ -102,7 +102,7 @@ class FakeIngestion:
     def decide_ahead(self, arrivals):
         raise AssertionError("these tests run the pipeline one batch at a time")
 
-    begin_batch = finish_batch = abandon_batch = begins_beside = decide_ahead
+    begin_batch = finish_batch = abandon_batch = begins_beside = writes_beside = decide_ahead
 
     async def expire(self, bike_ids, now):
         harness = self._rebuilt()
