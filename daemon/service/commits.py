@@ -50,7 +50,6 @@ UNAVAILABLE = (
 # Another writer got in the way: decide again from the store, as often as it takes.
 _TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _ATTEMPTS_BEFORE_SPLIT = 2
-_LOOK_AGAIN_S = 0.001  # waiting for the batch in flight: how often to look for work
 
 
 class Batches(Protocol):
@@ -105,6 +104,7 @@ class Commits:
         on_commit: Callable[[], None],
         pipelined: bool,
         meanwhile: Callable[[], bool] = lambda: False,
+        more: asyncio.Event | None = None,
     ) -> None:
         self.batches = batches
         self.metrics = metrics
@@ -114,6 +114,7 @@ class Commits:
         # A little of the work the next batch will need (decoding what waits in the inbox),
         # done while this one waits for the batch in flight; False when there is none.
         self.meanwhile = meanwhile
+        self.more = more if more is not None else asyncio.Event()  # set: something arrived
         self.stopping = False  # at shutdown, a batch the database will not take is left
         self._tail: tuple[asyncio.Task[bool], Batch] | None = None  # committing meanwhile
         # The most recent batch sizes, for `chargeflow bench` (bounded: the daemon runs for months).
@@ -325,15 +326,15 @@ class Commits:
     async def _work_until(self, *waits: asyncio.Future[Any]) -> None:
         """Until one of ``waits`` is done, the work of what comes next a piece at a time, with
         a turn of the loop between two (the round trips of the batch in flight then wait for
-        a piece at most, not for the whole); with none left, a look for more every
-        millisecond (messages go on arriving)."""
+        a piece at most, not for the whole); with none left, until more arrives."""
         while not any(w.done() for w in waits):
             if self.meanwhile():
                 await asyncio.sleep(0)
-            else:
-                await asyncio.wait(
-                    waits, timeout=_LOOK_AGAIN_S, return_when=asyncio.FIRST_COMPLETED
-                )
+                continue
+            self.more.clear()
+            arrival = asyncio.ensure_future(self.more.wait())
+            await asyncio.wait([*waits, arrival], return_when=asyncio.FIRST_COMPLETED)
+            arrival.cancel()
 
     def _decide_ahead(self, batch: Batch) -> OpenBatch | None:
         try:

@@ -85,7 +85,8 @@ class Intake:
         self.max_inbox_bytes = max_inbox_bytes
         self.counters = kind_counters(metrics)
         self.inbox: deque[Taken] = deque()
-        self.arrived = asyncio.Event()
+        self.arrived = asyncio.Event()  # cleared by the pipeline when the inbox is empty
+        self.more = asyncio.Event()  # cleared by whoever waits for the next arrival
         self._bytes = 0
         self._busy_at = time.monotonic()
         # Tallied here, added to the counters as the batch is taken: a counter's inc() takes
@@ -111,6 +112,7 @@ class Intake:
         self.inbox.append(taken)
         self._bytes += len(delivery.payload)
         self.arrived.set()
+        self.more.set()
         if not self.gate.closed and (
             len(self.inbox) >= self.max_inbox or self._bytes >= self.max_inbox_bytes
         ):

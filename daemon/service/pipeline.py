@@ -79,7 +79,7 @@ class Pipeline:
         acks = functools.partial(acknowledge, metrics, self.intake.counters)
         self.commits = Commits(
             batches, metrics, acks, on_commit=on_commit, pipelined=config.pipelined,
-            meanwhile=self.decode_ahead,
+            meanwhile=self.decode_ahead, more=self.intake.more,
         )  # fmt: skip
         self._decoded_ahead = 0  # the inbox's first messages already decoded
         self.expiry = Expiry(
