@@ -209,8 +209,11 @@ async def test_the_bikes_node_dies_mid_stream_and_nothing_is_lost(
     # Either way nothing it was told was taken is lost (assert_exact above). A daemon not on
     # the killed node stayed where it was (one that was, because its first node was not yet
     # taking connections at its start, moved).
-    assert publisher.report.republished >= 1 or len(publisher.report.nodes) >= 2
     dead = cluster.nodes[0].mqtt_port
+    # (A publisher whose first node was not yet taking connections at its start began on the
+    # next one, and the kill never reached it: seen once in a full run.)
+    if publisher.report.nodes[0].endswith(f":{dead}"):
+        assert publisher.report.republished >= 1 or len(publisher.report.nodes) >= 2
     assert [f for f, port in zip(failovers, on, strict=True) if port != dead] == [
         0 for port in on if port != dead
     ]

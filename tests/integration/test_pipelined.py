@@ -4,6 +4,7 @@ is decided, and a failure of either costs nothing already accepted, in any order
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -21,7 +22,7 @@ from daemon.service.arrival import Arrival
 from daemon.service.ingestion import Ingestion
 from daemon.service.pipeline import Pipeline, PipelineConfig
 from domain.session_values import SessionPolicy
-from tests.builders import T0, bike_id, sample, start
+from tests.builders import T0, bike_id, end, sample, start
 from tests.integration.test_store import NOW, PREFIX, payload_of
 
 pytestmark = pytest.mark.integration
@@ -282,3 +283,63 @@ async def test_what_waits_in_the_inbox_is_decoded_while_the_batch_in_flight_comm
     assert decodes == len(samples)  # each message decoded once
     assert acks.sent == [1, *range(2, 9)]
     assert await totals(pool, a.session_id) == (Decimal(7), 7, [1, 7])
+
+
+async def test_a_batch_of_samples_for_other_bikes_is_written_beside_the_one_in_flight(pool):
+    """Decided ahead, samples of bikes the batch in flight does not touch are written on a
+    second connection while that one is still open, and commit after it, in order."""
+    acks = Acks()
+    p = pipeline(pool)
+    a, b = start(bike_id(), at=T0), start(bike_id(), at=T0)
+    await p.process(p.read(deliveries(acks, 1, a, b)))
+    await p.finish_in_flight()
+    store = p.commits.batches.store
+    write_rows = store.write_rows
+    written: list[tuple[str, list[int]]] = []
+
+    async def traced(conn, rows):
+        whose = "a" if rows.running[0][0] == a.session_id else "b"
+        await write_rows(conn, rows)
+        written.append((whose, list(acks.sent)))
+        if whose == "a":
+            await asyncio.sleep(0.3)  # a's transaction stays open, written, not committed
+
+    store.write_rows = traced  # type: ignore[method-assign]
+    await p.process(p.read(deliveries(acks, 3, sample(a, 1, "1"))))
+    await p.process(p.read(deliveries(acks, 4, sample(b, 1, "2"))))
+    await p.finish_in_flight()
+    assert written == [("a", [1, 2]), ("b", [1, 2])]  # b written before a was acknowledged
+    assert acks.sent == [1, 2, 3, 4]
+    assert await totals(pool, a.session_id) == (Decimal(1), 1, [1, 1])
+    assert await totals(pool, b.session_id) == (Decimal(2), 1, [1, 1])
+
+
+async def test_only_samples_and_ends_sharing_no_telemetry_id_are_written_beside(pool):
+    acks = Acks()
+    p = pipeline(pool)
+    a, b = start(bike_id(), at=T0), start(bike_id(), at=T0)
+    await p.process(p.read(deliveries(acks, 1, a, b)))
+    await p.finish_in_flight()
+    ingestion = p.commits.batches
+
+    def arrivals(*commands):
+        return [_arrival(p, d) for d in deliveries(Acks(), 9, *commands)]
+
+    in_flight = arrivals(sample(a, 1, "1"))
+    assert ingestion.decide_ahead(in_flight) is not None
+    taken_id = in_flight[0].inbound.command.sample.telemetry_id
+    later = sample(b, 2, "2", at=T0 + timedelta(seconds=2))
+    clash = dataclasses.replace(
+        later, sample=dataclasses.replace(later.sample, telemetry_id=taken_id)
+    )
+    cases = [
+        (arrivals(sample(b, 1, "2")), True),  # samples of another bike
+        (arrivals(clash), False),  # a telemetry id the batch in flight carries
+        # emitted before its session started: refused, a rejection row to write
+        (arrivals(sample(b, 3, "1", at=T0 - timedelta(hours=1))), False),
+        (arrivals(end(b, 3)), True),  # an end
+    ]
+    for batch, beside in cases:
+        opened = ingestion.decide_ahead(batch)
+        assert opened is not None
+        assert ingestion.writes_beside(batch, opened, in_flight) is beside
