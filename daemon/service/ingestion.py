@@ -12,6 +12,7 @@ instances do, each bike's decisions are serialized by PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ class DecidedOnStaleState(Exception):
 
 
 class BatchBeforeFailed(Exception):
-    """A batch written beside the one decided before it was rolled back: that one failed."""
+    """A batch written beside the one decided before it was rolled back: that one failed, or
+    did not commit within ``BEFORE_WAIT_S``."""
 
 
 class Ingestion:
@@ -188,7 +190,7 @@ class Ingestion:
                     )
             underway()
             await uow.write(batch.rows)
-            if before is not None and not await before:
+            if before is not None and not await _committed_within(before, BEFORE_WAIT_S):
                 raise BatchBeforeFailed("the batch decided before this one was not committed")
         except BaseException:
             await uow.rollback()
@@ -290,6 +292,22 @@ class Ingestion:
             )
             return Settled(dropped=DropReason.INTERNAL_ERROR)
         return Settled(outcome=decision.outcome)
+
+
+# How long a batch written beside the one before waits, holding its rows, for that one to
+# commit. Waiting in the daemon, not in PostgreSQL, it is a wait the server's deadlock
+# detector cannot see: two instances whose batches in flight each wait in PostgreSQL for a
+# row the other's batch written beside holds would wait for ever. Past this, the batch is
+# rolled back (its rows released) and decided again after the one before, as PostgreSQL
+# breaks a deadlock after about its deadlock_timeout.
+BEFORE_WAIT_S = 1.0
+
+
+async def _committed_within(before: Awaitable[bool], seconds: float) -> bool:
+    try:
+        return await asyncio.wait_for(asyncio.shield(before), seconds)
+    except TimeoutError:
+        return False
 
 
 def _telemetry_ids(arrivals: Sequence[Arrival]) -> set[UUID]:

@@ -127,6 +127,10 @@ class Pipeline:
         every = self.config.sweep_every_s
         last_sweep = time.monotonic()
         while not self._stopping:
+            if not self.intake.inbox and self.commits.in_flight:
+                # Nothing to overlap it with: wait for the batch in flight now, so that one that
+                # failed is decided again at once, not when the next message comes.
+                await self.commits.finish_in_flight()
             if not self.intake.inbox:
                 self.intake.arrived.clear()
                 with contextlib.suppress(TimeoutError):

@@ -209,11 +209,10 @@ async def test_the_bikes_node_dies_mid_stream_and_nothing_is_lost(
     # Either way nothing it was told was taken is lost (assert_exact above). A daemon not on
     # the killed node stayed where it was (one that was, because its first node was not yet
     # taking connections at its start, moved).
+    # (Whether the kill reached the publisher is not asked: it may have begun on another node,
+    # its first not yet taking connections, or come back to the revived node with nothing in
+    # flight to send again; both seen in full runs. What it sent is what counts, above.)
     dead = cluster.nodes[0].mqtt_port
-    # (A publisher whose first node was not yet taking connections at its start began on the
-    # next one, and the kill never reached it: seen once in a full run.)
-    if publisher.report.nodes[0].endswith(f":{dead}"):
-        assert publisher.report.republished >= 1 or len(publisher.report.nodes) >= 2
     assert [f for f, port in zip(failovers, on, strict=True) if port != dead] == [
         0 for port in on if port != dead
     ]
