@@ -725,6 +725,18 @@ async def lag(
         lags.append(max(0.0, seen[j][0] - sent))
     achieved = len(sent_at) / (sent_at[-1] - sent_at[0])
     lost = len(sent_at) - len(lags)
+    if args.lag_series:
+        # p50/p99 of the samples sent in each second of the window: a transient (the first
+        # pass over a large fleet) shows as seconds, where the whole window's p99 hides it.
+        by_second: dict[int, list[float]] = {}
+        for sent, took in zip(sent_at, lags, strict=False):
+            by_second.setdefault(int(sent - sent_at[0]), []).append(took)
+        series = "  ".join(
+            f"{1000 * _pct(v, 0.5):.0f}/{1000 * _pct(v, 0.99):.0f}"
+            for _, v in sorted(by_second.items())
+        )
+        print(f"  lag by second sent, p50/p99 ms ({bikes:,} bikes, {rate:,.0f} msg/s): {series}",
+              file=sys.stderr)  # fmt: skip
     return (
         f"{bikes:>7,} {rate:>7,.0f} {achieved:>9,.0f} {workers:>8} "
         f"{1000 * _pct(lags, 0.5):>8.0f} {1000 * _pct(lags, 0.99):>8.0f} "
@@ -1032,6 +1044,11 @@ if __name__ == "__main__":
         help="run the lag phase's workers in one share group instead of bike-affine partitions",
     )
     parser.add_argument("--skip-drain", action="store_true")
+    parser.add_argument(
+        "--lag-series",
+        action="store_true",
+        help="also print each lag run's p50/p99 for every second of the window (to stderr)",
+    )
     parser.add_argument(
         "--brokers",
         type=lambda t: t.split(","),
