@@ -179,7 +179,7 @@ def _running_columns(sessions: Sequence[Session]) -> list[list[Any]]:
         return text
 
     rows = [
-        (s.session_id, instant(s.last_heard_at), str(s.energy_wh), str(s.distance_m),
+        (s.session_id, instant(s.last_heard_at), s.energy_text, s.distance_text,
          len(s.seqs), "{" + ",".join(map(str, s.seqs.flat())) + "}",
          instant(s.latest_emitted_at))
         for s in sessions
