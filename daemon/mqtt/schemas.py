@@ -226,11 +226,12 @@ def _uuid(
 
 
 class _Sessions(dict[str, UUID]):
-    """Session ids as read lately: a session's samples all carry the same one. Bounded as the
-    topics' cache is: in a fleet larger than the bound the ids come round less often than it
-    refills, so a larger one holds 200 bytes per Active session and saves nothing."""
+    """Session ids as read lately: a session's samples all carry the same one. Bounded: in a
+    fleet larger than the bound the ids come round less often than it refills, and an entry
+    holds about 210 bytes (16,384 of them, 3.4 MiB, hit nothing at 100,000 bikes). A hit saves
+    0.5 us against UUID parsing; a miss costs 0.3 us more than none (measured)."""
 
-    LIMIT = 16_384
+    LIMIT = 4096
 
     def __missing__(self, text: str) -> UUID:
         if len(self) >= self.LIMIT:

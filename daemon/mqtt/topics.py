@@ -7,6 +7,8 @@ their kind and bike id. Nothing else in the code writes a topic out by hand.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -105,10 +107,13 @@ class Topics:
 
     def parse(self, topic: str) -> ParsedTopic:
         """Read an inbound topic; one outside the layout is UNKNOWN with the problem named."""
-        # A fleet's topics repeat with every message: cache the short ones (a bounded cache of
-        # bounded keys, so hostile topics cannot grow memory).
-        if len(topic) <= _CACHED_TOPIC_MAX:
-            return _parse_cached(self._bikes, topic)
+        # The usual topic in one match (0.7 us); anything else is read step by step, to name
+        # what is wrong. No cache: a fleet's topics come round once per reporting interval, so
+        # a bounded cache only hits in a fleet smaller than it, and at 100,000 bikes one of
+        # 16,384 topics held 6 MiB and cost more on every miss than this match.
+        usual = _usual_of(self.prefix)(topic)
+        if usual is not None:
+            return ParsedTopic(_INBOUND_KINDS[usual[2]], usual[1])
         return _parse(self._bikes, topic)
 
     def kind_of(self, topic: str) -> TopicKind:
@@ -116,12 +121,17 @@ class Topics:
         return self.parse(topic).kind
 
 
-_CACHED_TOPIC_MAX = 160
-
-
 @lru_cache(maxsize=8)
 def _bikes_of(prefix: str) -> str:
     return f"{prefix}/bikes/"
+
+
+@lru_cache(maxsize=8)
+def _usual_of(prefix: str) -> Callable[[str], re.Match[str] | None]:
+    """The full match of a well-formed inbound topic under ``prefix``: (bike id, kind)."""
+    kinds = f"{TopicKind.LIFECYCLE}|{TopicKind.TELEMETRY}"
+    pattern = f"{re.escape(_bikes_of(prefix))}({BIKE_ID_RULE})/({kinds})"
+    return re.compile(pattern).fullmatch
 
 
 def _parse(head: str, topic: str) -> ParsedTopic:
@@ -151,7 +161,6 @@ def _parse(head: str, topic: str) -> ParsedTopic:
 
 # The outbound kinds a one-level wildcard after the bike id matches (not sessions/finalized).
 _OUTBOUND_LAST_LEVELS = frozenset(k.value for k in OutboundKind if "/" not in k.value)
-_parse_cached = lru_cache(maxsize=16_384)(_parse)
 _INBOUND_KINDS = {k.value: k for k in (TopicKind.LIFECYCLE, TopicKind.TELEMETRY)}
 
 

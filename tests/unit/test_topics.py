@@ -24,6 +24,24 @@ def test_every_inbound_topic_the_layout_builds_reads_back_as_its_bike_and_kind(b
     assert (parsed.kind, parsed.bike_id, parsed.problem) == (kind, bike, None)
 
 
+@given(
+    st.sampled_from([PREFIX, "chargeflow/v2", "chargeflow", ""]),
+    st.sampled_from(["bikes", "bike", ""]),
+    st.one_of(bike_ids, st.sampled_from(["", "b.1", "b\n", "\u00e9", "b" * 65, "+", "a/b"])),
+    st.sampled_from(["telemetry", "lifecycle", "billing", "rejections", "gps", "telemetry/x",
+                     "telemetry\n", ""]),
+)  # fmt: skip
+def test_the_one_match_for_usual_topics_reads_every_topic_as_the_step_by_step_reading(
+    prefix, bikes, bike, last
+):
+    """``Topics.parse`` reads a well-formed topic in one regular expression and anything else
+    step by step (to name the problem): both readings agree on every topic."""
+    from daemon.mqtt.topics import _parse
+
+    topic = f"{prefix}/{bikes}/{bike}/{last}"
+    assert Topics(PREFIX).parse(topic) == _parse(f"{PREFIX}/bikes/", topic)
+
+
 def test_outbound_topics_are_under_the_bike():
     topics = Topics("fleet/eu")
 
