@@ -11,12 +11,12 @@ commit the batch in one transaction; only then are the batch's messages acknowle
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -131,16 +131,29 @@ class Pipeline:
                 # Nothing to overlap it with: wait for the batch in flight now, so that one that
                 # failed is decided again at once, not when the next message comes.
                 await self.commits.finish_in_flight()
-            if not self.intake.inbox:
-                self.intake.arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.intake.arrived.wait(), timeout=every)
-            if time.monotonic() - last_sweep >= every:
-                await self.sweep()
+            if not self.intake.inbox and not self.expiry.answered:
+                await self._until_arrival_or_answer(every)
+            if time.monotonic() - last_sweep >= every and not self.expiry.asking:
+                # Asked in the background; what it names is expired at a later turn, between
+                # two batches (the store's answer must not keep the batches waiting).
+                self.expiry.ask(self._sweep_now())
                 last_sweep = time.monotonic()
+            if self.expiry.answered:
+                await self.expiry.apply(self.commits.finish_in_flight)
             if self.intake.inbox:
                 await self.process(self.next_batch())
+        self.expiry.cancel()
         await self.commits.finish_in_flight()
+
+    async def _until_arrival_or_answer(self, within_s: float) -> None:
+        """Until a message arrives, the store answers the sweep's question, or ``within_s``."""
+        self.intake.arrived.clear()
+        arrival = asyncio.ensure_future(self.intake.arrived.wait())
+        waits: list[asyncio.Future[Any]] = [arrival]
+        if self.expiry.answer is not None:
+            waits.append(self.expiry.answer)
+        await asyncio.wait(waits, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+        arrival.cancel()
 
     def idle_s(self) -> float:
         """How long nothing has waited in the inbox (0 while something does)."""
@@ -186,9 +199,11 @@ class Pipeline:
         """The expiry sweep; what it expires, after the batch in flight is in. "Now" is never
         later than the oldest message still waiting in the inbox: a sample that arrived
         inside the grace period is not refused because it waited here."""
+        await self.expiry.sweep(self._sweep_now(), self.commits.finish_in_flight)
+
+    def _sweep_now(self) -> datetime:
         inbox = self.intake.inbox
-        now = min(self.clock(), inbox[0].delivery.received_at) if inbox else self.clock()
-        await self.expiry.sweep(now, self.commits.finish_in_flight)
+        return min(self.clock(), inbox[0].delivery.received_at) if inbox else self.clock()
 
     def _decode(self, taken: Taken) -> Inbound:
         d = taken.delivery

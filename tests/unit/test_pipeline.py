@@ -368,3 +368,51 @@ async def test_a_sweep_settles_only_the_bikes_this_instance_takes():
     p.intake.takes = p.expiry.takes = lambda b: True
     await p.sweep()
     assert expired == [["any"]]
+
+
+async def test_batches_are_committed_while_the_store_is_asked_which_bikes_are_due():
+    """The sweep's question (a scan of every Active session when it looks for dark ones) is
+    asked in the background: the batches that arrive meanwhile are committed and
+    acknowledged without waiting for its answer, and the bikes it names are expired once it
+    comes, between two batches."""
+    import asyncio
+
+    log: list[str] = []
+    store = FakeIngestion(log)
+    answer: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+    expired: list[list[str]] = []
+
+    async def due_bikes(grace_cutoff, abandon_cutoff=None):
+        log.append("asked")
+        return await answer
+
+    async def expire(bike_ids, now):
+        expired.append(list(bike_ids))
+        log.append("expired")
+        return []
+
+    store.due_bikes = due_bikes  # type: ignore[method-assign]
+    store.expire = expire  # type: ignore[method-assign]
+    p = Pipeline(store, Metrics(), PipelineConfig(PREFIX, sweep_every_s=0.01))
+    running = asyncio.create_task(p.run())
+    for _ in range(200):
+        if "asked" in log:
+            break
+        await asyncio.sleep(0.005)
+    bike = Bike(log)
+    for d in (bike.start(), bike.sample(1)):
+        p.deliver(d)
+    for _ in range(200):
+        if "ack 2" in log:
+            break
+        await asyncio.sleep(0.005)
+    assert log[log.index("asked") :] == ["asked", "commit 2 events", "ack 1", "ack 2"]
+    assert expired == []
+    answer.set_result(["bike-due"])
+    for _ in range(200):
+        if expired:
+            break
+        await asyncio.sleep(0.005)
+    p.stop()
+    await asyncio.wait_for(running, timeout=2)
+    assert expired == [["bike-due"]]
