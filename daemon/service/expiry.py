@@ -69,13 +69,9 @@ class Expiry:
         return self._asking is not None and self._asking.done()
 
     @property
-    def asking(self) -> bool:
-        """A question is out (answered or not) that ``apply`` has not taken yet."""
-        return self._asking is not None
-
-    @property
     def answer(self) -> asyncio.Future[tuple[datetime, list[str]]] | None:
-        """The store's answer to come, to wait for beside other things (never cancel it)."""
+        """The answer to the question out (answered or not) that ``apply`` has not taken yet,
+        to wait for beside other things (never cancel it); None when none is out."""
         return self._asking
 
     async def apply(self, before_expiring: Callable[[], Awaitable[None]] = _nothing) -> None:
@@ -109,9 +105,9 @@ class Expiry:
 
     def cancel(self) -> None:
         """Stop asking (shutdown): nothing was expired by the question alone."""
-        if self._asking is not None:
-            self._asking.cancel()
-            self._asking = None
+        asking, self._asking = self._asking, None
+        if asking is not None and not asking.cancel() and not asking.cancelled():
+            asking.exception()  # answered with a failure nobody will apply: taken, not logged
 
     async def _due(self, now: datetime) -> tuple[datetime, list[str]]:
         """The bikes this instance takes that are due at ``now``, as the store says."""

@@ -133,7 +133,7 @@ class Pipeline:
                 await self.commits.finish_in_flight()
             if not self.intake.inbox and not self.expiry.answered:
                 await self._until_arrival_or_answer(every)
-            if time.monotonic() - last_sweep >= every and not self.expiry.asking:
+            if time.monotonic() - last_sweep >= every and self.expiry.answer is None:
                 # Asked in the background; what it names is expired at a later turn, between
                 # two batches (the store's answer must not keep the batches waiting).
                 self.expiry.ask(self._sweep_now())
