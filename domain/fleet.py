@@ -284,8 +284,10 @@ class Fleet:
         if bike.busy:
             Bike.check_start(command, now, self.policy)
             return self._defer(bike, command, now, ref)
-        session, events = bike.start(command, now, self.policy)
-        self._changed[session.session_id] = session
+        # Not a changed summary: its SessionStarted is the whole row (its last heard instant
+        # is the start's arrival), written once; a sample or an end in the same batch marks
+        # it changed, and its summary is written after that row.
+        _, events = bike.start(command, now, self.policy)
         return Decision(Outcome.ACCEPTED, tuple(events))
 
     def _record_sample(

@@ -13,7 +13,7 @@ import pytest
 from domain.analytics import project
 from domain.commands import EndSession, StartSession
 from domain.errors import InvalidValue, SessionIdConflict
-from domain.events import Outcome, SessionEndReceived, SessionFinalized
+from domain.events import Outcome, SessionEndReceived, SessionFinalized, SessionStarted
 from domain.fleet import Fleet
 from domain.session_values import EndReason, FinalizedSession, SessionKind, SessionPolicy
 from tests.builders import T0, bike_id, end, sample, start
@@ -37,16 +37,22 @@ def finalized_in(events) -> list[FinalizedSession]:
 # -- what a batch writes -------------------------------------------------------------------
 
 
-def test_a_batch_writes_the_sessions_it_started_and_changed_and_no_other():
+def test_a_started_session_is_written_by_its_start_alone_until_something_changes_it():
     a, b = start(bike_id()), start(bike_id())
     fleet = fresh(a.bike_id, b.bike_id)
-    fleet.handle(a, NOW)
+    (started,) = fleet.handle(a, NOW).events
     fleet.handle(b, NOW)
-    assert {s.session_id for s in fleet.changed_sessions()} == {a.session_id, b.session_id}
+    # The start's row is the whole summary: a new session is not written a second time.
+    assert isinstance(started, SessionStarted) and started.received_at == NOW
+    session = fleet.bikes[a.bike_id].current
+    assert session is not None and session.last_heard_at == started.received_at
+    assert fleet.changed_sessions() == []
+    fleet.handle(sample(a, 1), NOW)  # the same batch: its summary is written after the start
+    assert [s.session_id for s in fleet.changed_sessions()] == [a.session_id]
     fleet.pop_events()
     assert fleet.changed_sessions() == []  # the batch ended: nothing left to write
-    fleet.handle(sample(a, 1), NOW)
-    assert [s.session_id for s in fleet.changed_sessions()] == [a.session_id]
+    fleet.handle(sample(b, 1), NOW)
+    assert [s.session_id for s in fleet.changed_sessions()] == [b.session_id]
 
 
 def test_a_redelivered_sample_gives_the_batch_nothing_to_write():
@@ -87,10 +93,9 @@ def test_a_session_whose_grace_a_new_start_cut_short_is_written_with_that_start(
         EndReason.ENDED,
         2,
     )
-    assert {s.session_id for s in fleet.changed_sessions()} == {
-        a.session_id,
-        following.session_id,
-    }
+    # The cut session's summary is written; the start, by its own row, in the same batch.
+    assert [s.session_id for s in fleet.changed_sessions()] == [a.session_id]
+    assert [e.session_id for e in events if isinstance(e, SessionStarted)] == [following.session_id]
 
 
 def test_a_sweep_settles_only_the_bikes_it_is_given():
