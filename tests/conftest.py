@@ -130,6 +130,28 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+@pytest.fixture
+async def fresh_url(postgres_url: str) -> AsyncIterator[str]:
+    """An empty database of its own (nothing migrated, never analyzed), dropped afterwards."""
+    name = f"chargeflow_fresh_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(postgres_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def fresh(fresh_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(fresh_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 @dataclass
 class Broker:
     """A Mosquitto running the repo's mosquitto.conf."""

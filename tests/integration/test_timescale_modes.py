@@ -8,10 +8,8 @@ Each test states what must hold in whichever case it meets, from what the server
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import Decimal
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -19,27 +17,6 @@ import pytest
 from daemon.db.migrate import TIMESCALE_STEP, TimescaleUnavailable, migrate, timescale_problem
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def fresh_url(postgres_url: str) -> AsyncIterator[str]:
-    name = f"chargeflow_ts_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(postgres_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield urlunsplit(urlsplit(postgres_url)._replace(path=f"/{name}"))
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-@pytest.fixture
-async def fresh(fresh_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(fresh_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def _hypertable(conn: asyncpg.Connection) -> bool:
