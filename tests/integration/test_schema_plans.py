@@ -8,13 +8,13 @@ finalized. Either way a check run on every batch must not come to read every Act
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
 from daemon.db.migrate import migrate
+from tests.integration.test_store import _copy_telemetry, _telemetry_line
 
 pytestmark = pytest.mark.integration
 
@@ -35,17 +35,6 @@ async def _scans(conn: asyncpg.Connection) -> dict[str, int]:
     return {r["indexrelname"]: r["idx_scan"] for r in rows}
 
 
-async def _copy(conn: asyncpg.Connection, lines: list[str]) -> None:
-    async def source() -> AsyncIterator[bytes]:
-        yield "".join(lines).encode()
-
-    await conn.copy_to_table(
-        "telemetry", source=source(), format="text",
-        columns=["telemetry_id", "session_id", "bike_id", "seq", "emitted_at", "energy_wh",
-                 "distance_m", "soc_pct", "received_at"],
-    )  # fmt: skip
-
-
 async def test_the_telemetry_guard_reads_each_added_samples_session_by_its_key(fresh):
     """The guard once let the planner read every Active session and compare each added
     sample with each of them (a nested loop over the partial index of Active sessions,
@@ -62,16 +51,12 @@ async def test_the_telemetry_guard_reads_each_added_samples_session_by_its_key(f
         " $3, $3, $3",
         sessions, bikes, now,
     )  # fmt: skip
-    at = now.isoformat()
     first = 0
     for added in BATCHES:
         before = await _scans(fresh)
-        await _copy(
+        await _copy_telemetry(
             fresh,
-            [
-                f"{uuid.uuid4().hex}\t{sessions[i].hex}\t{bikes[i]}\t1\t{at}\t1\t\\N\t\\N\t{at}\n"
-                for i in range(first, first + added)
-            ],
+            *(_telemetry_line(sessions[i], bikes[i], 1) for i in range(first, first + added)),
         )
         first += added
         after = await _scans(fresh)
